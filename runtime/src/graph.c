@@ -1,0 +1,218 @@
+/*
+ * graph.c — the llama forward pass for one micro-batch, run by every thread of the context's pool
+ * with barriers between ops (rows of each matrix product split across threads):
+ *   x = embed(tokens)
+ *   per layer: x += Wo·attn(rope(Wq·n(x)), rope(Wk·n(x)), Wv·n(x));  x += Wd·(silu(Wg·n(x)) * Wu·n(x))
+ *   logits = Wout·n(x) for the requested tokens
+ * n() is RMSNorm with the layer's weight. Reference: train/ (PyTorch) and llama.cpp's llama graph.
+ */
+#include "common.h"
+#include "context.h"
+
+#include <math.h>
+
+/* Tokens per gemm call: keeps the converted activations of one block in L2 while the thread's
+ * weight rows stream through. */
+#define MOQAE_GEMM_TOKEN_BLOCK 64
+
+struct fwd {
+    struct moqae_context *       ctx;
+    const struct moqae_model *   m;
+    const struct moqae_hparams * hp;
+    const struct moqae_cpu_kernels * K;
+    int                          ith, nth;
+};
+
+static void barrier(const struct fwd * f) {
+    moqae_threadpool_barrier(f->ctx->tp);
+}
+
+/* This thread's share [*lo, *hi) of n items, in multiples of `align`. */
+static void split(int64_t n, int64_t align, int ith, int nth, int64_t * lo, int64_t * hi) {
+    int64_t per = (n + nth - 1) / nth;
+    per         = (per + align - 1) / align * align;
+    *lo         = per * ith < n ? per * ith : n;
+    *hi         = *lo + per < n ? *lo + per : n;
+}
+
+/* Convert rows [0, n_tok) of x ([n_tok][n] f32) to type `vdt` into act slot `slot`; returns the
+ * converted rows and their stride. F32 needs no conversion. Ends with a barrier when it converted. */
+static const void * prep_act(const struct fwd * f, int slot, const float * x, int64_t n, int64_t n_tok,
+                             enum moqae_type vdt, size_t * row_bytes) {
+    if (vdt == MOQAE_TYPE_F32) {
+        *row_bytes = (size_t) n * sizeof(float);
+        return x;
+    }
+    const size_t rb = moqae_type_row_bytes(vdt, n);
+    MOQAE_ASSERT(rb <= f->ctx->act_row_cap);
+    barrier(f); /* other threads may still be reading this slot from the previous product */
+    char * dst = f->ctx->act[slot];
+    for (int64_t t = f->ith; t < n_tok; t += f->nth) {
+        f->K->type[vdt].from_float(x + t * n, dst + (size_t) t * rb, n);
+    }
+    barrier(f);
+    *row_bytes = rb;
+    return dst;
+}
+
+/* y[t][r] = W[r]·act[t] for this thread's rows r; then, if add_to, add_to[t][r] += y[t][r] for the
+ * same rows (no other thread touches them, so no barrier is needed in between). */
+static void matmul(const struct fwd * f, const struct moqae_weight * w, const void * act, size_t act_row_bytes,
+                   int64_t n_tok, float * y, float * add_to) {
+    int64_t r0, r1;
+    split(w->n_rows, 16, f->ith, f->nth, &r0, &r1);
+    if (r0 >= r1) {
+        return;
+    }
+    const moqae_gemm_fn gemm = f->K->type[w->type].gemm;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += MOQAE_GEMM_TOKEN_BLOCK) {
+        const int64_t nt = n_tok - t0 < MOQAE_GEMM_TOKEN_BLOCK ? n_tok - t0 : MOQAE_GEMM_TOKEN_BLOCK;
+        gemm(w->n_cols, r1 - r0, nt, (const char *) w->data + (size_t) r0 * w->row_bytes, w->row_bytes,
+             (const char *) act + (size_t) t0 * act_row_bytes, act_row_bytes, y + t0 * w->n_rows + r0, w->n_rows);
+    }
+    if (add_to) {
+        for (int64_t t = 0; t < n_tok; t++) {
+            f->K->add(r1 - r0, y + t * w->n_rows + r0, add_to + t * w->n_rows + r0);
+        }
+    }
+}
+
+static void rms_norm_rows(const struct fwd * f, const float * x, const struct moqae_weight * w, float * y,
+                          int64_t t0, int64_t n_tok) {
+    const int64_t n = f->hp->n_embd;
+    for (int64_t t = t0 + f->ith; t < n_tok; t += f->nth) {
+        f->K->rms_norm(n, x + t * n, (const float *) w->data, f->hp->rms_eps, y + t * n);
+    }
+    barrier(f);
+}
+
+/* cos/sin of each position and rotary pair, computed as ggml does (theta *= theta_scale per pair,
+ * in float) so that our RoPE matches llama.cpp's to the last bit of the angle. */
+static void rope_table(const struct fwd * f) {
+    const struct moqae_context * c     = f->ctx;
+    const int64_t                half  = f->hp->n_rot / 2;
+    const float                  scale = powf(f->hp->rope_base, -2.0f / (float) f->hp->n_rot);
+    for (int64_t t = f->ith; t < c->job_n; t += f->nth) {
+        float   theta = (float) (c->job_pos0 + t);
+        float * cs    = c->rope_cs + t * half * 2;
+        for (int64_t i = 0; i < half; i++) {
+            cs[2 * i]     = cosf(theta);
+            cs[2 * i + 1] = sinf(theta);
+            theta *= scale;
+        }
+    }
+}
+
+/* Rotate adjacent pairs (x[2i], x[2i+1]) of the first n_rot dims of each head (GGUF llama layout:
+ * the converter permuted Wq/Wk so that this "normal" RoPE is right). x is [n_tok][n_heads][head_dim]. */
+static void rope_apply(const struct fwd * f, float * x, int64_t n_heads) {
+    const struct moqae_context * c    = f->ctx;
+    const int64_t                hd   = f->hp->head_dim;
+    const int64_t                half = f->hp->n_rot / 2;
+    for (int64_t u = f->ith; u < c->job_n * n_heads; u += f->nth) {
+        const int64_t t  = u / n_heads;
+        float *       v  = x + u * hd;
+        const float * cs = c->rope_cs + t * half * 2;
+        for (int64_t i = 0; i < half; i++) {
+            const float x0 = v[2 * i], x1 = v[2 * i + 1];
+            v[2 * i]       = x0 * cs[2 * i] - x1 * cs[2 * i + 1];
+            v[2 * i + 1]   = x0 * cs[2 * i + 1] + x1 * cs[2 * i];
+        }
+    }
+}
+
+static void attention_block(const struct fwd * f, int64_t il) {
+    struct moqae_context *       c  = f->ctx;
+    const struct moqae_layer *   L  = &f->m->layers[il];
+    const struct moqae_hparams * hp = f->hp;
+    const int64_t                T  = c->job_n;
+    size_t                       rb;
+
+    rms_norm_rows(f, c->x, &L->attn_norm, c->xn, 0, T);
+    const enum moqae_type vq = f->K->type[L->wq.type].vec_dot_type;
+    const void *          a  = prep_act(f, 0, c->xn, hp->n_embd, T, vq, &rb);
+    matmul(f, &L->wq, a, rb, T, c->q, NULL);
+    const struct moqae_weight * kv_w[2] = { &L->wk, &L->wv };
+    float *                     kv_y[2] = { c->k, c->v };
+    for (int i = 0; i < 2; i++) {
+        const enum moqae_type vt = f->K->type[kv_w[i]->type].vec_dot_type;
+        size_t                rb2 = rb;
+        const void *          a2  = vt == vq ? a : prep_act(f, 1, c->xn, hp->n_embd, T, vt, &rb2);
+        matmul(f, kv_w[i], a2, rb2, T, kv_y[i], NULL);
+    }
+    barrier(f);
+    rope_apply(f, c->q, hp->n_head);
+    rope_apply(f, c->k, hp->n_head_kv);
+    barrier(f);
+    moqae_kv_cache_store(c->kv, f->K, il, c->job_pos0, T, c->k, c->v, f->ith, f->nth);
+    barrier(f);
+    float * scratch = c->attn_scratch + (int64_t) f->ith * c->attn_scratch_floats;
+    moqae_kv_cache_attend(c->kv, f->K, il, c->job_pos0, T, hp->n_head, 1.0f / sqrtf((float) hp->head_dim), c->q,
+                          c->att, scratch, f->ith, f->nth);
+    barrier(f);
+    a = prep_act(f, 0, c->att, hp->n_head * hp->head_dim, T, f->K->type[L->wo.type].vec_dot_type, &rb);
+    matmul(f, &L->wo, a, rb, T, c->tmp, c->x);
+    barrier(f);
+}
+
+static void ffn_block(const struct fwd * f, int64_t il) {
+    struct moqae_context *       c  = f->ctx;
+    const struct moqae_layer *   L  = &f->m->layers[il];
+    const struct moqae_hparams * hp = f->hp;
+    const int64_t                T  = c->job_n;
+    size_t                       rb, rb2;
+
+    rms_norm_rows(f, c->x, &L->ffn_norm, c->xn, 0, T);
+    const enum moqae_type vg = f->K->type[L->w_gate.type].vec_dot_type;
+    const enum moqae_type vu = f->K->type[L->w_up.type].vec_dot_type;
+    const void *          a  = prep_act(f, 0, c->xn, hp->n_embd, T, vg, &rb);
+    const void *          a2 = vu == vg ? a : prep_act(f, 1, c->xn, hp->n_embd, T, vu, &rb2);
+    if (vu == vg) {
+        rb2 = rb;
+    }
+    matmul(f, &L->w_gate, a, rb, T, c->gate, NULL);
+    matmul(f, &L->w_up, a2, rb2, T, c->up, NULL);
+    /* gate and up rows were split identically, so each thread finishes its own rows */
+    int64_t r0, r1;
+    split(hp->n_ff, 16, f->ith, f->nth, &r0, &r1);
+    if (r0 < r1) {
+        for (int64_t t = 0; t < T; t++) {
+            f->K->swiglu(r1 - r0, c->gate + t * hp->n_ff + r0, c->up + t * hp->n_ff + r0);
+        }
+    }
+    barrier(f);
+    a = prep_act(f, 0, c->gate, hp->n_ff, T, f->K->type[L->w_down.type].vec_dot_type, &rb);
+    matmul(f, &L->w_down, a, rb, T, c->tmp, c->x);
+    barrier(f);
+}
+
+static void forward_worker(void * arg, int ith, int nth) {
+    struct moqae_context * c = arg;
+    struct fwd             f = { c, c->model, &c->model->hp, c->K, ith, nth };
+    const int64_t          n = f.hp->n_embd, T = c->job_n;
+
+    for (int64_t t = ith; t < T; t += nth) {
+        const struct moqae_weight * e = &f.m->tok_embd;
+        f.K->type[e->type].to_float((const char *) e->data + (size_t) c->job_tokens[t] * e->row_bytes, c->x + t * n,
+                                    n);
+    }
+    rope_table(&f);
+    barrier(&f);
+    for (int64_t il = 0; il < f.hp->n_layer; il++) {
+        attention_block(&f, il);
+        ffn_block(&f, il);
+    }
+    if (c->job_n_out > 0) {
+        const int64_t t0 = T - c->job_n_out;
+        rms_norm_rows(&f, c->x, &f.m->output_norm, c->xn, t0, T);
+        size_t       rb;
+        const void * a = prep_act(&f, 0, c->xn + t0 * n, n, c->job_n_out,
+                                  f.K->type[f.m->output.type].vec_dot_type, &rb);
+        matmul(&f, &f.m->output, a, rb, c->job_n_out, c->job_logits, NULL);
+    }
+}
+
+void moqae_graph_forward(struct moqae_context * ctx) {
+    moqae_threadpool_run(ctx->tp, forward_worker, ctx);
+    moqae_kv_cache_commit(ctx->kv, ctx->job_n);
+}

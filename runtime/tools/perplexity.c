@@ -1,0 +1,136 @@
+/*
+ * moqae-perplexity — perplexity of a model on a text file, by llama.cpp's method (consecutive
+ * windows of -c tokens, the context cleared before each, only the second half of each window
+ * scored; the computation is moqae_perplexity() in the library). Prints the running estimate per
+ * window like llama-perplexity and ends with "Final estimate: PPL = X +/- Y".
+ */
+#include "tool-common.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void usage(void) {
+    fprintf(stderr, "usage: moqae-perplexity -m MODEL -f FILE [-c N] [--chunks K] [-b N] [-t N] [--kv fp16] [-v]\n"
+                    "  -c N        window size in tokens (default 512)\n"
+                    "  --chunks K  score at most K windows (default: all)\n"
+                    "  -b N        micro-batch in tokens (default: the window size)\n"
+                    "  -t N        threads (default: all CPUs)\n");
+}
+
+static bool progress(int64_t chunk, int64_t n_chunks, double ppl, void * user) {
+    double * t0 = user;
+    if (chunk == 0) {
+        const double per = tool_now() - *t0;
+        fprintf(stderr, "perplexity: %.2f seconds per window, about %.1f minutes for %lld windows\n", per,
+                per * (double) n_chunks / 60.0, (long long) n_chunks);
+    }
+    printf("[%lld]%.4f,", (long long) chunk + 1, ppl);
+    fflush(stdout);
+    return true;
+}
+
+int main(int argc, char ** argv) {
+    const char * model_path = NULL, *file = NULL, *kv = NULL;
+    int64_t      n_ctx = 512, n_chunks = 0, n_batch = 0, n_threads = 0;
+    bool         verbose = false;
+    for (int i = 1; i < argc; i++) {
+        const char * a  = argv[i];
+        bool         ok = true;
+        if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+            ok = tool_arg_str(argc, argv, &i, a, &model_path);
+        } else if (!strcmp(a, "-f") || !strcmp(a, "--file")) {
+            ok = tool_arg_str(argc, argv, &i, a, &file);
+        } else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) {
+            ok = tool_arg_i64(argc, argv, &i, a, 4, (int64_t) 1 << 24, &n_ctx);
+        } else if (!strcmp(a, "--chunks")) {
+            ok = tool_arg_i64(argc, argv, &i, a, 1, INT64_MAX, &n_chunks);
+        } else if (!strcmp(a, "-b") || !strcmp(a, "--batch-size")) {
+            ok = tool_arg_i64(argc, argv, &i, a, 1, (int64_t) 1 << 24, &n_batch);
+        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
+            ok = tool_arg_i64(argc, argv, &i, a, 1, 1024, &n_threads);
+        } else if (!strcmp(a, "--kv")) {
+            ok = tool_arg_str(argc, argv, &i, a, &kv);
+        } else if (!strcmp(a, "-v")) {
+            verbose = true;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage();
+            return 0;
+        } else {
+            usage();
+            return tool_error("unknown option '%s'", a);
+        }
+        if (!ok) {
+            return 1;
+        }
+    }
+    if (!model_path || !file) {
+        usage();
+        return tool_error("both -m MODEL and -f FILE are required");
+    }
+    tool_install_logger(verbose);
+    size_t len  = 0;
+    char * text = tool_read_file(file, &len);
+    if (!text) {
+        return 1;
+    }
+    if (len == 0) {
+        free(text);
+        return tool_error("text file '%s' is empty", file);
+    }
+    struct moqae_model *   model  = NULL;
+    struct moqae_context * ctx    = NULL;
+    int32_t *              tokens = NULL;
+    int64_t                n_tok  = 0;
+    int                    rc     = 1;
+    if (!tool_load_model(model_path, &model) || !tool_tokenize(model, text, len, true, false, &tokens, &n_tok)) {
+        goto done;
+    }
+    fprintf(stderr, "perplexity: tokenized %zu bytes into %lld tokens\n", len, (long long) n_tok);
+    if (n_tok < 2 * n_ctx) {
+        tool_error("need at least %lld tokens (2 windows of -c %lld) to compute perplexity, the text has %lld",
+                   (long long) (2 * n_ctx), (long long) n_ctx, (long long) n_tok);
+        goto done;
+    }
+    struct moqae_context_params cp = moqae_context_default_params();
+    cp.n_ctx     = n_ctx;
+    cp.n_batch   = n_batch ? n_batch : n_ctx;
+    cp.n_threads = (int32_t) n_threads;
+    cp.kv        = kv;
+    if (moqae_context_new(model, &cp, &ctx)) {
+        tool_error("%s", moqae_last_error());
+        goto done;
+    }
+    struct moqae_ppl_params pp = moqae_ppl_default_params();
+    pp.n_ctx     = n_ctx;
+    pp.n_chunks  = n_chunks;
+    pp.progress  = progress;
+    double t0    = tool_now();
+    pp.user_data = &t0;
+    struct moqae_ppl_result res;
+    const int64_t n_windows = n_tok / n_ctx;
+    fprintf(stderr, "perplexity: %lld windows of %lld tokens, scoring %lld\n", (long long) n_windows,
+            (long long) n_ctx, (long long) (n_chunks && n_chunks < n_windows ? n_chunks : n_windows));
+    if (moqae_perplexity(ctx, tokens, n_tok, &pp, &res)) {
+        printf("\n");
+        tool_error("%s", moqae_last_error());
+        goto done;
+    }
+    const double t1 = tool_now();
+    printf("\n");
+    struct moqae_kv_stats ks;
+    moqae_context_kv_stats(ctx, &ks);
+    fprintf(stderr, "perplexity: %lld windows, %lld tokens scored in %.1f s (%.1f tokens/s evaluated)\n",
+            (long long) res.n_chunks, (long long) res.n_scored, t1 - t0,
+            (double) (res.n_chunks * n_ctx) / (t1 - t0));
+    fprintf(stderr, "kv cache: %s, %.2f effective bits/element, %.2f MiB reserved\n", kv ? kv : "fp16",
+            ks.effective_bits, (double) ks.bytes_reserved / 1048576.0);
+    printf("Final estimate: PPL = %.4f +/- %.5f\n", res.ppl, res.ppl_err);
+    rc = 0;
+done:
+    moqae_context_free(ctx);
+    moqae_model_free(model);
+    free(tokens);
+    free(text);
+    return rc;
+}

@@ -1,0 +1,40 @@
+/*
+ * tool-common.h — helpers shared by the three command-line tools (moqae-cli, moqae-perplexity,
+ * moqae-bench): strict number parsing, reading a text file, loading a model and context with
+ * messages that say what went wrong. The tools use only the public API (moqae.h).
+ */
+#ifndef MOQAE_TOOL_COMMON_H
+#define MOQAE_TOOL_COMMON_H
+
+#include "moqae.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Print "error: <fmt>" to stderr. Returns 1 (the tools' exit code for errors). */
+int tool_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Parse the value of option `opt` (argv[*i + 1]), advancing *i. false (after printing an error) on a
+ * missing value, trailing garbage, or a value outside [lo, hi]. */
+bool tool_arg_i64(int argc, char ** argv, int * i, const char * opt, int64_t lo, int64_t hi, int64_t * out);
+bool tool_arg_f32(int argc, char ** argv, int * i, const char * opt, float lo, float hi, float * out);
+bool tool_arg_str(int argc, char ** argv, int * i, const char * opt, const char ** out);
+
+/* Read a whole file. NULL (after printing an error naming the path) if it cannot be read. */
+char * tool_read_file(const char * path, size_t * len);
+
+/* Tokenize text (allocates *tokens). false after printing an error. */
+bool tool_tokenize(const struct moqae_model * m, const char * text, size_t len, bool add_special, bool parse_special,
+                   int32_t ** tokens, int64_t * n);
+
+/* Load a model; false after printing "error: <message>". */
+bool tool_load_model(const char * path, struct moqae_model ** out);
+
+/* Seconds from a monotonic clock. */
+double tool_now(void);
+
+/* Forward library logs of level >= WARN to stderr (or all with verbose). */
+void tool_install_logger(bool verbose);
+
+#endif /* MOQAE_TOOL_COMMON_H */
