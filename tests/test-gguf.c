@@ -565,7 +565,8 @@ static void test_bad_tensors(void) {
     expect_tensor("misaligned offset", ((struct tdesc) { "w", 1, { 4 }, MOQAE_TYPE_F32, 4 }), 64, MOQAE_ERR_FORMAT,
                   "offset 4 is not a multiple of the alignment 32");
     expect_tensor("offset past end", ((struct tdesc) { "blk.0.attn_q.weight", 1, { 16 }, MOQAE_TYPE_F32, 32 }), 64,
-                  MOQAE_ERR_FORMAT, "tensor 0 'blk.0.attn_q.weight': offset 32 + 64 bytes runs past the end of the file");
+                  MOQAE_ERR_FORMAT,
+                  "tensor 0 'blk.0.attn_q.weight': offset 32 + 64 bytes runs past the end of the file");
     expect_tensor("offset 2^64-32", ((struct tdesc) { "w", 1, { 16 }, MOQAE_TYPE_F32, UINT64_MAX - 31 }), 64,
                   MOQAE_ERR_FORMAT, "runs past the end of the file");
     expect_tensor("long name",
@@ -621,8 +622,8 @@ static void test_files(void) {
     }
     close(fd);
     rc = moqae_gguf_open(path, &g);
-    CHECK(rc == MOQAE_ERR_FORMAT && strstr(moqae_last_error(), "file is 0 bytes, too small to be GGUF") &&
-              strstr(moqae_last_error(), path), "%s %s", moqae_status_name(rc), moqae_last_error());
+    CHECK(rc == MOQAE_ERR_FORMAT && strstr(moqae_last_error(), "file is 0 bytes, too small to be GGUF"), "%s %s",
+          moqae_status_name(rc), moqae_last_error());
     write_file(path, "hello", 5);
     rc = moqae_gguf_open(path, &g);
     CHECK(rc == MOQAE_ERR_FORMAT && strstr(moqae_last_error(), "magic is 'hell'"), "%s", moqae_last_error());
@@ -639,8 +640,8 @@ static void test_files(void) {
     g = NULL;
     write_file(path, b.p, b.n - 1);
     rc = moqae_gguf_open(path, &g);
-    CHECK(rc == MOQAE_ERR_FORMAT && strstr(moqae_last_error(), path) &&
-              strstr(moqae_last_error(), "runs past the end of the file"), "%s", moqae_last_error());
+    CHECK(rc == MOQAE_ERR_FORMAT && strstr(moqae_last_error(), "runs past the end of the file"), "%s",
+          moqae_last_error());
     free(b.p);
     unlink(path);
     moqae_gguf_close(NULL);

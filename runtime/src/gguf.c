@@ -200,7 +200,8 @@ static int fail_truncated(const struct rd * r, uint64_t need, const char * fmt, 
     va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
-    return moqae_fail(MOQAE_ERR_FORMAT, "truncated file: %s at offset %llu needs %llu bytes, only %llu left (file is %llu bytes)",
+    return moqae_fail(MOQAE_ERR_FORMAT,
+                      "truncated file: %s at offset %llu needs %llu bytes, only %llu left (file is %llu bytes)",
                       what, (ull) r->pos, (ull) need, (ull) rd_left(r), (ull) r->size);
 }
 
@@ -337,11 +338,13 @@ static int fail_magic(const uint8_t * m) {
     }
     shown[4] = '\0';
     if (memcmp(m, "FUGG", 4) == 0) {
-        return moqae_fail(MOQAE_ERR_FORMAT, "magic is 'FUGG': a byte-swapped GGUF; moqae reads little-endian files only");
+        return moqae_fail(MOQAE_ERR_FORMAT,
+                          "magic is 'FUGG': a byte-swapped GGUF; moqae reads little-endian files only");
     }
     if (memcmp(m, "lmgg", 4) == 0 || memcmp(m, "fmgg", 4) == 0 || memcmp(m, "tjgg", 4) == 0) {
         return moqae_fail(MOQAE_ERR_FORMAT,
-                          "magic is '%s': a pre-GGUF llama.cpp file (GGML/GGMF/GGJT); convert it to GGUF with llama.cpp", shown);
+                          "magic is '%s': a pre-GGUF llama.cpp file (GGML/GGMF/GGJT); convert it to GGUF with "
+                          "llama.cpp", shown);
     }
     return moqae_fail(MOQAE_ERR_FORMAT, "not a GGUF file: magic is '%s' (%02x %02x %02x %02x), expected 'GGUF'", shown,
                       m[0], m[1], m[2], m[3]);
@@ -402,7 +405,8 @@ static int parse_header(struct rd * r, struct moqae_gguf * g) {
 }
 
 /* One scalar (not string, not array) of type t at the cursor into kv->val. */
-static int parse_scalar(struct rd * r, enum moqae_gguf_type t, struct moqae_gguf_kv * kv, uint64_t i, const char * key) {
+static int parse_scalar(struct rd * r, enum moqae_gguf_type t, struct moqae_gguf_kv * kv, uint64_t i,
+                        const char * key) {
     uint8_t b[8];
     if (!rd_bytes(r, b, k_value_size[t])) {
         return fail_truncated(r, k_value_size[t], "kv %llu '%s' (%s value)", (ull) i, key, k_value_name[t]);
@@ -420,7 +424,8 @@ static int parse_scalar(struct rd * r, enum moqae_gguf_type t, struct moqae_gguf
         case MOQAE_GGUF_FLOAT64: memcpy(&kv->val.f64, b, 8); break;
         case MOQAE_GGUF_BOOL:
             if (b[0] > 1) {
-                return moqae_fail(MOQAE_ERR_FORMAT, "kv %llu '%s': bool value is %u (must be 0 or 1)", (ull) i, key, b[0]);
+                return moqae_fail(MOQAE_ERR_FORMAT, "kv %llu '%s': bool value is %u (must be 0 or 1)", (ull) i, key,
+                                  b[0]);
             }
             kv->val.b = b[0] == 1;
             break;
@@ -439,7 +444,8 @@ static int parse_array(struct rd * r, struct moqae_gguf_kv * kv, uint64_t i, con
                           (ull) i, key, at, MOQAE_GGUF_TYPE_COUNT - 1);
     }
     if (at == MOQAE_GGUF_ARRAY) {
-        return moqae_fail(MOQAE_ERR_FORMAT, "kv %llu '%s': nested arrays (arrays of arrays) are not supported", (ull) i, key);
+        return moqae_fail(MOQAE_ERR_FORMAT, "kv %llu '%s': nested arrays (arrays of arrays) are not supported",
+                          (ull) i, key);
     }
     uint64_t n;
     if (!rd_u64(r, &n)) {
@@ -474,7 +480,8 @@ static int parse_array(struct rd * r, struct moqae_gguf_kv * kv, uint64_t i, con
     /* n * 8 <= bytes left, so this allocation is at most twice the rest of the file. */
     struct moqae_gguf_str * strs = malloc((size_t) n * sizeof *strs);
     if (!strs) {
-        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "kv %llu '%s': out of memory for %llu strings", (ull) i, key, (ull) n);
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "kv %llu '%s': out of memory for %llu strings", (ull) i, key,
+                          (ull) n);
     }
     kv->arr_strs = strs; /* freed by moqae_gguf_close, also on error */
     for (uint64_t j = 0; j < n; j++) {
@@ -496,8 +503,8 @@ static int parse_kv(struct rd * r, struct moqae_gguf_kv * kv, uint64_t i) {
         return fail_truncated(r, 4, "kv %llu '%s' (value type)", (ull) i, key);
     }
     if (t >= MOQAE_GGUF_TYPE_COUNT) {
-        return moqae_fail(MOQAE_ERR_FORMAT, "kv %llu '%s': value type %u is not a GGUF value type (0..%d)", (ull) i, key,
-                          t, MOQAE_GGUF_TYPE_COUNT - 1);
+        return moqae_fail(MOQAE_ERR_FORMAT, "kv %llu '%s': value type %u is not a GGUF value type (0..%d)", (ull) i,
+                          key, t, MOQAE_GGUF_TYPE_COUNT - 1);
     }
     kv->type = (enum moqae_gguf_type) t;
     if (t == MOQAE_GGUF_STRING) {
@@ -545,7 +552,8 @@ static int parse_kvs(struct rd * r, struct gguf_impl * gi) {
     const struct moqae_gguf_kv * al = moqae_gguf_find_kv(g, "general.alignment");
     if (al) {
         if (al->type != MOQAE_GGUF_UINT32) {
-            return moqae_fail(MOQAE_ERR_FORMAT, "general.alignment has type %s, expected uint32", value_type_name(al->type));
+            return moqae_fail(MOQAE_ERR_FORMAT, "general.alignment has type %s, expected uint32",
+                              value_type_name(al->type));
         }
         if (al->val.u64 == 0 || (al->val.u64 & (al->val.u64 - 1)) != 0) {
             return moqae_fail(MOQAE_ERR_FORMAT, "general.alignment = %llu is not a power of two", (ull) al->val.u64);
@@ -612,8 +620,9 @@ static int parse_tensor_info(struct rd * r, struct moqae_gguf_tensor * t, uint64
                           ti->removed ? "; ggml itself has removed it" : "");
     }
     if (t->ne[0] % ti->blck != 0) {
-        return moqae_fail(MOQAE_ERR_FORMAT, "tensor %llu '%s': type %s needs ne[0] (%lld) to be a multiple of its block "
-                          "size %u", (ull) i, nm, ti->name, (long long) t->ne[0], ti->blck);
+        return moqae_fail(MOQAE_ERR_FORMAT,
+                          "tensor %llu '%s': type %s needs ne[0] (%lld) to be a multiple of its block size %u",
+                          (ull) i, nm, ti->name, (long long) t->ne[0], ti->blck);
     }
     /* rows * bytes per row; n_elem fits in int64 but the byte count (up to 4 bytes an element) may not */
     const uint64_t row = (uint64_t) (t->ne[0] / ti->blck) * ti->bytes;
@@ -777,16 +786,15 @@ int moqae_gguf_open(const char * path, struct moqae_gguf ** out) {
         ssize_t n = size > 0 ? pread(fd, head, (size_t) size, 0) : 0;
         close(fd);
         if (n >= 4 && memcmp(head, "GGUF", 4) != 0) {
-            fail_magic(head);
-        } else {
-            moqae_fail(MOQAE_ERR_FORMAT, "file is %llu bytes, too small to be GGUF (the header is %u bytes)",
-                       (ull) size, HEADER_BYTES);
+            return fail_magic(head);
         }
-        return moqae_fail_prefix(MOQAE_ERR_FORMAT, "%s: ", path);
+        return moqae_fail(MOQAE_ERR_FORMAT, "file is %llu bytes, too small to be GGUF (the header is %u bytes)",
+                          (ull) size, HEADER_BYTES);
     }
     if (size > (uint64_t) SIZE_MAX) {
         close(fd);
-        return moqae_fail(MOQAE_ERR_IO, "cannot map '%s': %llu bytes do not fit in the address space", path, (ull) size);
+        return moqae_fail(MOQAE_ERR_IO, "cannot map '%s': %llu bytes do not fit in the address space", path,
+                          (ull) size);
     }
     void * map = mmap(NULL, (size_t) size, PROT_READ, MAP_PRIVATE, fd, 0);
     const int e = errno;
@@ -794,11 +802,8 @@ int moqae_gguf_open(const char * path, struct moqae_gguf ** out) {
     if (map == MAP_FAILED) {
         return moqae_fail(MOQAE_ERR_IO, "cannot mmap '%s' (%llu bytes): %s", path, (ull) size, strerror(e));
     }
-    const int rc = parse((const uint8_t *) map, size, true, out);
-    if (rc != MOQAE_OK) {
-        return moqae_fail_prefix(rc, "%s: ", path);
-    }
-    return MOQAE_OK;
+    /* Format errors do not repeat the path: callers prefix it (model.c: "PATH: ...") */
+    return parse((const uint8_t *) map, size, true, out);
 }
 
 /* ================================================================================================
@@ -869,7 +874,8 @@ int moqae_gguf_get_i64(const struct moqae_gguf * g, const char * key, int64_t * 
                           value_type_name(kv->type));
     }
     if (kv->type == MOQAE_GGUF_UINT64 && kv->val.u64 > (uint64_t) INT64_MAX) {
-        return moqae_fail(MOQAE_ERR_FORMAT, "metadata key '%s' = %llu is out of range for int64", key, (ull) kv->val.u64);
+        return moqae_fail(MOQAE_ERR_FORMAT, "metadata key '%s' = %llu is out of range for int64", key,
+                          (ull) kv->val.u64);
     }
     *out = kv->val.i64; /* unsigned values <= INT64_MAX read the same through either member */
     return MOQAE_OK;
@@ -907,7 +913,8 @@ int moqae_gguf_get_bool(const struct moqae_gguf * g, const char * key, bool * ou
         return rc;
     }
     if (kv->type != MOQAE_GGUF_BOOL) {
-        return moqae_fail(MOQAE_ERR_FORMAT, "metadata key '%s' has type %s, expected bool", key, value_type_name(kv->type));
+        return moqae_fail(MOQAE_ERR_FORMAT, "metadata key '%s' has type %s, expected bool", key,
+                          value_type_name(kv->type));
     }
     *out = kv->val.b;
     return MOQAE_OK;

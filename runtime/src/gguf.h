@@ -93,7 +93,11 @@ struct moqae_gguf {
     bool                       owns_map; /* munmap on close */
 };
 
-/* Open and validate path. On failure returns a status with moqae_last_error() set, *out NULL. */
+/* Open and validate path. On failure returns a status with moqae_last_error() set, *out NULL:
+ * MOQAE_ERR_IO (message names the path and strerror), MOQAE_ERR_FORMAT (message names the field and
+ * values but not the path: callers prefix it), MOQAE_ERR_UNSUPPORTED (a tensor type moqae lacks),
+ * MOQAE_ERR_OUT_OF_MEMORY. The mapping is MAP_PRIVATE read-only; a file truncated by another process
+ * while mapped can still SIGBUS, as with any mmap reader. */
 int moqae_gguf_open(const char * path, struct moqae_gguf ** out);
 
 /* Parse an in-memory buffer (not copied; must outlive the result). Used by fuzzers and tests. */

@@ -8,6 +8,7 @@
 #include "common.h"
 #include "cpu/kernels.h"
 
+#include <math.h>
 #include <stdio.h>
 
 /* Read a required integer hyper-parameter "<arch>.<name>" and check its range. */
@@ -111,6 +112,15 @@ static int get_weight(const struct moqae_gguf * g, const char * name, int64_t n_
     if (f32_only ? t->type != MOQAE_TYPE_F32 : (!k->type[t->type].vec_dot || !k->type[t->type].to_float)) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "tensor '%s' has type %s, which moqae cannot use there", name,
                           moqae_type_name(t->type));
+    }
+    if (f32_only) { /* norms are small: reject NaN/Inf here rather than produce NaN logits later */
+        const float * v = t->data;
+        for (int64_t i = 0; i < n_cols * want_rows; i++) {
+            if (!isfinite(v[i])) {
+                return moqae_fail(MOQAE_ERR_FORMAT, "tensor '%s' holds a non-finite value (%g) at element %lld", name,
+                                  (double) v[i], (long long) i);
+            }
+        }
     }
     w->type      = t->type;
     w->n_cols    = n_cols;
@@ -261,7 +271,8 @@ int moqae_model_load(const char * path, const struct moqae_model_params * params
     int st = model_load(path, m);
     if (st) {
         moqae_model_free(m);
-        return moqae_fail_prefix(st, "%s: ", path);
+        /* I/O messages already name the path */
+        return st == MOQAE_ERR_IO ? st : moqae_fail_prefix(st, "%s: ", path);
     }
     moqae_log(MOQAE_LOG_INFO, "loaded %s: %lld layers, n_embd %lld, %lld heads (%lld kv), vocab %lld", path,
               (long long) m->hp.n_layer, (long long) m->hp.n_embd, (long long) m->hp.n_head,

@@ -7,6 +7,7 @@
 #include "common.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -19,6 +20,11 @@
 /* Idle workers spin this many pauses (~ a millisecond) before sleeping: decode calls come back to
  * back, and a sleep/wake costs tens of microseconds per token. */
 #define MOQAE_SPIN_BEFORE_SLEEP (1 << 16)
+
+/* A thread waiting at a barrier spins this many pauses (a few microseconds: the usual wait when
+ * every thread has a core) before yielding its core on each further check. Without the yield, a
+ * machine with more runnable threads than cores loses whole scheduler slices per barrier. */
+#define MOQAE_SPIN_BEFORE_YIELD (1 << 10)
 
 struct moqae_worker {
     struct moqae_threadpool * tp;
@@ -134,8 +140,13 @@ void moqae_threadpool_run(struct moqae_threadpool * tp, moqae_task_fn fn, void *
     pthread_cond_broadcast(&tp->cond);
     pthread_mutex_unlock(&tp->mutex);
     fn(arg, 0, tp->n);
+    int spins = 0;
     while (atomic_load_explicit(&tp->n_done, memory_order_acquire) != tp->n - 1) {
-        MOQAE_PAUSE();
+        if (++spins < MOQAE_SPIN_BEFORE_YIELD) {
+            MOQAE_PAUSE();
+        } else {
+            sched_yield();
+        }
     }
 }
 
@@ -148,8 +159,13 @@ void moqae_threadpool_barrier(struct moqae_threadpool * tp) {
         atomic_store_explicit(&tp->bar_count, 0, memory_order_relaxed);
         atomic_fetch_add_explicit(&tp->bar_gen, 1, memory_order_release);
     } else {
+        int spins = 0;
         while (atomic_load_explicit(&tp->bar_gen, memory_order_acquire) == gen) {
-            MOQAE_PAUSE();
+            if (++spins < MOQAE_SPIN_BEFORE_YIELD) {
+                MOQAE_PAUSE();
+            } else {
+                sched_yield(); /* oversubscribed: let the thread we wait for run */
+            }
         }
     }
 }

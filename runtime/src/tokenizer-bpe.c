@@ -30,6 +30,12 @@ struct unit {
 
 static inline struct unit unit_at(const uint8_t * s, size_t pos, size_t end) {
     struct unit u;
+    if (s[pos] < 0x80) {
+        u.cp  = s[pos];
+        u.len = 1;
+        u.cls = moqae_ascii_class(s[pos]);
+        return u;
+    }
     u.len = moqae_utf8_decode(s + pos, end - pos, &u.cp);
     u.cls = moqae_cp_class(u.cp);
     return u;
@@ -152,29 +158,11 @@ static size_t match_qwen2(const uint8_t * s, size_t pos, size_t end, int max_dig
     return space_end(s, pos, end, true);
 }
 
-/* End of the next pre-token of the tokenizer's kind. SmolLM (HF Digits(individual_digits) then
- * ByteLevel): every \p{N} unit is a pre-token by itself and the gpt2 regex runs on the text between
- * them, so its lookahead stops where the digits start. */
+/* End of the next pre-token of the tokenizer's kind (SmolLM is handled by the caller). */
 static size_t pre_next(const struct moqae_tokenizer * tok, const uint8_t * s, size_t pos, size_t end) {
     switch (tok->pre) {
         case MOQAE_PRE_QWEN2: return match_qwen2(s, pos, end, 1);
         case MOQAE_PRE_LLAMA_BPE: return match_qwen2(s, pos, end, 3);
-        case MOQAE_PRE_SMOLLM: {
-            const struct unit u = unit_at(s, pos, end);
-            if (u.cls == MOQAE_CP_NUMBER) {
-                return pos + (size_t) u.len;
-            }
-            size_t seg = pos; /* end of the digit-free segment */
-            while (seg < end) {
-                const struct unit v = unit_at(s, seg, end);
-                if (v.cls == MOQAE_CP_NUMBER) {
-                    break;
-                }
-                seg += (size_t) v.len;
-            }
-            return match_gpt2(s, pos, seg);
-        }
-        case MOQAE_PRE_GPT2:
         default: return match_gpt2(s, pos, end);
     }
 }
@@ -271,11 +259,11 @@ static int bpe_piece(const struct moqae_tokenizer * tok, const uint8_t * s, size
     if (!sym || !heap) {
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "moqae_tokenize: out of memory");
     }
-    /* One symbol per byte. A byte without a token becomes <unk>, or is dropped when there is none
-     * (HF BPE without unk_token does the same). */
+    /* One symbol per byte. A byte without a token is dropped, as HF's BPE (no unk_token in GPT-2
+     * style tokenizer.json files) and llama.cpp do: SmolLM2 has no token for 21 of the 256 bytes. */
     int32_t m = 0;
     for (size_t i = 0; i < n; i++) {
-        const int32_t id = tok->byte_token[s[i]] >= 0 ? tok->byte_token[s[i]] : tok->unk;
+        const int32_t id = tok->byte_token[s[i]];
         if (id < 0) {
             continue;
         }
@@ -312,13 +300,12 @@ static int bpe_piece(const struct moqae_tokenizer * tok, const uint8_t * s, size
     return MOQAE_OK;
 }
 
-int moqae_tok_bpe_encode(const struct moqae_tokenizer * tok, const char * text, size_t len,
-                         struct moqae_tok_scratch * scratch, struct moqae_tok_out * out) {
-    const uint8_t * s   = (const uint8_t *) text;
-    size_t          pos = 0;
-    while (pos < len) {
-        const size_t e = pre_next(tok, s, pos, len);
-        MOQAE_ASSERT(e > pos && e <= len);
+/* Pre-tokenize s[pos..end) and run BPE on each pre-token. */
+static int bpe_span(const struct moqae_tokenizer * tok, const uint8_t * s, size_t pos, size_t end,
+                    struct moqae_tok_scratch * scratch, struct moqae_tok_out * out) {
+    while (pos < end) {
+        const size_t e = pre_next(tok, s, pos, end);
+        MOQAE_ASSERT(e > pos && e <= end);
         const int st = bpe_piece(tok, s + pos, e - pos, scratch, out);
         if (st != MOQAE_OK) {
             return st;
@@ -326,6 +313,34 @@ int moqae_tok_bpe_encode(const struct moqae_tokenizer * tok, const char * text, 
         pos = e;
     }
     return MOQAE_OK;
+}
+
+int moqae_tok_bpe_encode(const struct moqae_tokenizer * tok, const char * text, size_t len,
+                         struct moqae_tok_scratch * scratch, struct moqae_tok_out * out) {
+    const uint8_t * s = (const uint8_t *) text;
+    if (tok->pre != MOQAE_PRE_SMOLLM) {
+        return bpe_span(tok, s, 0, len, scratch, out);
+    }
+    /* SmolLM (HF Digits(individual_digits) then ByteLevel): every \p{N} unit is a pre-token by
+     * itself, and the gpt2 regex runs on the spans between them, so its (?!\S) sees a span's end. */
+    size_t span = 0, pos = 0;
+    while (pos < len) {
+        const struct unit u = unit_at(s, pos, len);
+        if (u.cls != MOQAE_CP_NUMBER) {
+            pos += (size_t) u.len;
+            continue;
+        }
+        int st = bpe_span(tok, s, span, pos, scratch, out);
+        if (st == MOQAE_OK) {
+            st = bpe_piece(tok, s + pos, (size_t) u.len, scratch, out);
+        }
+        if (st != MOQAE_OK) {
+            return st;
+        }
+        pos += (size_t) u.len;
+        span = pos;
+    }
+    return bpe_span(tok, s, span, len, scratch, out);
 }
 
 /* ================================================================================================

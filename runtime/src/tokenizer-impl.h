@@ -73,6 +73,11 @@ struct moqae_tokenizer {
     uint64_t                 merge_mask;
     int64_t                  n_merges;
 
+    /* SPM: the codepoints that some mergeable token has right before a "▁" (ascending, [n_spm_glue];
+     * -1 stands for an invalid byte). Text is cut into independent segments before every other "▁". */
+    int32_t * spm_glue;
+    int64_t   n_spm_glue;
+
     /* Token for each single byte: BPE the token whose piece is that byte, SPM <0xXX>; -1 if none. */
     int32_t byte_token[256];
 

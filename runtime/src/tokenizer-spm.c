@@ -100,43 +100,19 @@ static void spm_emit(const struct moqae_tokenizer * tok, const char * s, size_t 
     }
 }
 
-int moqae_tok_spm_encode(const struct moqae_tokenizer * tok, const char * text, size_t len, bool prev_special,
-                         struct moqae_tok_scratch * scratch, struct moqae_tok_out * out) {
-    static const char space[] = "\xe2\x96\x81"; /* "▁" */
-    /* Normalise: optional "▁" prefix, every ' ' -> "▁". */
-    const bool prefix   = tok->add_space_prefix && prev_special;
-    size_t     n_spaces = 0;
-    for (size_t i = 0; i < len; i++) {
-        n_spaces += text[i] == ' ';
-    }
-    const size_t nlen = len + 2 * n_spaces + (prefix ? 3 : 0);
-    if (nlen > INT32_MAX / 4) {
-        return moqae_fail(MOQAE_ERR_INVALID_ARG, "moqae_tokenize: a text fragment of %zu bytes is too long", len);
-    }
-    char *            s    = moqae_tok_scratch_get(scratch, 2, nlen);
-    struct spm_sym *  sym  = moqae_tok_scratch_get(scratch, 0, nlen * sizeof(struct spm_sym));
-    struct spm_cand * heap = moqae_tok_scratch_get(scratch, 1, 3 * nlen * sizeof(struct spm_cand));
-    if (!s || !sym || !heap) {
+/* Merge the characters of s[0..n) and emit the tokens. */
+static int spm_segment(const struct moqae_tokenizer * tok, const char * s, size_t n,
+                       struct moqae_tok_scratch * scratch, struct moqae_tok_out * out) {
+    struct spm_sym *  sym  = moqae_tok_scratch_get(scratch, 0, n * sizeof(struct spm_sym));
+    struct spm_cand * heap = moqae_tok_scratch_get(scratch, 1, 3 * n * sizeof(struct spm_cand));
+    if (!sym || !heap) {
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "moqae_tokenize: out of memory");
-    }
-    size_t k = 0;
-    if (prefix) {
-        memcpy(s, space, 3);
-        k = 3;
-    }
-    for (size_t i = 0; i < len; i++) {
-        if (text[i] == ' ') {
-            memcpy(s + k, space, 3);
-            k += 3;
-        } else {
-            s[k++] = text[i];
-        }
     }
     /* One symbol per character (an invalid byte is a character of its own). */
     int32_t m = 0;
-    for (size_t i = 0; i < nlen;) {
+    for (size_t i = 0; i < n;) {
         int32_t   cp;
-        const int cl = moqae_utf8_decode((const uint8_t *) s + i, nlen - i, &cp);
+        const int cl = moqae_utf8_decode((const uint8_t *) s + i, n - i, &cp);
         sym[m].off   = (int32_t) i;
         sym[m].n     = cl;
         sym[m].prev  = m - 1;
@@ -171,4 +147,68 @@ int moqae_tok_spm_encode(const struct moqae_tokenizer * tok, const char * text, 
         spm_emit(tok, s + sym[i].off, (size_t) sym[i].n, out);
     }
     return MOQAE_OK;
+}
+
+static bool spm_glues_space(const struct moqae_tokenizer * tok, int32_t cp) {
+    int64_t lo = 0, hi = tok->n_spm_glue - 1;
+    while (lo <= hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (tok->spm_glue[mid] == cp) {
+            return true;
+        }
+        if (tok->spm_glue[mid] < cp) {
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return false;
+}
+
+int moqae_tok_spm_encode(const struct moqae_tokenizer * tok, const char * text, size_t len, bool prev_special,
+                         struct moqae_tok_scratch * scratch, struct moqae_tok_out * out) {
+    static const char space[] = "\xe2\x96\x81"; /* "▁" */
+    /* Normalise: optional "▁" prefix, every ' ' -> "▁". */
+    const bool prefix   = tok->add_space_prefix && prev_special;
+    size_t     n_spaces = 0;
+    for (size_t i = 0; i < len; i++) {
+        n_spaces += text[i] == ' ';
+    }
+    const size_t nlen = len + 2 * n_spaces + (prefix ? 3 : 0);
+    if (nlen > INT32_MAX / 4) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "moqae_tokenize: a text fragment of %zu bytes is too long", len);
+    }
+    char * s = moqae_tok_scratch_get(scratch, 2, nlen);
+    if (!s) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "moqae_tokenize: out of memory");
+    }
+    size_t k = 0;
+    if (prefix) {
+        memcpy(s, space, 3);
+        k = 3;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if (text[i] == ' ') {
+            memcpy(s + k, space, 3);
+            k += 3;
+        } else {
+            s[k++] = text[i];
+        }
+    }
+    /* Cut before each "▁" that no token glues to the character before it: no merge can cross such a
+     * cut (a merged symbol is a token), so the segments merge independently and the result is the
+     * same as merging the whole text, in far less memory (the scratch is one word, not the text). */
+    size_t  seg = 0, i = 0;
+    int32_t prev_cp = -2; /* codepoint before i; -2: none */
+    while (i < nlen) {
+        if (i > seg && i + 2 < nlen && memcmp(s + i, space, 3) == 0 && !spm_glues_space(tok, prev_cp)) {
+            const int st = spm_segment(tok, s + seg, i - seg, scratch, out);
+            if (st != MOQAE_OK) {
+                return st;
+            }
+            seg = i;
+        }
+        i += (size_t) moqae_utf8_decode((const uint8_t *) s + i, nlen - i, &prev_cp);
+    }
+    return spm_segment(tok, s + seg, nlen - seg, scratch, out);
 }

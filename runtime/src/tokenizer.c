@@ -131,6 +131,7 @@ void moqae_tokenizer_free(struct moqae_tokenizer * tok) {
     free(tok->tok_hash);
     free(tok->merges);
     free(tok->special);
+    free(tok->spm_glue);
     free(tok);
 }
 
@@ -215,7 +216,7 @@ static void tok_render_piece(struct moqae_tokenizer * tok, int32_t id, uint64_t 
     *pos += (uint64_t) len;
 }
 
-/* tokenizer.ggml.tokens / token_type / scores -> the per-token arrays, blob and key hash. */
+/* tokenizer.ggml.tokens / token_type / scores -> the per-token arrays and the blob. */
 static int tok_load_vocab(struct moqae_tokenizer * tok, const struct moqae_gguf * g) {
     const struct moqae_gguf_kv * tokens = NULL;
     int st = moqae_gguf_get_arr(g, "tokenizer.ggml.tokens", MOQAE_GGUF_STRING, &tokens);
@@ -254,7 +255,7 @@ static int tok_load_vocab(struct moqae_tokenizer * tok, const struct moqae_gguf 
     }
     /* A piece is never longer than its text, except <unk>'s " ⁇ " (5 bytes). */
     const uint64_t blob_size = 2 * text_total + 5 * (uint64_t) n + 1;
-    if (text_total > UINT32_MAX / 4) {
+    if (text_total > UINT32_MAX / 4 || blob_size > UINT32_MAX) { /* offsets are 32-bit */
         return moqae_fail(MOQAE_ERR_FORMAT, "tokenizer: the vocabulary's text is too large (%llu bytes)",
                           (unsigned long long) text_total);
     }
@@ -300,8 +301,13 @@ static int tok_load_vocab(struct moqae_tokenizer * tok, const struct moqae_gguf 
         tok_render_piece(tok, (int32_t) i, &pos);
     }
     MOQAE_ASSERT(pos <= blob_size);
+    return MOQAE_OK;
+}
 
-    /* Which tokens the models may produce from plain text (see tok_hash in tokenizer-impl.h). */
+/* The key hash of the tokens the models may produce from plain text (see tok_hash in
+ * tokenizer-impl.h) and the byte tokens. */
+static void tok_index_vocab(struct moqae_tokenizer * tok) {
+    const int64_t n = tok->n_vocab;
     for (int64_t i = 0; i < n; i++) {
         const uint8_t t = tok->type[i];
         bool          in = t == MOQAE_TOKEN_NORMAL || t == MOQAE_TOKEN_UNDEFINED || t == MOQAE_TOKEN_UNUSED;
@@ -332,7 +338,6 @@ static int tok_load_vocab(struct moqae_tokenizer * tok, const struct moqae_gguf 
             }
         }
     }
-    return MOQAE_OK;
 }
 
 /* An optional token id key: -1 when absent or out of range (with a log line, like llama.cpp). */
@@ -391,6 +396,53 @@ static int tok_load_special_ids(struct moqae_tokenizer * tok, const struct moqae
         moqae_log(MOQAE_LOG_WARN, "tokenizer: add_eos_token is set but there is no EOS token: not adding it");
         tok->add_eos = false;
     }
+    return MOQAE_OK;
+}
+
+static int tok_cmp_i32(const void * a, const void * b) {
+    const int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
+    return (x > y) - (x < y);
+}
+
+/* SPM: collect every codepoint that precedes a "▁" inside a token the merges can build (see
+ * spm_glue in tokenizer-impl.h). LLaMA's vocabulary only has "▁" itself there ("▁▁", ...). */
+static int tok_load_spm_glue(struct moqae_tokenizer * tok) {
+    int64_t cap = 16;
+    tok->spm_glue = malloc((size_t) cap * sizeof(int32_t));
+    if (!tok->spm_glue) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    }
+    for (uint64_t h = 0; h <= tok->tok_hash_mask; h++) {
+        const int32_t id = tok->tok_hash[h];
+        if (id < 0) {
+            continue;
+        }
+        const char * t = tok->blob + tok->text_off[id];
+        const size_t n = tok->text_len[id];
+        int32_t      prev = -2;
+        for (size_t i = 0; i < n;) {
+            if (prev != -2 && i + 2 < n && memcmp(t + i, "\xe2\x96\x81", 3) == 0) {
+                if (tok->n_spm_glue == cap) {
+                    cap *= 2;
+                    int32_t * p = realloc(tok->spm_glue, (size_t) cap * sizeof(int32_t));
+                    if (!p) {
+                        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+                    }
+                    tok->spm_glue = p;
+                }
+                tok->spm_glue[tok->n_spm_glue++] = prev;
+            }
+            i += (size_t) moqae_utf8_decode((const uint8_t *) t + i, n - i, &prev);
+        }
+    }
+    qsort(tok->spm_glue, (size_t) tok->n_spm_glue, sizeof(int32_t), tok_cmp_i32);
+    int64_t k = 0; /* deduplicate */
+    for (int64_t i = 0; i < tok->n_spm_glue; i++) {
+        if (k == 0 || tok->spm_glue[k - 1] != tok->spm_glue[i]) {
+            tok->spm_glue[k++] = tok->spm_glue[i];
+        }
+    }
+    tok->n_spm_glue = k;
     return MOQAE_OK;
 }
 
@@ -527,8 +579,12 @@ int moqae_tokenizer_new(const struct moqae_gguf * g, struct moqae_tokenizer ** o
     }
     tok->ignore_merges = tok->pre == MOQAE_PRE_LLAMA_BPE;
 
-    if ((st = tok_load_vocab(tok, g)) != MOQAE_OK || (st = tok_load_special_ids(tok, g)) != MOQAE_OK ||
+    if ((st = tok_load_vocab(tok, g)) == MOQAE_OK) {
+        tok_index_vocab(tok);
+    }
+    if (st != MOQAE_OK || (st = tok_load_special_ids(tok, g)) != MOQAE_OK ||
         (tok->kind == MOQAE_VOCAB_BPE && (st = moqae_tok_bpe_load_merges(tok, g)) != MOQAE_OK) ||
+        (tok->kind == MOQAE_VOCAB_SPM && (st = tok_load_spm_glue(tok)) != MOQAE_OK) ||
         (st = tok_load_specials(tok)) != MOQAE_OK) {
         moqae_tokenizer_free(tok);
         return st;

@@ -29,6 +29,20 @@ int moqae_utf8_encode(int32_t cp, uint8_t out[4]);
 /* Class of a codepoint; cp = -1 (an invalid byte) is MOQAE_CP_OTHER. */
 enum moqae_cp_class moqae_cp_class(int32_t cp);
 
+/* The same for an ASCII byte (c < 0x80), inline for the tokenizers' hot loops. */
+static inline enum moqae_cp_class moqae_ascii_class(uint8_t c) {
+    if ((uint32_t) ((c | 0x20) - 'a') < 26u) {
+        return MOQAE_CP_LETTER;
+    }
+    if ((uint32_t) (c - '0') < 10u) {
+        return MOQAE_CP_NUMBER;
+    }
+    if (c == ' ' || (uint32_t) (c - '\t') < 5u) { /* \t \n \v \f \r */
+        return MOQAE_CP_SPACE;
+    }
+    return MOQAE_CP_OTHER;
+}
+
 /* Unicode version of the class tables ("16.0.0"). */
 const char * moqae_unicode_version(void);
 
