@@ -76,6 +76,9 @@ HARD_STRINGS = [
     "<|endoftext|><s></s><unk>",
     "wait...  what?!\n\n\n\n  ok",
     "tab\t \t mix \t\n \n\t",
+    "line1\n\n  line2\r\n\tline3 \n x?!\n\n\ny \u2028\n \u3000\n z",
+    "((foo)) [bar] 'quoted' \"dq\" `bt` a.b,c;d:e",
+    "1234567 12 1 ab12cd34 0.5e-10 #1 v2.0.1",
 ]
 
 INVALID_UTF8 = [
@@ -511,3 +514,33 @@ def test_bad_vocab_entries_are_skipped(case, dump_exe, tmp_path):
     if case == "ids-out-of-range":
         info = Dump(dump_exe, path, tmp_path).info()
         assert (info["bos"], info["eos"], info["add_bos"]) == (-1, -1, 0)
+
+
+def test_user_defined_tokens_always_match(dump_exe, tmp_path):
+    """USER_DEFINED tokens (HF added tokens that are not special) split the text even without
+    parse_special; CONTROL tokens only with it."""
+    import gguf
+
+    tokens, merges = tiny_vocab.train_bpe()
+    user, control = ["<tool_call>", "@@"], ["<|im_end|>"]
+    vocab = tokens + user + control
+    w = gguf.GGUFWriter(str(tmp_path / "user.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(vocab)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(tokens) + [gguf.TokenType.USER_DEFINED] * len(user)
+                      + [gguf.TokenType.CONTROL])
+    w.add_token_merges(merges)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = hf_bpe(vocab, merges, "qwen2", control)
+    ref.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    dump = Dump(dump_exe, tmp_path / "user.gguf", tmp_path)
+    text = "call <tool_call>{x}@@@ done<|im_end|>"
+    plain, parsed = dump.encode([text])[0], dump.encode([text], parse_special=True)[0]
+    assert plain.count(len(tokens)) == 1 and plain.count(len(tokens) + 1) == 1 and len(vocab) - 1 not in plain
+    assert_same(hf_encode(ref, text), plain, "user-defined, no parse_special")
+    assert_same(hf_encode(ref, text, parse_special=True), parsed, "user-defined, parse_special")
+    assert dump.decode([plain, parsed])[0] == text.encode()

@@ -35,30 +35,67 @@ static void split(int64_t n, int64_t align, int ith, int nth, int64_t * lo, int6
     *hi         = *lo + per < n ? *lo + per : n;
 }
 
-/* Convert rows [0, n_tok) of x ([n_tok][n] f32) to type `vdt` into act slot `slot`; returns the
- * converted rows and their stride. F32 needs no conversion. Ends with a barrier when it converted. */
-static const void * prep_act(const struct fwd * f, int slot, const float * x, int64_t n, int64_t n_tok,
-                             enum moqae_type vdt, size_t * row_bytes) {
+/* The converted activations of a matrix product's input: rows of type `vdt`, `row_bytes` apart. */
+struct act {
+    const void * data;
+    size_t       row_bytes;
+};
+
+/* Convert row t of x ([.][n] f32) to type vdt into act slot `slot` (F32 needs no conversion). Only
+ * fills this thread's row: callers partition rows by t and put a barrier before the product. */
+static struct act act_row(const struct fwd * f, int slot, const float * x, int64_t n, int64_t t,
+                          enum moqae_type vdt) {
     if (vdt == MOQAE_TYPE_F32) {
-        *row_bytes = (size_t) n * sizeof(float);
-        return x;
+        return (struct act){ x, (size_t) n * sizeof(float) };
     }
     const size_t rb = moqae_type_row_bytes(vdt, n);
     MOQAE_ASSERT(rb <= f->ctx->act_row_cap);
-    barrier(f); /* other threads may still be reading this slot from the previous product */
     char * dst = f->ctx->act[slot];
-    for (int64_t t = f->ith; t < n_tok; t += f->nth) {
+    if (t >= 0) {
         f->K->type[vdt].from_float(x + t * n, dst + (size_t) t * rb, n);
     }
+    return (struct act){ dst, rb };
+}
+
+/* Convert rows [0, n_tok) of x, split over threads, then a barrier. */
+static struct act act_rows(const struct fwd * f, int slot, const float * x, int64_t n, int64_t n_tok,
+                           enum moqae_type vdt) {
+    struct act a = act_row(f, slot, x, n, -1, vdt);
+    if (vdt != MOQAE_TYPE_F32) {
+        for (int64_t t = f->ith; t < n_tok; t += f->nth) {
+            act_row(f, slot, x, n, t, vdt);
+        }
+    }
     barrier(f);
-    *row_bytes = rb;
-    return dst;
+    return a;
+}
+
+/* xn = rmsnorm(x) * w for rows [t0, n_tok), each converted for up to two weights' vec_dot types
+ * (slots 0 and 1) by the thread that normed it, then one barrier. */
+static void norm_act(const struct fwd * f, const float * x, const struct moqae_weight * w, float * xn, int64_t t0,
+                     int64_t n_tok, const struct moqae_weight * wa, const struct moqae_weight * wb, struct act * a,
+                     struct act * b) {
+    const int64_t         n  = f->hp->n_embd;
+    const enum moqae_type va = f->K->type[wa->type].vec_dot_type;
+    const enum moqae_type vb = wb ? f->K->type[wb->type].vec_dot_type : va;
+    *a                       = act_row(f, 0, xn + t0 * n, n, -1, va);
+    *b                       = vb == va ? *a : act_row(f, 1, xn + t0 * n, n, -1, vb);
+    for (int64_t t = t0 + f->ith; t < n_tok; t += f->nth) {
+        f->K->rms_norm(n, x + t * n, (const float *) w->data, f->hp->rms_eps, xn + t * n);
+        act_row(f, 0, xn + t0 * n, n, t - t0, va);
+        if (vb != va) {
+            act_row(f, 1, xn + t0 * n, n, t - t0, vb);
+        }
+    }
+    barrier(f);
 }
 
 /* y[t][r] = W[r]·act[t] for this thread's rows r; then, if add_to, add_to[t][r] += y[t][r] for the
  * same rows (no other thread touches them, so no barrier is needed in between). */
-static void matmul(const struct fwd * f, const struct moqae_weight * w, const void * act, size_t act_row_bytes,
-                   int64_t n_tok, float * y, float * add_to) {
+static void matmul(const struct fwd * f, const struct moqae_weight * w, struct act a, int64_t n_tok, float * y,
+                   float * add_to) {
+    const void * act           = a.data;
+    const size_t act_row_bytes = a.row_bytes;
     int64_t r0, r1;
     split(w->n_rows, 16, f->ith, f->nth, &r0, &r1);
     if (r0 >= r1) {
@@ -75,15 +112,6 @@ static void matmul(const struct fwd * f, const struct moqae_weight * w, const vo
             f->K->add(r1 - r0, y + t * w->n_rows + r0, add_to + t * w->n_rows + r0);
         }
     }
-}
-
-static void rms_norm_rows(const struct fwd * f, const float * x, const struct moqae_weight * w, float * y,
-                          int64_t t0, int64_t n_tok) {
-    const int64_t n = f->hp->n_embd;
-    for (int64_t t = t0 + f->ith; t < n_tok; t += f->nth) {
-        f->K->rms_norm(n, x + t * n, (const float *) w->data, f->hp->rms_eps, y + t * n);
-    }
-    barrier(f);
 }
 
 /* cos/sin of each position and rotary pair, computed as ggml does (theta *= theta_scale per pair,
@@ -103,21 +131,15 @@ static void rope_table(const struct fwd * f) {
     }
 }
 
-/* Rotate adjacent pairs (x[2i], x[2i+1]) of the first n_rot dims of each head (GGUF llama layout:
- * the converter permuted Wq/Wk so that this "normal" RoPE is right). x is [n_tok][n_heads][head_dim]. */
-static void rope_apply(const struct fwd * f, float * x, int64_t n_heads) {
-    const struct moqae_context * c    = f->ctx;
-    const int64_t                hd   = f->hp->head_dim;
-    const int64_t                half = f->hp->n_rot / 2;
-    for (int64_t u = f->ith; u < c->job_n * n_heads; u += f->nth) {
-        const int64_t t  = u / n_heads;
-        float *       v  = x + u * hd;
-        const float * cs = c->rope_cs + t * half * 2;
-        for (int64_t i = 0; i < half; i++) {
-            const float x0 = v[2 * i], x1 = v[2 * i + 1];
-            v[2 * i]       = x0 * cs[2 * i] - x1 * cs[2 * i + 1];
-            v[2 * i + 1]   = x0 * cs[2 * i + 1] + x1 * cs[2 * i];
-        }
+/* Rotate adjacent pairs (v[2i], v[2i+1]) of the first n_rot dims of one head vector (GGUF llama
+ * layout: the converter permuted Wq/Wk so that this "normal" RoPE is right). */
+static void rope_head(const struct fwd * f, float * v, int64_t t) {
+    const int64_t half = f->hp->n_rot / 2;
+    const float * cs   = f->ctx->rope_cs + t * half * 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float x0 = v[2 * i], x1 = v[2 * i + 1];
+        v[2 * i]       = x0 * cs[2 * i] - x1 * cs[2 * i + 1];
+        v[2 * i + 1]   = x0 * cs[2 * i + 1] + x1 * cs[2 * i];
     }
 }
 
@@ -125,33 +147,36 @@ static void attention_block(const struct fwd * f, int64_t il) {
     struct moqae_context *       c  = f->ctx;
     const struct moqae_layer *   L  = &f->m->layers[il];
     const struct moqae_hparams * hp = f->hp;
-    const int64_t                T  = c->job_n;
-    size_t                       rb;
+    const int64_t                T = c->job_n, hd = hp->head_dim;
+    struct act                   a, b;
 
-    rms_norm_rows(f, c->x, &L->attn_norm, c->xn, 0, T);
-    const enum moqae_type vq = f->K->type[L->wq.type].vec_dot_type;
-    const void *          a  = prep_act(f, 0, c->xn, hp->n_embd, T, vq, &rb);
-    matmul(f, &L->wq, a, rb, T, c->q, NULL);
-    const struct moqae_weight * kv_w[2] = { &L->wk, &L->wv };
-    float *                     kv_y[2] = { c->k, c->v };
-    for (int i = 0; i < 2; i++) {
-        const enum moqae_type vt = f->K->type[kv_w[i]->type].vec_dot_type;
-        size_t                rb2 = rb;
-        const void *          a2  = vt == vq ? a : prep_act(f, 1, c->xn, hp->n_embd, T, vt, &rb2);
-        matmul(f, kv_w[i], a2, rb2, T, kv_y[i], NULL);
+    norm_act(f, c->x, &L->attn_norm, c->xn, 0, T, &L->wq, &L->wk, &a, &b);
+    const bool v_like_k = f->K->type[L->wv.type].vec_dot_type == f->K->type[L->wk.type].vec_dot_type;
+    matmul(f, &L->wq, a, T, c->q, NULL);
+    matmul(f, &L->wk, b, T, c->k, NULL);
+    if (v_like_k) {
+        matmul(f, &L->wv, b, T, c->v, NULL);
     }
     barrier(f);
-    rope_apply(f, c->q, hp->n_head);
-    rope_apply(f, c->k, hp->n_head_kv);
-    barrier(f);
+    if (!v_like_k) { /* a third vec_dot type in one layer: rare, convert again */
+        matmul(f, &L->wv, act_rows(f, 1, c->xn, hp->n_embd, T, f->K->type[L->wv.type].vec_dot_type), T, c->v, NULL);
+        barrier(f);
+    }
+    /* RoPE on every query and key head; a thread stores the K/V head it rotated, so no barrier */
+    for (int64_t u = f->ith; u < T * hp->n_head; u += f->nth) {
+        rope_head(f, c->q + u * hd, u / hp->n_head);
+    }
+    for (int64_t u = f->ith; u < T * hp->n_head_kv; u += f->nth) {
+        rope_head(f, c->k + u * hd, u / hp->n_head_kv);
+    }
     moqae_kv_cache_store(c->kv, f->K, il, c->job_pos0, T, c->k, c->v, f->ith, f->nth);
     barrier(f);
     float * scratch = c->attn_scratch + (int64_t) f->ith * c->attn_scratch_floats;
-    moqae_kv_cache_attend(c->kv, f->K, il, c->job_pos0, T, hp->n_head, 1.0f / sqrtf((float) hp->head_dim), c->q,
-                          c->att, scratch, f->ith, f->nth);
+    moqae_kv_cache_attend(c->kv, f->K, il, c->job_pos0, T, hp->n_head, 1.0f / sqrtf((float) hd), c->q, c->att,
+                          scratch, f->ith, f->nth);
     barrier(f);
-    a = prep_act(f, 0, c->att, hp->n_head * hp->head_dim, T, f->K->type[L->wo.type].vec_dot_type, &rb);
-    matmul(f, &L->wo, a, rb, T, c->tmp, c->x);
+    a = act_rows(f, 0, c->att, hp->n_head * hd, T, f->K->type[L->wo.type].vec_dot_type);
+    matmul(f, &L->wo, a, T, c->tmp, c->x);
     barrier(f);
 }
 
@@ -160,18 +185,11 @@ static void ffn_block(const struct fwd * f, int64_t il) {
     const struct moqae_layer *   L  = &f->m->layers[il];
     const struct moqae_hparams * hp = f->hp;
     const int64_t                T  = c->job_n;
-    size_t                       rb, rb2;
+    struct act                   a, b;
 
-    rms_norm_rows(f, c->x, &L->ffn_norm, c->xn, 0, T);
-    const enum moqae_type vg = f->K->type[L->w_gate.type].vec_dot_type;
-    const enum moqae_type vu = f->K->type[L->w_up.type].vec_dot_type;
-    const void *          a  = prep_act(f, 0, c->xn, hp->n_embd, T, vg, &rb);
-    const void *          a2 = vu == vg ? a : prep_act(f, 1, c->xn, hp->n_embd, T, vu, &rb2);
-    if (vu == vg) {
-        rb2 = rb;
-    }
-    matmul(f, &L->w_gate, a, rb, T, c->gate, NULL);
-    matmul(f, &L->w_up, a2, rb2, T, c->up, NULL);
+    norm_act(f, c->x, &L->ffn_norm, c->xn, 0, T, &L->w_gate, &L->w_up, &a, &b);
+    matmul(f, &L->w_gate, a, T, c->gate, NULL);
+    matmul(f, &L->w_up, b, T, c->up, NULL);
     /* gate and up rows were split identically, so each thread finishes its own rows */
     int64_t r0, r1;
     split(hp->n_ff, 16, f->ith, f->nth, &r0, &r1);
@@ -181,8 +199,8 @@ static void ffn_block(const struct fwd * f, int64_t il) {
         }
     }
     barrier(f);
-    a = prep_act(f, 0, c->gate, hp->n_ff, T, f->K->type[L->w_down.type].vec_dot_type, &rb);
-    matmul(f, &L->w_down, a, rb, T, c->tmp, c->x);
+    a = act_rows(f, 0, c->gate, hp->n_ff, T, f->K->type[L->w_down.type].vec_dot_type);
+    matmul(f, &L->w_down, a, T, c->tmp, c->x);
     barrier(f);
 }
 
@@ -203,12 +221,9 @@ static void forward_worker(void * arg, int ith, int nth) {
         ffn_block(&f, il);
     }
     if (c->job_n_out > 0) {
-        const int64_t t0 = T - c->job_n_out;
-        rms_norm_rows(&f, c->x, &f.m->output_norm, c->xn, t0, T);
-        size_t       rb;
-        const void * a = prep_act(&f, 0, c->xn + t0 * n, n, c->job_n_out,
-                                  f.K->type[f.m->output.type].vec_dot_type, &rb);
-        matmul(&f, &f.m->output, a, rb, c->job_n_out, c->job_logits, NULL);
+        struct act a, b;
+        norm_act(&f, c->x, &f.m->output_norm, c->xn, T - c->job_n_out, T, &f.m->output, NULL, &a, &b);
+        matmul(&f, &f.m->output, a, c->job_n_out, c->job_logits, NULL);
     }
 }
 

@@ -392,24 +392,15 @@ static bool merge_insert(struct moqae_tokenizer * tok, uint64_t key, int32_t ran
 
 /* Id of the token spelled s[0..n) in the GPT-2 alphabet (byte-decoded first; a string outside the
  * alphabet is looked up as it is, matching tokens whose piece kept their raw text), or -1. buf holds
- * at least n bytes; on success the piece is left in buf[0..*bn). */
+ * at least n bytes; the piece is left in buf[0..*bn). */
 static int32_t bpe_lookup_spelled(const struct moqae_tokenizer * tok, const char * s, size_t n, char * buf,
                                   size_t * bn) {
-    size_t o = 0, i = 0;
-    while (i < n) {
-        int32_t   cp;
-        const int len = moqae_utf8_decode((const uint8_t *) s + i, n - i, &cp);
-        const int b   = moqae_gpt2_cp_to_byte(cp);
-        if (b < 0) {
-            memcpy(buf, s, n);
-            o = n;
-            break;
-        }
-        buf[o++] = (char) b;
-        i += (size_t) len;
+    const int64_t len = moqae_tok_gpt2_decode(s, n, buf);
+    if (len < 0) {
+        memcpy(buf, s, n);
     }
-    *bn = o;
-    return moqae_tok_lookup(tok, buf, o);
+    *bn = len < 0 ? n : (size_t) len;
+    return moqae_tok_lookup(tok, buf, *bn);
 }
 
 int moqae_tok_bpe_load_merges(struct moqae_tokenizer * tok, const struct moqae_gguf * g) {

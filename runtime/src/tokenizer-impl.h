@@ -123,6 +123,10 @@ void   moqae_tok_scratch_free(struct moqae_tok_scratch * s);
 /* Token id whose key (see tok_hash) is s[0..n), or -1. */
 int32_t moqae_tok_lookup(const struct moqae_tokenizer * tok, const char * s, size_t n);
 
+/* GPT-2 byte-level decoding of s[0..n) into out (at most n bytes); -1 if a character is not in the
+ * byte alphabet (callers then keep the text as it is). */
+int64_t moqae_tok_gpt2_decode(const char * s, size_t n, char * out);
+
 /* Smallest power of two >= 2 * n (a hash table at most half full), at least 16. */
 uint64_t moqae_tok_table_size(int64_t n);
 

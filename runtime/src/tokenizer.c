@@ -157,9 +157,7 @@ static int tok_parse_byte_token(const char * s, size_t n) {
     return v;
 }
 
-/* GPT-2 byte-level decoding of s[0..n) into out (at most n bytes); -1 if a character is not in the
- * byte alphabet (the caller then keeps the text as it is). */
-static int64_t tok_gpt2_decode(const char * s, size_t n, char * out) {
+int64_t moqae_tok_gpt2_decode(const char * s, size_t n, char * out) {
     size_t  i = 0;
     int64_t o = 0;
     while (i < n) {
@@ -197,7 +195,7 @@ static void tok_render_piece(struct moqae_tokenizer * tok, int32_t id, uint64_t 
         memcpy(out, text, n);
         len = (int64_t) n;
     } else if (tok->kind == MOQAE_VOCAB_BPE) {
-        len = tok_gpt2_decode(text, n, out);
+        len = moqae_tok_gpt2_decode(text, n, out);
         if (len < 0) {
             memcpy(out, text, n);
             len = (int64_t) n;

@@ -1,9 +1,11 @@
 /*
  * tokenizer.h — tokenizers built from a GGUF vocabulary:
  *   - tokenizer.ggml.model = "gpt2": GPT-2 byte-level BPE, with the pre-tokenizer regexes named by
- *     tokenizer.ggml.pre ("smollm", "qwen2", "llama-bpe", "gpt2"; others: gpt2's, with a warning)
+ *     tokenizer.ggml.pre ("smollm", "qwen2", "llama-bpe", "gpt2"; others silently get gpt2's)
  *   - tokenizer.ggml.model = "llama": SentencePiece-style (scores, byte fallback <0xXX>, "▁" spaces).
- * Special/control tokens (token_type 3 or 4) are matched in the text when parse_special is set.
+ * Control tokens (token_type 3, and <unk>) are matched in the text when parse_special is set;
+ * user-defined tokens (type 4) always are, as in llama.cpp and HF (added tokens that are not special).
+ * Implementation: tokenizer.c (loading, special tokens, pieces), tokenizer-bpe.c, tokenizer-spm.c.
  * References: HF `tokenizers` and `sentencepiece` (tests/test_tokenizer.py).
  */
 #ifndef MOQAE_TOKENIZER_H
