@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -20,8 +21,8 @@ def ppl_of(stdout: str) -> float:
     return float(m.group(1))
 
 
-def generate(bin_dir, model, prompt, n=64, extra=()):
-    r = run_tool([bin_dir / "moqae-cli", "-m", model, "-p", prompt, "-n", n, "--temp", "0", "-c", 512, *extra])
+def generate(bin_dir, model, prompt, n=64, extra=(), env=None):
+    r = run_tool([bin_dir / "moqae-cli", "-m", model, "-p", prompt, "-n", n, "--temp", "0", "-c", 512, *extra], env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(prompt)
     return r
@@ -29,8 +30,13 @@ def generate(bin_dir, model, prompt, n=64, extra=()):
 
 @pytest.mark.parametrize("prompt", list(REF["greedy_64"]))
 def test_greedy_matches_llamacpp(bin_dir, smollm2, prompt):
+    """64 greedy tokens identical to llama.cpp's on the scalar reference kernels. With 8-bit
+    activations a logit moves by ~0.2 when any upstream sum changes its rounding order, so exact
+    64-token identity is only meaningful on one fixed arithmetic; the SIMD kernels are held to the
+    scalar ones by test-kernels and to llama.cpp by bench/agreement.py (teacher-forced argmax)."""
     want = REF["greedy_64"][prompt]["text"]
-    r = generate(bin_dir, smollm2, prompt, n=len(REF["greedy_64"][prompt]["tokens"]), extra=["-t", "2"])
+    r = generate(bin_dir, smollm2, prompt, n=len(REF["greedy_64"][prompt]["tokens"]), extra=["-t", "2"],
+                 env={**os.environ, "MOQAE_CPU": "scalar"})
     got = r.stdout[len(prompt):].rstrip("\n")
     # the CLI stops at end-of-generation tokens like llama.cpp, so the texts must be identical
     assert got == want.rstrip("\n")

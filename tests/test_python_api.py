@@ -198,9 +198,9 @@ def test_completion_matches_cli(llm, smollm2):
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == prompt + greedy(llm, prompt)
     # seeded sampling goes through the same C sampler with the same history
-    r = subprocess.run([str(cli), "-m", smollm2, "-p", prompt, "-n", "12", "--temp", "0.9", "-s", "7", "-t", "2",
+    r = subprocess.run([str(cli), "-m", smollm2, "-p", prompt, "-n", "8", "--temp", "0.9", "-s", "7", "-t", "2",
                         "-c", str(N_CTX)], capture_output=True, text=True, timeout=300)
-    assert r.stdout.rstrip("\n") == prompt + llm(prompt, max_tokens=12, temperature=0.9, seed=7)["choices"][0]["text"]
+    assert r.stdout.rstrip("\n") == prompt + llm(prompt, max_tokens=8, temperature=0.9, seed=7)["choices"][0]["text"]
 
 
 def test_console_scripts_exist():
@@ -210,11 +210,11 @@ def test_console_scripts_exist():
 
 
 def test_seeds(llm):
-    a = [llm("Once upon a time", max_tokens=10, temperature=1.0, seed=s)["choices"][0]["text"] for s in (1, 1, 2, 3)]
+    a = [llm("Once upon a time", max_tokens=6, temperature=1.0, seed=s)["choices"][0]["text"] for s in (1, 1, 2, 3)]
     assert a[0] == a[1]
     assert len(set(a[1:])) > 1
     llm.set_seed(1)
-    assert llm("Once upon a time", max_tokens=10, temperature=1.0)["choices"][0]["text"] == a[0]
+    assert llm("Once upon a time", max_tokens=6, temperature=1.0)["choices"][0]["text"] == a[0]
     llm.set_seed(moqae_cpp.llama._SP["seed"])
 
 
@@ -243,8 +243,9 @@ def test_stop_strings(llm, reference):
 
 
 def test_end_of_generation_stops(llm):
-    r = llm.create_chat_completion([{"role": "user", "content": "Say hi."}], max_tokens=64, temperature=0)
-    assert r["choices"][0]["finish_reason"] == "stop"
+    msgs = [{"role": "user", "content": "What is the capital of France? One word."}]
+    r = llm.create_chat_completion(msgs, max_tokens=24, temperature=0)
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] < 24
     assert "<|im_end|>" not in r["choices"][0]["message"]["content"]
 
 

@@ -6,8 +6,8 @@
 - A tiny GPT-2 BPE vocabulary with the gpt2 / smollm / qwen2 / llama-bpe pre-tokenizers == HF
   `tokenizers` with the same regexes (Split + ByteLevel).
 - Special tokens, BOS, end-of-generation ids, invalid UTF-8, pathological lengths.
-The dump tool comes from $MOQAE_TOKENIZE_DUMP, else build/tests/tools/ or build/, else it is
-compiled here from runtime/src with the system C compiler.
+The dump tool comes from $MOQAE_TOKENIZE_DUMP, else $MOQAE_BIN_DIR (default build/) or
+build/tests/tools/, else it is compiled here from runtime/src with the system C compiler.
 """
 from __future__ import annotations
 
@@ -121,8 +121,9 @@ def dump_exe(tmp_path_factory) -> Path:
         if not Path(env).is_file():
             pytest.fail(f"MOQAE_TOKENIZE_DUMP={env} does not exist")
         return Path(env)
-    for cand in (ROOT / "build" / "tests" / "tools" / "tokenize-dump", ROOT / "build" / "tokenize-dump",
-                 ROOT / "build" / "bin" / "tokenize-dump"):
+    bin_dir = Path(os.environ.get("MOQAE_BIN_DIR", ROOT / "build"))
+    for cand in (bin_dir / "tokenize-dump", bin_dir / "tests" / "tools" / "tokenize-dump",
+                 ROOT / "build" / "tests" / "tools" / "tokenize-dump", ROOT / "build" / "tokenize-dump"):
         if cand.is_file():
             return cand
     return _compile_dump(tmp_path_factory.mktemp("tokenize-dump"))
@@ -220,6 +221,17 @@ def parity_text() -> tuple[str, str]:
     return EXCERPT.name, EXCERPT.read_text(encoding="utf-8")
 
 
+def random_strings(seed: int, n: int = 300) -> list[str]:
+    """Short random strings over characters that stress the regexes (contractions in both cases,
+    digits of several scripts, every kind of space, combining marks, ZWJ, long s, Kelvin sign)."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = list("aZé中😀'sStTlLdDmMrReEvV 1٣²½\t\n\r\u00a0\u3000\u2028!?.,-()\"") + [
+        "\u0301", "\u200d", "\ufe0f", "ſ", "\u212a", "\x0b", "\x0c", "\x85", "\u1680"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(n)]
+
+
 def unicode_boundary_text() -> str:
     """Codepoints at every class boundary of runtime/src/unicode-data.h, each between letters,
     spaces and digits so that a class disagreement changes the pre-tokens."""
@@ -272,9 +284,10 @@ def spellable(ref: Tokenizer, b: bytes) -> bytes:
 def test_smollm2_pinned_ids(smollm2):
     dump, _ = smollm2
     # Every digit alone (SmolLM2's Digits pre-tokenizer); no BOS (add_bos_token = false).
-    got = dump.encode(["Hello world, it's 2024!", ""])
+    got = dump.encode(["Hello world, it's 2024!", "", "café 中文 😀"])
     assert got[0] == [19556, 905, 28, 357, 506, 216, 34, 32, 34, 36, 17]
     assert got[1] == []
+    assert got[2] == [83, 1939, 2756, 216, 28589, 29184, 40303, 218]  # checked against HF tokenizers
     info = dump.info()
     assert (info["n_vocab"], info["bos"], info["eos"], info["add_bos"], info["add_eos"]) == (49152, 1, 2, 0, 0)
     assert info["eog"] == [0, 2]  # <|endoftext|> (control, by name) and <|im_end|> (EOS)
@@ -357,6 +370,7 @@ def test_spm_parity(tiny_spm):
     dump, sp = tiny_spm
     texts = [t for t in HARD_STRINGS if "<" not in t] + [EXCERPT.read_text(encoding="utf-8"),
                                                          "of the  of the   of  the", " = = Section = = \n"]
+    texts += random_strings(1)
     got = dump.encode(texts, add_special=False)
     for s, ids in zip(texts, got):
         assert_same(sp.encode(s), ids, repr(s[:60]))
@@ -407,7 +421,7 @@ def tiny_bpe(request, dump_exe, tmp_path_factory):
 
 def test_bpe_pre_tokenizer_parity(tiny_bpe):
     dump, ref, pre = tiny_bpe
-    texts = HARD_STRINGS + [EXCERPT.read_text(encoding="utf-8"), unicode_boundary_text()]
+    texts = HARD_STRINGS + [EXCERPT.read_text(encoding="utf-8"), unicode_boundary_text()] + random_strings(2)
     got = dump.encode(texts)
     for s, ids in zip(texts, got):
         assert_same(hf_encode(ref, s), ids, f"{pre}: {s[:60]!r}")

@@ -388,7 +388,7 @@ class Llama:
                           min_p: float = _SP["min_p"], typical_p: float = 1.0, logprobs: int | None = None,
                           echo: bool = False, stop: str | list[str] | None = None, frequency_penalty: float = 0.0,
                           presence_penalty: float = 0.0, repeat_penalty: float = _SP["repeat_penalty"],
-                          top_k: int = _SP["top_k"], stream: bool = False, seed: int | None = None,
+                          top_k: int = _SP["top_k"], stream: bool = False, seed: int | None = None, *,
                           model: str | None = None, **unsupported: Any) -> dict | Iterator[dict]:
         """Complete prompt (a str, or token ids used as they are). Returns a "text_completion" dict
         like llama-cpp-python's, or with stream=True a generator of chunks of the same shape whose
@@ -531,17 +531,23 @@ class Llama:
             self._chat = ChatTemplate(template, bos_token=text_of(self.token_bos()), eos_token=text_of(self.token_eos()))
         return self._chat
 
-    def create_chat_completion(self, messages: list[dict], temperature: float = 0.2, top_p: float = _SP["top_p"],
-                               top_k: int = _SP["top_k"], min_p: float = _SP["min_p"], typical_p: float = 1.0,
-                               stream: bool = False, stop: str | list[str] | None = None, seed: int | None = None,
-                               max_tokens: int | None = None, presence_penalty: float = 0.0,
-                               frequency_penalty: float = 0.0, repeat_penalty: float = _SP["repeat_penalty"],
-                               model: str | None = None, logprobs: bool | None = None,
-                               top_logprobs: int | None = None, **unsupported: Any) -> dict | Iterator[dict]:
+    def create_chat_completion(self, messages: list[dict], functions: list | None = None,
+                               function_call: Any = None, tools: list | None = None, tool_choice: Any = None,
+                               temperature: float = 0.2, top_p: float = _SP["top_p"], top_k: int = _SP["top_k"],
+                               min_p: float = _SP["min_p"], typical_p: float = 1.0, stream: bool = False,
+                               stop: str | list[str] | None = None, seed: int | None = None,
+                               response_format: dict | None = None, max_tokens: int | None = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = _SP["repeat_penalty"], *, model: str | None = None,
+                               logprobs: bool | None = None, top_logprobs: int | None = None,
+                               **unsupported: Any) -> dict | Iterator[dict]:
         """Apply the model's chat template (tokenizer.chat_template, Jinja2) to messages and complete
         it. Returns a "chat.completion" dict, or with stream=True a generator of
         "chat.completion.chunk" dicts. temperature=0.2 and max_tokens=None (until the end of the
-        turn or a full context) are llama-cpp-python's chat defaults."""
+        turn or a full context) are llama-cpp-python's chat defaults. Tools, functions and
+        response_format are not implemented (NotImplementedError unless None)."""
+        _reject_unsupported({"functions": functions, "function_call": function_call, "tools": tools,
+                             "tool_choice": tool_choice, "response_format": response_format})
         template = self._chat_template()
         prompt = template.render(messages, add_generation_prompt=True)
         tokens = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)

@@ -42,8 +42,8 @@ static inline struct unit unit_at(const uint8_t * s, size_t pos, size_t end) {
 }
 
 /* End of the run of class cls starting at pos (at most max units; max < 0: no limit). */
-static size_t run_end(const uint8_t * s, size_t pos, size_t end, enum moqae_cp_class cls, int max) {
-    int n = 0;
+static size_t run_end(const uint8_t * s, size_t pos, size_t end, enum moqae_cp_class cls, int64_t max) {
+    int64_t n = 0;
     while (pos < end && n != max) {
         const struct unit u = unit_at(s, pos, end);
         if (u.cls != cls) {
@@ -59,8 +59,8 @@ static size_t run_end(const uint8_t * s, size_t pos, size_t end, enum moqae_cp_c
  * makes a run followed by a non-space give up its last unit (which then leads the next pre-token,
  * " word"), unless the run is a single unit. */
 static size_t space_end(const uint8_t * s, size_t pos, size_t end, bool newline_rule) {
-    size_t k = pos, last = pos, nl_end = 0;
-    int    n = 0;
+    size_t  k = pos, last = pos, nl_end = 0;
+    int64_t n = 0;
     while (k < end) {
         const struct unit u = unit_at(s, k, end);
         if (u.cls != MOQAE_CP_SPACE) {
@@ -253,6 +253,9 @@ static int bpe_piece(const struct moqae_tokenizer * tok, const uint8_t * s, size
     if (n == 1 && tok->byte_token[s[0]] >= 0) {
         moqae_tok_push(out, tok->byte_token[s[0]]);
         return MOQAE_OK;
+    }
+    if (n > INT32_MAX / 4) { /* symbol positions are 32-bit */
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "moqae_tokenize: a pre-token of %zu bytes is too long", n);
     }
     struct bpe_sym *  sym  = moqae_tok_scratch_get(scratch, 0, n * sizeof(struct bpe_sym));
     struct bpe_cand * heap = moqae_tok_scratch_get(scratch, 1, 3 * n * sizeof(struct bpe_cand));

@@ -4,17 +4,14 @@
  * unless MOQAE_CPU=scalar|avx2|avx512 asks for one (falling back when it is unavailable). Compiled for
  * baseline x86-64 so it runs on any CPU; the feature checks live here and not in the SIMD files, which
  * may contain wide instructions anywhere. Reference: ggml-cpu's all-variants backend selection.
+ * Also here, being ISA-free: the loop that covers a gemm with a SIMD file's register tiles.
  */
 #include "kernels.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-/* Called by the SIMD files' getters (kernels-avx2.c, kernels-avx512.c). __builtin_cpu_supports also
- * checks that the OS saves the wide registers (XCR0), so no separate xgetbv is needed. */
-int moqae_cpu_has_avx2(void);
-int moqae_cpu_has_avx512(void);
-
+/* __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0). */
 int moqae_cpu_has_avx2(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -63,4 +60,36 @@ const struct moqae_cpu_kernels * moqae_cpu_kernels(void) {
         __atomic_store_n(&chosen, k, __ATOMIC_RELEASE);
     }
     return k;
+}
+
+void moqae_gemm_tiled(const struct moqae_gemm_tiles * k, int64_t n, int64_t n_rows, int64_t n_tok, const void * w,
+                      size_t wrb, const void * x, size_t xrb, float * y, int64_t ldy) {
+    const uint8_t * W = w;
+    const uint8_t * X = x;
+    int64_t         r = 0;
+    if (n_tok < k->T) { /* decode-like: many rows per tile, one token at a time */
+        for (; r + k->RD <= n_rows; r += k->RD) {
+            for (int64_t t = 0; t < n_tok; t++) {
+                k->rdx1(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);
+            }
+        }
+    }
+    for (; r + k->R <= n_rows; r += k->R) {
+        int64_t t = 0;
+        for (; t + k->T <= n_tok; t += k->T) {
+            k->rxt(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);
+        }
+        for (; t < n_tok; t++) {
+            k->rx1(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);
+        }
+    }
+    for (; r < n_rows; r++) {
+        int64_t t = 0;
+        for (; t + k->T <= n_tok; t += k->T) {
+            k->onext(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);
+        }
+        for (; t < n_tok; t++) {
+            k->one(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);
+        }
+    }
 }

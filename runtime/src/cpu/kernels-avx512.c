@@ -20,8 +20,6 @@
 #    define INLINE static inline __attribute__((always_inline))
 #    define UNROLL _Pragma("GCC unroll 16")
 
-int moqae_cpu_has_avx512(void); /* dispatch.c */
-
 /* ================================================================================================
  * small helpers
  * ================================================================================================ */
@@ -332,6 +330,9 @@ static const uint16_t IDX_Q8_1_DS[4][32] __attribute__((aligned(64))) = {
 enum qkind { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 
 #    define QR_MAX 8 /* register tile bounds (rows, tokens) */
+#    ifndef QPF_DIST
+#        define QPF_DIST 1024 /* bytes ahead in each weight row, decode only */
+#    endif
 #    define QT_MAX 4
 
 INLINE int qk_wbytes(enum qkind k) {
@@ -425,6 +426,11 @@ INLINE void qstep(const enum qkind k, const int R, const int T, const int si, co
     __m512i wl[QR_MAX], wh[QR_MAX];
     __m512  dw[QR_MAX];
     UNROLL for (int r = 0; r < R; r++) {
+        if (T == 1) { /* decode streams the weights once: prefetch (the hardware prefetcher lags 4+ streams) */
+            UNROLL for (int o = 0; o < 4 * qk_wbytes(k); o += 64) {
+                _mm_prefetch((const char *) (w + r * wrb + QPF_DIST + o), _MM_HINT_T0);
+            }
+        }
         wstep(k, w + r * wrb, nbl, si, &wl[r], &wh[r], &dw[r], &mw[r]);
     }
     UNROLL for (int t = 0; t < T; t++) {
@@ -497,63 +503,38 @@ INLINE void qtile(const enum qkind k, const int R, const int T, int64_t nb, cons
     }
 }
 
-/* tile shapes: QR x QT for prefill, QRD x 1 for decode (n_tok < QT), 1-row and 1-token tails */
-#    define QR  4
-#    define QT  3
-#    define QRD 4
-
-#    define QTILE_FN(kind, R, T)                                                                           \
-        static void __attribute__((noinline))                                                               \
-        qtile_##kind##_##R##x##T(int64_t nb, const uint8_t * w, size_t wrb, const uint8_t * x, size_t xrb, \
-                                 float * y, int64_t ldy) {                                                  \
-            qtile(kind, R, T, nb, w, wrb, x, xrb, y, ldy);                                                  \
+#    define QTILE_FN(kind, R, T)                                                                        \
+        static void qtile_##kind##_##R##x##T(int64_t n, const uint8_t * w, size_t wrb, const uint8_t * x, \
+                                             size_t xrb, float * y, int64_t ldy) {                         \
+            qtile(kind, R, T, n / 32, w, wrb, x, xrb, y, ldy);                                             \
+        }
+/* RD x 1 must be R x 1 or instantiated before */
+#    define QGEMM_FNS(kind, R, T, RD)                                                                         \
+        QTILE_FN(kind, R, T)                                                                                  \
+        QTILE_FN(kind, R, 1)                                                                                  \
+        QTILE_FN(kind, 1, T)                                                                                  \
+        QTILE_FN(kind, 1, 1)                                                                                  \
+        static const struct moqae_gemm_tiles qtiles_##kind = {R,                                              \
+                                                              T,                                              \
+                                                              RD,                                             \
+                                                              qtile_##kind##_##R##x##T,                       \
+                                                              qtile_##kind##_##R##x1,                         \
+                                                              qtile_##kind##_1x##T,                           \
+                                                              qtile_##kind##_1x1,                             \
+                                                              qtile_##kind##_##RD##x1};                       \
+        static void qgemm_##kind(int64_t n, int64_t n_rows, int64_t n_tok, const void * w, size_t wrb,       \
+                                 const void * x, size_t xrb, float * y, int64_t ldy) {                      \
+            moqae_gemm_tiled(&qtiles_##kind, n, n_rows, n_tok, w, wrb, x, xrb, y, ldy);                     \
+        }                                                                                                    \
+        static void qdot_##kind(int64_t n, float * s, const void * w, const void * x) {                      \
+            qtile(kind, 1, 1, n / 32, w, 0, x, 0, s, 1);                                                     \
         }
 
-#    define QGEMM_FNS(kind)                                                                                       \
-        QTILE_FN(kind, QR, QT)                                                                                    \
-        QTILE_FN(kind, QR, 1)                                                                                     \
-        QTILE_FN(kind, 1, QT)                                                                                     \
-        QTILE_FN(kind, 1, 1)                                                                                      \
-        QTILE_FN(kind, QRD, 1)                                                                                    \
-        static void qgemm_##kind(int64_t n, int64_t n_rows, int64_t n_tok, const void * w, size_t wrb,           \
-                                 const void * x, size_t xrb, float * y, int64_t ldy) {                          \
-            const int64_t   nb = n / 32;                                                                         \
-            const uint8_t * W  = w;                                                                              \
-            const uint8_t * X  = x;                                                                              \
-            int64_t         r  = 0;                                                                              \
-            if (n_tok < QT) { /* decode: rows in blocks of QRD, one token at a time */                           \
-                for (; r + QRD <= n_rows; r += QRD) {                                                            \
-                    for (int64_t t = 0; t < n_tok; t++) {                                                        \
-                        qtile_##kind##_##QRD##x1(nb, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy); \
-                    }                                                                                            \
-                }                                                                                                \
-            }                                                                                                    \
-            for (; r + QR <= n_rows; r += QR) {                                                                  \
-                int64_t t = 0;                                                                                   \
-                for (; t + QT <= n_tok; t += QT) {                                                               \
-                    qtile_##kind##_##QR##x##QT(nb, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);    \
-                }                                                                                                \
-                for (; t < n_tok; t++) {                                                                         \
-                    qtile_##kind##_##QR##x1(nb, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);       \
-                }                                                                                                \
-            }                                                                                                    \
-            for (; r < n_rows; r++) {                                                                            \
-                int64_t t = 0;                                                                                   \
-                for (; t + QT <= n_tok; t += QT) {                                                               \
-                    qtile_##kind##_1x##QT(nb, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);         \
-                }                                                                                                \
-                for (; t < n_tok; t++) {                                                                         \
-                    qtile_##kind##_1x1(nb, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);            \
-                }                                                                                                \
-            }                                                                                                    \
-        }                                                                                                        \
-        static void qdot_##kind(int64_t n, float * s, const void * w, const void * x) {                          \
-            qtile_##kind##_1x1(n / 32, w, 0, x, 0, s, 1);                                                        \
-        }
-
-QGEMM_FNS(Q4_0)
-QGEMM_FNS(Q4_1)
-QGEMM_FNS(Q8_0)
+/* tile shapes (rows x tokens): 4 x 3 for prefill, 4 x 1 for decode; all shapes from 3x3 to 4x4
+ * measured within 5% (docs/KERNELS.md) */
+QGEMM_FNS(Q4_0, 4, 3, 4)
+QGEMM_FNS(Q4_1, 4, 3, 4)
+QGEMM_FNS(Q8_0, 4, 3, 4)
 
 /* ================================================================================================
  * float-type gemm / vec_dot (F32, F16, BF16 weights against activations of the same type)
@@ -586,10 +567,14 @@ INLINE void ftile(const enum fkind k, const int R, const int T, int64_t n, const
             acc[r][t] = _mm512_setzero_ps();
         }
     }
-    int64_t i = 0;
+    const int64_t es = k == F32 ? 4 : 2;
+    int64_t       i  = 0;
     for (; i + 16 <= n; i += 16) {
         __m512 wv[FR_MAX];
         UNROLL for (int r = 0; r < R; r++) {
+            if (T == 1) { /* decode: see QPF_DIST */
+                _mm_prefetch((const char *) (w + r * wrb + i * es + QPF_DIST), _MM_HINT_T0);
+            }
             wv[r] = fload(k, w + r * wrb, i);
         }
         UNROLL for (int t = 0; t < T; t++) {
@@ -639,60 +624,43 @@ INLINE float fdot(const enum fkind k, int64_t n, const uint8_t * w, const uint8_
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-#    define FR  4
-#    define FT  4
-#    define FRD 8
-
-#    define FTILE_FN(kind, R, T)                                                                          \
-        static void __attribute__((noinline))                                                              \
-        ftile_##kind##_##R##x##T(int64_t n, const uint8_t * w, size_t wrb, const uint8_t * x, size_t xrb, \
-                                 float * y, int64_t ldy) {                                                 \
+#    define FTILE_FN(kind, R, T)                                                                        \
+        static void ftile_##kind##_##R##x##T(int64_t n, const uint8_t * w, size_t wrb, const uint8_t * x, \
+                                             size_t xrb, float * y, int64_t ldy) {                         \
             ftile(kind, R, T, n, w, wrb, x, xrb, y, ldy);                                                  \
         }
-
-#    define FGEMM_FNS(kind)                                                                                       \
-        FTILE_FN(kind, FR, FT)                                                                                    \
-        FTILE_FN(kind, FR, 1)                                                                                     \
-        FTILE_FN(kind, 1, FT)                                                                                     \
-        FTILE_FN(kind, FRD, 1)                                                                                    \
-        static void fgemm_##kind(int64_t n, int64_t n_rows, int64_t n_tok, const void * w, size_t wrb,           \
-                                 const void * x, size_t xrb, float * y, int64_t ldy) {                          \
-            const uint8_t * W = w;                                                                               \
-            const uint8_t * X = x;                                                                               \
-            int64_t         r = 0;                                                                               \
-            if (n_tok < FT) {                                                                                    \
-                for (; r + FRD <= n_rows; r += FRD) {                                                            \
-                    for (int64_t t = 0; t < n_tok; t++) {                                                        \
-                        ftile_##kind##_##FRD##x1(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);  \
-                    }                                                                                            \
-                }                                                                                                \
-            }                                                                                                    \
-            for (; r + FR <= n_rows; r += FR) {                                                                  \
-                int64_t t = 0;                                                                                   \
-                for (; t + FT <= n_tok; t += FT) {                                                               \
-                    ftile_##kind##_##FR##x##FT(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);     \
-                }                                                                                                \
-                for (; t < n_tok; t++) {                                                                         \
-                    ftile_##kind##_##FR##x1(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);        \
-                }                                                                                                \
-            }                                                                                                    \
-            for (; r < n_rows; r++) {                                                                            \
-                int64_t t = 0;                                                                                   \
-                for (; t + FT <= n_tok; t += FT) {                                                               \
-                    ftile_##kind##_1x##FT(n, W + r * wrb, wrb, X + t * xrb, xrb, y + t * ldy + r, ldy);          \
-                }                                                                                                \
-                for (; t < n_tok; t++) {                                                                         \
-                    y[t * ldy + r] = fdot(kind, n, W + r * wrb, X + t * xrb);                                    \
-                }                                                                                                \
-            }                                                                                                    \
-        }                                                                                                        \
-        static void fvdot_##kind(int64_t n, float * s, const void * w, const void * x) {                         \
-            *s = fdot(kind, n, w, x);                                                                            \
+/* RD x 1 must be R x 1 or instantiated before */
+#    define FGEMM_FNS(kind, R, T, RD)                                                                         \
+        FTILE_FN(kind, R, T)                                                                                  \
+        FTILE_FN(kind, R, 1)                                                                                  \
+        FTILE_FN(kind, 1, T)                                                                                  \
+        static void ftile_##kind##_1x1(int64_t n, const uint8_t * w, size_t wrb, const uint8_t * x,         \
+                                       size_t xrb, float * y, int64_t ldy) {                               \
+            *y = fdot(kind, n, w, x);                                                                        \
+        }                                                                                                    \
+        static const struct moqae_gemm_tiles ftiles_##kind = {R,                                              \
+                                                              T,                                              \
+                                                              RD,                                             \
+                                                              ftile_##kind##_##R##x##T,                       \
+                                                              ftile_##kind##_##R##x1,                         \
+                                                              ftile_##kind##_1x##T,                           \
+                                                              ftile_##kind##_1x1,                             \
+                                                              ftile_##kind##_##RD##x1};                       \
+        static void fgemm_##kind(int64_t n, int64_t n_rows, int64_t n_tok, const void * w, size_t wrb,       \
+                                 const void * x, size_t xrb, float * y, int64_t ldy) {                      \
+            moqae_gemm_tiled(&ftiles_##kind, n, n_rows, n_tok, w, wrb, x, xrb, y, ldy);                     \
+        }                                                                                                    \
+        static void fvdot_##kind(int64_t n, float * s, const void * w, const void * x) {                     \
+            *s = fdot(kind, n, w, x);                                                                        \
         }
 
-FGEMM_FNS(F32)
-FGEMM_FNS(F16)
-FGEMM_FNS(BF16)
+/* tile shapes: 4 x 4 for prefill, 8 x 1 for decode */
+FTILE_FN(F32, 8, 1)
+FTILE_FN(F16, 8, 1)
+FTILE_FN(BF16, 8, 1)
+FGEMM_FNS(F32, 4, 4, 8)
+FGEMM_FNS(F16, 4, 4, 8)
+FGEMM_FNS(BF16, 4, 4, 8)
 
 /* ================================================================================================
  * float ops

@@ -68,4 +68,22 @@ const struct moqae_cpu_kernels * moqae_cpu_kernels_avx512(void);
  * (falling back when unsupported). Thread-safe, computed once. */
 const struct moqae_cpu_kernels * moqae_cpu_kernels(void);
 
+/* ---- internal to src/cpu/: shared by the kernel files (dispatch.c defines these) ---- */
+
+/* Whether this CPU (and OS) supports the ISA of the avx2 / avx512 table. */
+int moqae_cpu_has_avx2(void);
+int moqae_cpu_has_avx512(void);
+
+/* A register tile of a gemm: the moqae_gemm_fn contract for a fixed n_rows x n_tok shape. */
+typedef void (*moqae_tile_fn)(int64_t n, const uint8_t * w, size_t w_row_bytes, const uint8_t * x,
+                              size_t x_row_bytes, float * y, int64_t ldy);
+/* The tile shapes of one gemm: R x T for prefill, RD x 1 for decode (n_tok < T), and the tails. */
+struct moqae_gemm_tiles {
+    int           R, T, RD;
+    moqae_tile_fn rxt, rx1, onext, one, rdx1; /* R x T, R x 1, 1 x T, 1 x 1, RD x 1 */
+};
+/* A moqae_gemm_fn made of tiles: blocks rows by R (RD when n_tok < T) and tokens by T. */
+void moqae_gemm_tiled(const struct moqae_gemm_tiles * k, int64_t n, int64_t n_rows, int64_t n_tok, const void * w,
+                      size_t w_row_bytes, const void * x, size_t x_row_bytes, float * y, int64_t ldy);
+
 #endif /* MOQAE_CPU_KERNELS_H */
