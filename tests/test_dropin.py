@@ -22,7 +22,7 @@ MESSAGES = [
 
 def script(lib, model_path: str) -> dict:
     """A typical llama-cpp-python user script; `lib` is the module (import moqae_cpp as llama_cpp)."""
-    llm = lib.Llama(model_path=model_path, n_ctx=256, n_threads=2, seed=1, verbose=False)
+    llm = lib.Llama(model_path=model_path, n_ctx=256, n_threads=1, seed=1, verbose=False)
     out = {}
     out["completion"] = llm("The capital of France is", max_tokens=8, temperature=0)
     out["completion_stop"] = llm.create_completion("Q: Name a color.\nA:", max_tokens=16, stop=["\n", "Q:"],

@@ -9,7 +9,9 @@
 #include <math.h>
 #include <unistd.h>
 
-#define MOQAE_VERSION_STRING "0.1.0"
+#ifndef MOQAE_VERSION_STRING /* set by CMake from project(VERSION) */
+#    define MOQAE_VERSION_STRING "0.0.0"
+#endif
 
 const char * moqae_version(void) {
     return MOQAE_VERSION_STRING;

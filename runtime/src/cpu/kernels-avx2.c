@@ -306,16 +306,23 @@ INLINE __m256 spread1(__m256 h) { /* [h[1], 0, 0, 0 | h[3], 0, 0, 0] (lane 7 of 
     return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(1, 7, 7, 7, 3, 7, 7, 7));
 }
 
+#    define QPF_AHEAD 4096 /* decode prefetch: bytes in flight per tile (moqae_prefetch_offset, kernels.h) */
+
 /* One step (nbl <= 2 blocks) of an R x T tile. */
 INLINE void qstep(const enum qkind k, const int R, const int T, const int nbl, const uint8_t * w, size_t wrb,
-                  const uint8_t * x, size_t xrb, __m256 acc[QR_MAX][QT_MAX]) {
+                  const uint8_t * x, size_t xrb, size_t pf, __m256 acc[QR_MAX][QT_MAX]) {
     const size_t  WB = qk_wbytes(k), XB = qk_xbytes(k);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i       wl[QR_MAX], wh[QR_MAX];
     __m256        dw[QR_MAX], mw[QR_MAX];
     UNROLL for (int r = 0; r < R; r++) {
         const uint8_t * p = w + r * wrb;
-        const __m256    h = heads(p, WB, nbl);
+        if (T == 1) {
+            UNROLL for (int o = 0; o < 2 * (int) WB; o += 64) {
+                _mm_prefetch((const char *) (p + pf + o), _MM_HINT_T0);
+            }
+        }
+        const __m256 h = heads(p, WB, nbl);
         dw[r]             = spread(h, 0);
         if (k == Q4_1) {
             mw[r] = spread1(h);
@@ -370,12 +377,13 @@ INLINE void qtile(const enum qkind k, const int R, const int T, int64_t nb, cons
         }
     }
     const int64_t WB = qk_wbytes(k), XB = qk_xbytes(k);
+    const size_t  pf = moqae_prefetch_offset(R, wrb, QPF_AHEAD);
     int64_t       b  = 0;
     for (; b + 2 <= nb; b += 2) {
-        qstep(k, R, T, 2, w + b * WB, wrb, x + b * XB, xrb, acc);
+        qstep(k, R, T, 2, w + b * WB, wrb, x + b * XB, xrb, pf, acc);
     }
     if (b < nb) {
-        qstep(k, R, T, 1, w + b * WB, wrb, x + b * XB, xrb, acc);
+        qstep(k, R, T, 1, w + b * WB, wrb, x + b * XB, xrb, pf, acc);
     }
     UNROLL for (int r = 0; r < R; r++) {
         UNROLL for (int t = 0; t < T; t++) {
@@ -451,10 +459,15 @@ INLINE void ftile(const enum fkind k, const int R, const int T, int64_t n, const
             acc[r][t] = _mm256_setzero_ps();
         }
     }
-    int64_t i = 0;
+    const int64_t es = k == F32 ? 4 : 2;
+    const size_t  pf = moqae_prefetch_offset(R, wrb, QPF_AHEAD);
+    int64_t       i  = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 wv[FR_MAX];
         UNROLL for (int r = 0; r < R; r++) {
+            if (T == 1 && (k == F32 || i % 16 == 0)) { /* decode: one prefetch per 32 bytes */
+                _mm_prefetch((const char *) (w + r * wrb + i * es + pf), _MM_HINT_T0);
+            }
             wv[r] = fload(k, w + r * wrb, i);
         }
         UNROLL for (int t = 0; t < T; t++) {

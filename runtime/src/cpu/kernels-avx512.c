@@ -330,10 +330,10 @@ static const uint16_t IDX_Q8_1_DS[4][32] __attribute__((aligned(64))) = {
 enum qkind { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 
 #    define QR_MAX 8 /* register tile bounds (rows, tokens) */
-#    ifndef QPF_DIST
-#        define QPF_DIST 1024 /* bytes ahead in each weight row, decode only */
-#    endif
 #    define QT_MAX 4
+
+/* Decode prefetch: bytes in flight per tile (moqae_prefetch_offset, kernels.h); 2-16 KiB measured alike. */
+#    define QPF_AHEAD 4096
 
 INLINE int qk_wbytes(enum qkind k) {
     return k == Q4_0 ? (int) sizeof(moqae_block_q4_0) : k == Q4_1 ? (int) sizeof(moqae_block_q4_1)
@@ -421,14 +421,14 @@ INLINE void xstep(const enum qkind k, const uint8_t * p, const int nbl, const in
 
 /* One step (nbl <= 4 blocks) of an R x T tile; w, x point at the step's first block of row 0 / token 0. */
 INLINE void qstep(const enum qkind k, const int R, const int T, const int si, const int nbl, const uint8_t * w,
-                  size_t wrb, const uint8_t * x, size_t xrb, __m512 acc[QR_MAX][QT_MAX], __m512i * mw,
+                  size_t wrb, const uint8_t * x, size_t xrb, size_t pf, __m512 acc[QR_MAX][QT_MAX], __m512i * mw,
                   __m512i * sw) {
     __m512i wl[QR_MAX], wh[QR_MAX];
     __m512  dw[QR_MAX];
     UNROLL for (int r = 0; r < R; r++) {
-        if (T == 1) { /* decode streams the weights once: prefetch (the hardware prefetcher lags 4+ streams) */
+        if (T == 1) { /* decode: see QPF_AHEAD */
             UNROLL for (int o = 0; o < 4 * qk_wbytes(k); o += 64) {
-                _mm_prefetch((const char *) (w + r * wrb + QPF_DIST + o), _MM_HINT_T0);
+                _mm_prefetch((const char *) (w + r * wrb + pf + o), _MM_HINT_T0);
             }
         }
         wstep(k, w + r * wrb, nbl, si, &wl[r], &wh[r], &dw[r], &mw[r]);
@@ -451,7 +451,7 @@ INLINE void qstep(const enum qkind k, const int R, const int T, const int si, co
 
 /* One group of ng (<= 16) blocks. */
 INLINE void qgroup(const enum qkind k, const int R, const int T, const int ng, const uint8_t * w, size_t wrb,
-                   const uint8_t * x, size_t xrb, __m512 acc[QR_MAX][QT_MAX]) {
+                   const uint8_t * x, size_t xrb, size_t pf, __m512 acc[QR_MAX][QT_MAX]) {
     const int WB = qk_wbytes(k), XB = qk_xbytes(k);
     __m512i   mw[QR_MAX], sw[QT_MAX];
     UNROLL for (int r = 0; r < R; r++) {
@@ -462,12 +462,20 @@ INLINE void qgroup(const enum qkind k, const int R, const int T, const int ng, c
     }
     if (ng == 16) {
         UNROLL for (int si = 0; si < 4; si++) {
-            qstep(k, R, T, si, 4, w + 4 * si * WB, wrb, x + 4 * si * XB, xrb, acc, mw, sw);
+            qstep(k, R, T, si, 4, w + 4 * si * WB, wrb, x + 4 * si * XB, xrb, pf, acc, mw, sw);
         }
-    } else {
-        for (int si = 0; 4 * si < ng; si++) {
-            qstep(k, R, T, si, ng - 4 * si < 4 ? ng - 4 * si : 4, w + 4 * si * WB, wrb, x + 4 * si * XB, xrb, acc,
-                  mw, sw);
+    } else { /* the row's last group: full steps, then one of 1-3 blocks with its size known statically */
+        int si = 0;
+        for (; 4 * si + 4 <= ng; si++) {
+            qstep(k, R, T, si, 4, w + 4 * si * WB, wrb, x + 4 * si * XB, xrb, pf, acc, mw, sw);
+        }
+        const uint8_t * wt = w + 4 * si * WB;
+        const uint8_t * xt = x + 4 * si * XB;
+        switch (ng - 4 * si) {
+            case 1: qstep(k, R, T, si, 1, wt, wrb, xt, xrb, pf, acc, mw, sw); break;
+            case 2: qstep(k, R, T, si, 2, wt, wrb, xt, xrb, pf, acc, mw, sw); break;
+            case 3: qstep(k, R, T, si, 3, wt, wrb, xt, xrb, pf, acc, mw, sw); break;
+            default: break;
         }
     }
     if (k == Q4_1) { /* + sum over the group's blocks of m * s */
@@ -489,12 +497,13 @@ INLINE void qtile(const enum qkind k, const int R, const int T, int64_t nb, cons
         }
     }
     const int64_t WB = qk_wbytes(k), XB = qk_xbytes(k);
+    const size_t  pf = moqae_prefetch_offset(R, wrb, QPF_AHEAD);
     int64_t       b  = 0;
     for (; b + 16 <= nb; b += 16) {
-        qgroup(k, R, T, 16, w + b * WB, wrb, x + b * XB, xrb, acc);
+        qgroup(k, R, T, 16, w + b * WB, wrb, x + b * XB, xrb, pf, acc);
     }
     if (b < nb) {
-        qgroup(k, R, T, (int) (nb - b), w + b * WB, wrb, x + b * XB, xrb, acc);
+        qgroup(k, R, T, (int) (nb - b), w + b * WB, wrb, x + b * XB, xrb, pf, acc);
     }
     UNROLL for (int r = 0; r < R; r++) {
         UNROLL for (int t = 0; t < T; t++) {
@@ -568,12 +577,13 @@ INLINE void ftile(const enum fkind k, const int R, const int T, int64_t n, const
         }
     }
     const int64_t es = k == F32 ? 4 : 2;
+    const size_t  pf = moqae_prefetch_offset(R, wrb, QPF_AHEAD);
     int64_t       i  = 0;
     for (; i + 16 <= n; i += 16) {
         __m512 wv[FR_MAX];
         UNROLL for (int r = 0; r < R; r++) {
-            if (T == 1) { /* decode: see QPF_DIST */
-                _mm_prefetch((const char *) (w + r * wrb + i * es + QPF_DIST), _MM_HINT_T0);
+            if (T == 1) { /* decode: see QPF_AHEAD */
+                _mm_prefetch((const char *) (w + r * wrb + i * es + pf), _MM_HINT_T0);
             }
             wv[r] = fload(k, w + r * wrb, i);
         }

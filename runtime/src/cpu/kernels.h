@@ -24,7 +24,8 @@ typedef void (*moqae_to_float_fn)(const void * x, float * y, int64_t n);
 typedef void (*moqae_vec_dot_fn)(int64_t n, float * s, const void * w, const void * x);
 /* Tile of a matrix product: for r < n_rows, t < n_tok:
  *   y[t * ldy + r] = dot(w + r * w_row_bytes, x + t * x_row_bytes) over n elements.
- * Implementations may block over rows and tokens for register reuse. */
+ * Implementations may block over rows and tokens for register reuse. Rows must keep their type's
+ * natural alignment (4 bytes for F32, 2 for the others), as GGUF data does. */
 typedef void (*moqae_gemm_fn)(int64_t n, int64_t n_rows, int64_t n_tok, const void * w, size_t w_row_bytes,
                               const void * x, size_t x_row_bytes, float * y, int64_t ldy);
 
@@ -85,5 +86,18 @@ struct moqae_gemm_tiles {
 /* A moqae_gemm_fn made of tiles: blocks rows by R (RD when n_tok < T) and tokens by T. */
 void moqae_gemm_tiled(const struct moqae_gemm_tiles * k, int64_t n, int64_t n_rows, int64_t n_tok, const void * w,
                       size_t w_row_bytes, const void * x, size_t x_row_bytes, float * y, int64_t ldy);
+
+/* Decode streams the weights once, so a tile of R rows prefetches them (the hardware prefetcher lags
+ * behind 4+ interleaved rows), keeping about `ahead` bytes in flight: ahead / R bytes further along
+ * each row when rows are 2 KiB or longer, else the same offset in the rows of a later tile (ahead / R
+ * along a short row would mostly land in the tile's own rows). Returns the offset to add to the current
+ * address. Measured on Zen 5: docs/KERNELS.md. */
+static inline size_t moqae_prefetch_offset(int R, size_t w_row_bytes, size_t ahead) {
+    if (w_row_bytes >= 2048) {
+        return ahead / (size_t) R;
+    }
+    const size_t tile = (size_t) R * w_row_bytes;
+    return (ahead + tile - 1) / tile * tile;
+}
 
 #endif /* MOQAE_CPU_KERNELS_H */

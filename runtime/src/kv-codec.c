@@ -1,0 +1,516 @@
+/*
+ * kv-codec.c — the KV codecs of kv-codec.h in plain scalar C: encoding (the only encoder: it runs once
+ * per completed chunk, so it stays scalar and is bit-identical on every CPU), decoding, the metadata
+ * decoder the SIMD kernels use, and the reference attention primitives (decode each element, accumulate
+ * in double), which are the oracle for cpu/kv-codec-avx2.c and cpu/kv-codec-avx512.c.
+ * The PyTorch twin is train/kv_codec.py: every f32 operation here has its counterpart there, in the
+ * same order, with no fused multiply-add (mul_rn below; build this file with -ffp-contract=off too).
+ * Not here: the ring, softmax, threads.
+ */
+#include "kv-codec.h"
+
+#include "common.h"
+#include "cpu/kernels.h"
+
+#include <math.h>
+
+/* Bounds that keep every per-record table on the stack (see moqae_kv_shape_check). */
+#define MAX_CHUNK    256
+#define MAX_HEAD_DIM 256
+#define MAX_GROUPS   (MAX_CHUNK * MAX_HEAD_DIM / 16)
+
+/* FRAC[f] = f32(2^(-f/16)): the 16 mantissas of the log-scale code. train/kv_codec.py lists the same
+ * bits; tests/test_kv_codec.py checks they agree. */
+static const float FRAC[16] = {
+    0x1.000000p+0f, 0x1.ea4afap-1f, 0x1.d5818ep-1f, 0x1.c199bep-1f, 0x1.ae89fap-1f, 0x1.9c4918p-1f,
+    0x1.8ace54p-1f, 0x1.7a1148p-1f, 0x1.6a09e6p-1f, 0x1.5ab07ep-1f, 0x1.4bfdaep-1f, 0x1.3dea64p-1f,
+    0x1.306fe0p-1f, 0x1.2387a6p-1f, 0x1.172b84p-1f, 0x1.0b5586p-1f,
+};
+
+/* a * b rounded to f32 on its own. GCC contracts a*b+c into an FMA across statements under
+ * -ffp-contract=fast (its default for GNU C) when FMA is enabled (-march=native); the empty asm hides
+ * the product so the following add cannot fuse with it, as torch on CPU never fuses. */
+static inline float mul_rn(float a, float b) {
+    float p = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __asm__("" : "+x"(p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+    __asm__("" : "+w"(p));
+#else
+    volatile float v = p;
+    p                = v;
+#endif
+    return p;
+}
+
+/* ================================================================================================
+ * Shapes, sizes, geometry
+ * ================================================================================================ */
+
+const char * moqae_kv_codec_name(enum moqae_kv_codec c) {
+    static const char * names[MOQAE_KV_CODEC_COUNT] = {"fp16", "int8", "int4", "int2"};
+    return (unsigned) c < MOQAE_KV_CODEC_COUNT ? names[c] : "?";
+}
+
+int moqae_kv_codec_bits(enum moqae_kv_codec c) {
+    static const int bits[MOQAE_KV_CODEC_COUNT] = {16, 8, 4, 2};
+    return (unsigned) c < MOQAE_KV_CODEC_COUNT ? bits[c] : 0;
+}
+
+int moqae_kv_shape_check(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
+    if ((unsigned) c >= MOQAE_KV_CODEC_COUNT) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV codec %d is unknown", (int) c);
+    }
+    if (s->chunk < 16 || s->chunk > MAX_CHUNK || s->chunk % 16 != 0) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV chunk size %lld: must be a multiple of 16 in [16, %d]",
+                          (long long) s->chunk, MAX_CHUNK);
+    }
+    if (s->head_dim < 1 || s->head_dim > MAX_HEAD_DIM) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV head_dim %lld: must be in [1, %d]", (long long) s->head_dim,
+                          MAX_HEAD_DIM);
+    }
+    if (c == MOQAE_KV_CODEC_F16) {
+        return MOQAE_OK;
+    }
+    if (s->head_dim % 16 != 0 || s->head_dim % MOQAE_KV_K_SCALE_SHARE != 0) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV codec %s needs head_dim a multiple of 16, not %lld",
+                          moqae_kv_codec_name(c), (long long) s->head_dim);
+    }
+    if (s->v_group < 16 || s->v_group % 16 != 0 || s->head_dim % s->v_group != 0 ||
+        (s->chunk * (s->head_dim / s->v_group)) % MOQAE_KV_V_SCALE_SHARE != 0) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG,
+                          "KV value group %lld: must be a multiple of 16 that divides head_dim %lld",
+                          (long long) s->v_group, (long long) s->head_dim);
+    }
+    return MOQAE_OK;
+}
+
+static struct moqae_kv_geom geom(int64_t n_groups, int64_t n_elems, int64_t share, int64_t bits) {
+    struct moqae_kv_geom g;
+    g.n_groups    = n_groups;
+    g.n_elems     = n_elems;
+    g.share       = share;
+    g.bits        = bits;
+    g.codes_bytes = (size_t) (n_groups * n_elems * bits / 8);
+    g.zcode_bytes = (size_t) n_groups;
+    g.scode_bytes = (size_t) (n_groups / share);
+    g.total       = g.codes_bytes + g.zcode_bytes + g.scode_bytes + 6;
+    return g;
+}
+
+struct moqae_kv_geom moqae_kv_geom_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
+    return geom(s->head_dim, s->chunk, MOQAE_KV_K_SCALE_SHARE, moqae_kv_codec_bits(c));
+}
+
+struct moqae_kv_geom moqae_kv_geom_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
+    return geom(s->chunk * (s->head_dim / s->v_group), s->v_group, MOQAE_KV_V_SCALE_SHARE, moqae_kv_codec_bits(c));
+}
+
+size_t moqae_kv_k_bytes(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
+    if (c == MOQAE_KV_CODEC_F16) {
+        return (size_t) s->chunk * (size_t) s->head_dim * 2;
+    }
+    return moqae_kv_geom_k(c, s).total;
+}
+
+size_t moqae_kv_v_bytes(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
+    if (c == MOQAE_KV_CODEC_F16) {
+        return (size_t) s->chunk * (size_t) s->head_dim * 2;
+    }
+    return moqae_kv_geom_v(c, s).total;
+}
+
+double moqae_kv_effective_bits(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
+    const double bytes = (double) (moqae_kv_k_bytes(c, s) + moqae_kv_v_bytes(c, s));
+    return bytes * 8.0 / (2.0 * (double) s->chunk * (double) s->head_dim);
+}
+
+/* ================================================================================================
+ * Code packing (16-code blocks, kv-codec.h)
+ * ================================================================================================ */
+
+static inline void put_code(uint8_t * row, int64_t e, int64_t bits, unsigned q) {
+    const int64_t k = e / 16, r = e % 16;
+    switch (bits) {
+        case 8: row[e] = (uint8_t) q; break;
+        case 4: row[8 * k + r % 8] |= (uint8_t) (q << (4 * (r / 8))); break;
+        default: row[4 * k + r % 4] |= (uint8_t) (q << (2 * (r / 4))); break;
+    }
+}
+
+static inline unsigned get_code(const uint8_t * row, int64_t e, int64_t bits) {
+    const int64_t k = e / 16, r = e % 16;
+    switch (bits) {
+        case 8: return row[e];
+        case 4: return (row[8 * k + r % 8] >> (4 * (r / 8))) & 15u;
+        default: return (row[4 * k + r % 4] >> (2 * (r / 4))) & 3u;
+    }
+}
+
+static inline moqae_f16 rd16(const uint8_t * p) {
+    moqae_f16 h;
+    memcpy(&h, p, 2);
+    return h;
+}
+
+static inline void wr16(uint8_t * p, moqae_f16 h) {
+    memcpy(p, &h, 2);
+}
+
+/* ================================================================================================
+ * Metadata: bases, zero and scale codes
+ * ================================================================================================ */
+
+/* Decoded bases of a record: zero(i) = zl + zs * zcode[i], scale(a) = (sb * FRAC[a % 16]) * 2^-(a / 16). */
+struct bases {
+    float zl, zs, sb;
+};
+
+static struct bases read_bases(const struct moqae_kv_geom * g, const uint8_t * rec) {
+    const uint8_t * p = rec + g->codes_bytes + g->zcode_bytes + g->scode_bytes;
+    struct bases    b = {moqae_f16_to_f32(rd16(p)), moqae_f16_to_f32(rd16(p + 2)), moqae_f16_to_f32(rd16(p + 4))};
+    return b;
+}
+
+/* The scale of code a: exact power-of-two scaling (sb >= 2^-24, so no subnormal below 2^-24*2^-16). */
+static inline float scale_of(float sb, unsigned a) {
+    return ldexpf(mul_rn(sb, FRAC[a & 15u]), -(int) (a >> 4));
+}
+
+static inline float zero_of(const struct bases * b, unsigned zcode) {
+    return b->zl + mul_rn(b->zs, (float) zcode);
+}
+
+/* Group i's scale and zero. */
+static inline void group_meta(const struct moqae_kv_geom * g, const uint8_t * rec, const struct bases * b,
+                              int64_t i, float * scale, float * zero) {
+    const uint8_t * zc = rec + g->codes_bytes;
+    const uint8_t * sc = zc + g->zcode_bytes;
+    *scale             = scale_of(b->sb, sc[i / g->share]);
+    *zero              = zero_of(b, zc[i]);
+}
+
+static void meta_all(const struct moqae_kv_geom * g, const uint8_t * rec, float * scale, float * zero) {
+    const struct bases b = read_bases(g, rec);
+    for (int64_t i = 0; i < g->n_groups; i++) {
+        group_meta(g, rec, &b, i, &scale[i], &zero[i]);
+    }
+}
+
+void moqae_kv_meta_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * scale,
+                     float * zero) {
+    const struct moqae_kv_geom g = moqae_kv_geom_k(c, s);
+    meta_all(&g, rec, scale, zero);
+}
+
+void moqae_kv_meta_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * scale,
+                     float * zero) {
+    const struct moqae_kv_geom g = moqae_kv_geom_v(c, s);
+    meta_all(&g, rec, scale, zero);
+}
+
+/* ================================================================================================
+ * Encoding
+ * ================================================================================================ */
+
+/* Where the groups of a record live in the caller's [C][ld] f32 chunk: element e of group i is at
+ * x[goff(i) + e * estride]. Keys: group d = column d (estride = ld); values: group (j, g) = the G
+ * floats at row j, column g*G (estride = 1). */
+struct src {
+    const float * x;
+    int64_t       ld, estride, groups_per_row, group_len;
+};
+
+static inline int64_t goff(const struct src * s, int64_t i) {
+    return (i / s->groups_per_row) * s->ld + (i % s->groups_per_row) * s->group_len;
+}
+
+static void encode_q(const struct moqae_kv_geom * g, const struct src * s, uint8_t * rec) {
+    const float qmax = (float) ((1 << g->bits) - 1);
+    const int64_t n = g->n_groups, m = g->n_elems;
+    uint8_t *     zc = rec + g->codes_bytes;
+    uint8_t *     sc = zc + g->zcode_bytes;
+    uint8_t *     bp = sc + g->scode_bytes;
+    float lo[MAX_GROUPS], hi[MAX_GROUPS], need[MAX_GROUPS];
+
+    /* per-group ranges and the zero base */
+    float lo_min = INFINITY, lo_max = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        const float * x = s->x + goff(s, i);
+        float         a = x[0], b = x[0];
+        for (int64_t e = 1; e < m; e++) {
+            const float v = x[e * s->estride];
+            a             = v < a ? v : a;
+            b             = v > b ? v : b;
+        }
+        lo[i]  = a;
+        hi[i]  = b;
+        lo_min = a < lo_min ? a : lo_min;
+        lo_max = a > lo_max ? a : lo_max;
+    }
+    const moqae_f16 zlo16   = moqae_f32_to_f16(lo_min);
+    const float     zl      = moqae_f16_to_f32(zlo16);
+    const moqae_f16 zstep16 = moqae_f32_to_f16((lo_max - zl) / 255.0f);
+    const float     zs      = moqae_f16_to_f32(zstep16);
+    const struct bases base0 = {zl, zs, 0.0f};
+
+    /* zero codes (zero(i) <= lo_i up to rounding), then what each run of groups needs as a scale */
+    float need_max = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        unsigned z = 0;
+        if (zs > 0.0f) {
+            const float t = floorf((lo[i] - zl) / zs);
+            z             = t > 0.0f ? (t < 255.0f ? (unsigned) t : 255u) : 0u;
+        }
+        zc[i]         = (uint8_t) z;
+        const float r = (hi[i] - zero_of(&base0, z)) / qmax;
+        if (i % g->share == 0 || r > need[i / g->share]) {
+            need[i / g->share] = r;
+        }
+        need_max = r > need_max ? r : need_max;
+    }
+    const moqae_f16 sbase16 = moqae_f32_to_f16(need_max);
+    const float     sb      = moqae_f16_to_f32(sbase16);
+
+    /* scale codes: the largest a whose scale still covers the run (binary search over decreasing scales) */
+    for (int64_t r = 0; r < n / g->share; r++) {
+        if (!(scale_of(sb, 0) >= need[r])) {
+            sc[r] = 0;
+            continue;
+        }
+        unsigned a = 0, b = 256; /* scale(a) >= need, and every code >= b has a smaller scale */
+        while (b - a > 1) {
+            const unsigned mid = (a + b) / 2;
+            if (scale_of(sb, mid) >= need[r]) {
+                a = mid;
+            } else {
+                b = mid;
+            }
+        }
+        sc[r] = (uint8_t) a;
+    }
+    wr16(bp, zlo16);
+    wr16(bp + 2, zstep16);
+    wr16(bp + 4, sbase16);
+
+    /* codes */
+    const struct bases b = read_bases(g, rec);
+    memset(rec, 0, g->codes_bytes);
+    for (int64_t i = 0; i < n; i++) {
+        float scale, zero;
+        group_meta(g, rec, &b, i, &scale, &zero);
+        const float * x = s->x + goff(s, i);
+        /* group i's codes start at byte i * m * bits / 8: keys, row i; values, row j at column g * G */
+        uint8_t *     row = rec + (size_t) (i * m * g->bits / 8);
+        for (int64_t e = 0; e < m; e++) {
+            unsigned q = 0;
+            if (scale > 0.0f) {
+                const float t = floorf((x[e * s->estride] - zero) / scale + 0.5f);
+                q             = t > 0.0f ? (t < qmax ? (unsigned) t : (unsigned) qmax) : 0u;
+            }
+            put_code(row, e, g->bits, q);
+        }
+    }
+}
+
+void moqae_kv_encode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, int64_t ld,
+                       uint8_t * rec) {
+    const int64_t C = s->chunk, D = s->head_dim;
+    if (c == MOQAE_KV_CODEC_F16) {
+        for (int64_t d = 0; d < D; d++) {
+            for (int64_t j = 0; j < C; j++) {
+                wr16(rec + 2 * (d * C + j), moqae_f32_to_f16(k[j * ld + d]));
+            }
+        }
+        return;
+    }
+    const struct moqae_kv_geom g   = moqae_kv_geom_k(c, s);
+    const struct src           src = {k, ld, ld, D, 1};
+    encode_q(&g, &src, rec);
+}
+
+void moqae_kv_encode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * v, int64_t ld,
+                       uint8_t * rec) {
+    const int64_t C = s->chunk, D = s->head_dim;
+    if (c == MOQAE_KV_CODEC_F16) {
+        for (int64_t j = 0; j < C; j++) {
+            for (int64_t d = 0; d < D; d++) {
+                wr16(rec + 2 * (j * D + d), moqae_f32_to_f16(v[j * ld + d]));
+            }
+        }
+        return;
+    }
+    const struct moqae_kv_geom g   = moqae_kv_geom_v(c, s);
+    const struct src           src = {v, ld, 1, D / s->v_group, s->v_group};
+    encode_q(&g, &src, rec);
+}
+
+/* ================================================================================================
+ * Decoding
+ * ================================================================================================ */
+
+/* Element e of group i, decoded: scale * code + zero, product rounded first. */
+static inline float elem(const struct moqae_kv_geom * g, const uint8_t * rec, int64_t i, int64_t e, float scale,
+                         float zero) {
+    const uint8_t * row = rec + (size_t) (i * g->n_elems * g->bits / 8);
+    return mul_rn(scale, (float) get_code(row, e, g->bits)) + zero;
+}
+
+void moqae_kv_decode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * k,
+                       int64_t ld) {
+    const int64_t C = s->chunk, D = s->head_dim;
+    if (c == MOQAE_KV_CODEC_F16) {
+        for (int64_t d = 0; d < D; d++) {
+            for (int64_t j = 0; j < C; j++) {
+                k[j * ld + d] = moqae_f16_to_f32(rd16(rec + 2 * (d * C + j)));
+            }
+        }
+        return;
+    }
+    const struct moqae_kv_geom g = moqae_kv_geom_k(c, s);
+    const struct bases         b = read_bases(&g, rec);
+    for (int64_t d = 0; d < D; d++) {
+        float scale, zero;
+        group_meta(&g, rec, &b, d, &scale, &zero);
+        for (int64_t j = 0; j < C; j++) {
+            k[j * ld + d] = elem(&g, rec, d, j, scale, zero);
+        }
+    }
+}
+
+void moqae_kv_decode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * v,
+                       int64_t ld) {
+    const int64_t C = s->chunk, D = s->head_dim, G = s->v_group;
+    if (c == MOQAE_KV_CODEC_F16) {
+        for (int64_t j = 0; j < C; j++) {
+            for (int64_t d = 0; d < D; d++) {
+                v[j * ld + d] = moqae_f16_to_f32(rd16(rec + 2 * (j * D + d)));
+            }
+        }
+        return;
+    }
+    const struct moqae_kv_geom g = moqae_kv_geom_v(c, s);
+    const struct bases         b = read_bases(&g, rec);
+    for (int64_t i = 0; i < g.n_groups; i++) {
+        float scale, zero;
+        group_meta(&g, rec, &b, i, &scale, &zero);
+        const int64_t j = i / (D / G), d0 = (i % (D / G)) * G;
+        for (int64_t e = 0; e < G; e++) {
+            v[j * ld + d0 + e] = elem(&g, rec, i, e, scale, zero);
+        }
+    }
+}
+
+/* ================================================================================================
+ * Reference attention primitives: decode each element exactly, accumulate in double
+ * ================================================================================================ */
+
+static void kq_f16_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q, const float * q,
+                       int64_t ld_q, float * scores, int64_t ld_s) {
+    const int64_t C = s->chunk, D = s->head_dim;
+    for (int64_t i = 0; i < n_q; i++) {
+        for (int64_t j = 0; j < C; j++) {
+            double acc = 0.0;
+            for (int64_t d = 0; d < D; d++) {
+                acc += (double) q[i * ld_q + d] * (double) moqae_f16_to_f32(rd16(rec + 2 * (d * C + j)));
+            }
+            scores[i * ld_s + j] += (float) acc;
+        }
+    }
+}
+
+static void pv_f16_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q, const float * p,
+                       int64_t ld_p, float * out, int64_t ld_o) {
+    const int64_t C = s->chunk, D = s->head_dim;
+    for (int64_t i = 0; i < n_q; i++) {
+        for (int64_t d = 0; d < D; d++) {
+            double acc = 0.0;
+            for (int64_t j = 0; j < C; j++) {
+                acc += (double) p[i * ld_p + j] * (double) moqae_f16_to_f32(rd16(rec + 2 * (j * D + d)));
+            }
+            out[i * ld_o + d] += (float) acc;
+        }
+    }
+}
+
+static void kq_q_ref(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
+                     const float * q, int64_t ld_q, float * scores, int64_t ld_s) {
+    const int64_t              C = s->chunk, D = s->head_dim;
+    const struct moqae_kv_geom g = moqae_kv_geom_k(c, s);
+    float                      scale[MAX_HEAD_DIM], zero[MAX_HEAD_DIM];
+    meta_all(&g, rec, scale, zero);
+    for (int64_t i = 0; i < n_q; i++) {
+        for (int64_t j = 0; j < C; j++) {
+            double acc = 0.0;
+            for (int64_t d = 0; d < D; d++) {
+                acc += (double) q[i * ld_q + d] * (double) elem(&g, rec, d, j, scale[d], zero[d]);
+            }
+            scores[i * ld_s + j] += (float) acc;
+        }
+    }
+}
+
+static void pv_q_ref(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
+                     const float * p, int64_t ld_p, float * out, int64_t ld_o) {
+    const int64_t              C = s->chunk, D = s->head_dim, G = s->v_group;
+    const struct moqae_kv_geom g = moqae_kv_geom_v(c, s);
+    float                      scale[MAX_GROUPS], zero[MAX_GROUPS];
+    meta_all(&g, rec, scale, zero);
+    for (int64_t i = 0; i < n_q; i++) {
+        for (int64_t d = 0; d < D; d++) {
+            double acc = 0.0;
+            for (int64_t j = 0; j < C; j++) {
+                const int64_t gi = j * (D / G) + d / G;
+                acc += (double) p[i * ld_p + j] * (double) elem(&g, rec, gi, d % G, scale[gi], zero[gi]);
+            }
+            out[i * ld_o + d] += (float) acc;
+        }
+    }
+}
+
+#define REF_PAIR(NAME, CODEC)                                                                                   \
+    static void kq_##NAME##_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,              \
+                                const float * q, int64_t ld_q, float * scores, int64_t ld_s) {                  \
+        kq_q_ref(CODEC, s, rec, n_q, q, ld_q, scores, ld_s);                                                    \
+    }                                                                                                           \
+    static void pv_##NAME##_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,              \
+                                const float * p, int64_t ld_p, float * out, int64_t ld_o) {                     \
+        pv_q_ref(CODEC, s, rec, n_q, p, ld_p, out, ld_o);                                                       \
+    }
+REF_PAIR(q8, MOQAE_KV_CODEC_Q8)
+REF_PAIR(q4, MOQAE_KV_CODEC_Q4)
+REF_PAIR(q2, MOQAE_KV_CODEC_Q2)
+
+static const struct moqae_kv_codec_kernels kernels_ref = {
+    .name = "scalar",
+    .kq   = {kq_f16_ref, kq_q8_ref, kq_q4_ref, kq_q2_ref},
+    .pv   = {pv_f16_ref, pv_q8_ref, pv_q4_ref, pv_q2_ref},
+};
+
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_ref(void) {
+    return &kernels_ref;
+}
+
+static const struct moqae_kv_codec_kernels * pick(void) {
+    const struct moqae_kv_codec_kernels * avx512 = moqae_kv_codec_kernels_avx512();
+    const struct moqae_kv_codec_kernels * avx2   = moqae_kv_codec_kernels_avx2();
+    const char *                          want   = getenv("MOQAE_CPU");
+    if (want && strcmp(want, "scalar") == 0) {
+        return &kernels_ref;
+    }
+    if (want && strcmp(want, "avx2") == 0 && avx2) {
+        return avx2;
+    }
+    return avx512 ? avx512 : avx2 ? avx2 : &kernels_ref;
+}
+
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels(void) {
+    /* Every thread computes the same answer, so a race only repeats the work (as cpu/dispatch.c). */
+    static const struct moqae_kv_codec_kernels * chosen;
+    const struct moqae_kv_codec_kernels *        k = __atomic_load_n(&chosen, __ATOMIC_ACQUIRE);
+    if (!k) {
+        k = pick();
+        __atomic_store_n(&chosen, k, __ATOMIC_RELEASE);
+    }
+    return k;
+}

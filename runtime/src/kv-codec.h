@@ -1,0 +1,158 @@
+/*
+ * kv-codec.h — the KV-cache codecs: how one completed chunk of C tokens of one layer and one KV head is
+ * encoded into a key record and a value record (FP16 copy, or INT8/INT4/INT2 asymmetric, KIVI-style:
+ * keys per channel across the chunk's tokens, values per token in groups along head_dim), how it is
+ * decoded, and the attention primitives that work on a record directly (q.K^T and p.V, no dequantized
+ * copy). Not here: the ring that stores records, the choice of codec per chunk, softmax, threading.
+ * The byte layouts below are the contract with train/kv_codec.py, which reproduces every byte
+ * (tests/test_kv_codec.py); docs/KV-CODECS.md gives the measurements behind the choices.
+ * Scalar references live in kv-codec.c, SIMD versions in cpu/kv-codec-avx2.c and cpu/kv-codec-avx512.c.
+ */
+#ifndef MOQAE_KV_CODEC_H
+#define MOQAE_KV_CODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ================================================================================================
+ * Codecs and shapes
+ * ================================================================================================ */
+
+enum moqae_kv_codec {
+    MOQAE_KV_CODEC_F16 = 0, /* 16 bits: f16 copy (round to nearest even)          */
+    MOQAE_KV_CODEC_Q8  = 1, /*  8-bit codes, u8 scale/zero codes + f16 bases      */
+    MOQAE_KV_CODEC_Q4  = 2, /*  4-bit codes, same metadata                        */
+    MOQAE_KV_CODEC_Q2  = 3, /*  2-bit codes, same metadata                        */
+    MOQAE_KV_CODEC_COUNT
+};
+
+struct moqae_kv_shape {
+    int64_t chunk;    /* C: tokens per chunk; a multiple of 16 in [16, 256] (32 by default, 64 allowed) */
+    int64_t head_dim; /* D: in [1, 256]; quantized values need D a multiple of 16                       */
+    int64_t v_group;  /* G: values' group length along head_dim; a multiple of 16 that divides D
+                         (MOQAE_KV_V_GROUP by default; G = D is allowed)                                */
+};
+
+/* Default value group length: measured in docs/KV-CODECS.md ("Choosing the metadata"). */
+#define MOQAE_KV_V_GROUP 32
+
+/* Scale codes are shared by this many consecutive groups of a record (see the layout below):
+ * keys: 2 = one scale per RoPE channel pair (2i, 2i+1), whose ranges are alike after RoPE; values: 1. */
+#define MOQAE_KV_K_SCALE_SHARE 2
+#define MOQAE_KV_V_SCALE_SHARE 1
+
+/* MOQAE_OK when the shape is usable by codec c (records are only made for completed chunks: C tokens,
+ * never fewer); otherwise MOQAE_ERR_INVALID_ARG with a message (moqae_last_error). */
+int moqae_kv_shape_check(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
+
+const char * moqae_kv_codec_name(enum moqae_kv_codec c); /* "fp16", "int8", "int4", "int2" */
+int          moqae_kv_codec_bits(enum moqae_kv_codec c); /* nominal bits: 16, 8, 4, 2        */
+
+/* Exact record sizes in bytes (functions of codec, C, D, G only; see the layout). */
+size_t moqae_kv_k_bytes(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
+size_t moqae_kv_v_bytes(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
+/* Effective bits per element of K and V together: (k_bytes + v_bytes) * 8 / (2 * C * D). */
+double moqae_kv_effective_bits(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
+
+/* ================================================================================================
+ * Record layouts (all multi-byte fields little-endian; records need no alignment)
+ *
+ * FP16 key record:   f16 K[D][C]   (transposed: channel d's C tokens are contiguous)     2*C*D bytes
+ * FP16 value record: f16 V[C][D]   (as is)                                               2*C*D bytes
+ *
+ * Quantized records (b = 8, 4, 2 bits; qmax = 2^b - 1) are a set of n_groups groups of n_elems
+ * elements, each group with its own zero and scale:
+ *   keys:   group d = channel d over the chunk's C tokens:   n_groups = D,         n_elems = C
+ *           (a group's elements are its tokens, in order: codes are channel-major, K^T)
+ *   values: group (j, g) = token j, elements g*G .. g*G+G-1: n_groups = C * D / G, n_elems = G
+ *           (groups in token-major order: (0,0), (0,1), ..., (1,0), ...; codes are token-major)
+ * Byte layout:
+ *   codes      rows of codes: keys D rows of C codes (row d = channel d), values C rows of D codes
+ *              (row j = token j). A row is packed in blocks of 16 codes, block k (elements 16k..16k+15)
+ *              taking 2*b bytes at byte 2*b*k of the row; inside a block, element e is at
+ *                b = 8: byte e
+ *                b = 4: byte e % 8, bits 4*(e / 8) .. +3          (byte i = e_i | e_{i+8} << 4)
+ *                b = 2: byte e % 4, bits 2*(e / 4) .. +1          (byte i = e_i | e_{i+4} << 2 | e_{i+8} << 4 | e_{i+12} << 6)
+ *              so that one 64-bit (b=4) or 32-bit (b=2) load, shifted and masked, yields the block's
+ *              16 codes in order as 16 bytes.                               n_groups * n_elems * b / 8 bytes
+ *   zcode[n_groups]   u8 zero code of each group                                         n_groups bytes
+ *   scode[n_groups / share]  u8 scale code of each run of `share` consecutive groups
+ *              (share = MOQAE_KV_K_SCALE_SHARE for keys, MOQAE_KV_V_SCALE_SHARE for values)
+ *   zlo, zstep, sbase: three f16 (the record's bases)                                           6 bytes
+ *
+ * Decoding (all f32, each operation rounded on its own, no fused multiply-add):
+ *   zero(i)  = zlo + zstep * zcode[i]
+ *   scale(a) = (sbase * FRAC[a % 16]) * 2^-(a / 16),  FRAC[f] = f32(2^(-f/16)) (kv-codec.c lists the bits)
+ *   x        = scale(scode[i / share]) * code + zero(i)
+ * Encoding, per record (f16() rounds to nearest even; lo_i, hi_i = min, max of group i):
+ *   zlo   = f16(min_i lo_i);              zstep = f16((max_i lo_i - zlo) / 255)
+ *   zcode = zstep > 0 ? clamp(floor((lo_i - zlo) / zstep), 0, 255) : 0       (zero(i) <= lo_i, up to rounding)
+ *   need  = (hi_i - zero(i)) / qmax, maximised over each run of `share` groups
+ *   sbase = f16(max need);  scode = the largest a in [0, 255] with scale(a) >= need (0 if none): the
+ *           smallest listed scale that covers the group's range (scale(a) decreases with a)
+ *   code  = scale > 0 ? clamp(floor((x - zero) / scale + 0.5), 0, qmax) : 0   (NaN -> 0)
+ * Inputs must be finite and within f16 range (as for the FP16 codec).
+ * ================================================================================================ */
+
+/* Encode one completed chunk of one KV head: k, v are [C][ld] f32 (row j = token j; the first D floats
+ * of each row are used), rec gets moqae_kv_k_bytes / moqae_kv_v_bytes bytes. The shape must pass
+ * moqae_kv_shape_check. Deterministic and identical on every CPU (scalar code). */
+void moqae_kv_encode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, int64_t ld,
+                       uint8_t * rec);
+void moqae_kv_encode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * v, int64_t ld,
+                       uint8_t * rec);
+
+/* Decode a record back to f32: k, v are [C][ld] (the first D floats of each row are written). */
+void moqae_kv_decode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * k,
+                       int64_t ld);
+void moqae_kv_decode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * v,
+                       int64_t ld);
+
+/* The per-group scale and zero of a quantized record, decoded (for the SIMD kernels and tests):
+ * keys: scale, zero are [D] (channel d); values: [C][D / G] (token j, group g). Not for FP16. */
+void moqae_kv_meta_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * scale,
+                     float * zero);
+void moqae_kv_meta_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * scale,
+                     float * zero);
+
+/* ================================================================================================
+ * Attention primitives on records (the kernel table)
+ * ================================================================================================ */
+
+/* scores[i * ld_s + j] += sum_d q[i * ld_q + d] * K[j][d]   for i < n_q, j < C
+ * q: [n_q][ld_q] f32 (several query heads or tokens against the same chunk share the unpacking);
+ * rec: a key record of the table entry's codec; scores: [n_q][ld_s], C of each row updated. */
+typedef void (*moqae_kv_kq_fn)(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
+                               const float * q, int64_t ld_q, float * scores, int64_t ld_s);
+/* out[i * ld_o + d] += sum_j p[i * ld_p + j] * V[j][d]   for i < n_q, d < D
+ * p: [n_q][ld_p] f32 weights of the chunk's C tokens; rec: a value record; out: [n_q][ld_o]. */
+typedef void (*moqae_kv_pv_fn)(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
+                               const float * p, int64_t ld_p, float * out, int64_t ld_o);
+
+struct moqae_kv_codec_kernels {
+    const char *   name; /* "scalar", "avx2", "avx512" */
+    moqae_kv_kq_fn kq[MOQAE_KV_CODEC_COUNT];
+    moqae_kv_pv_fn pv[MOQAE_KV_CODEC_COUNT];
+};
+
+/* The scalar reference (decode each element, accumulate in double): the oracle of the SIMD tables. */
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_ref(void);
+/* SIMD tables (f32 arithmetic on the codes, within tests/test-kv-codec.c's tolerances of the
+ * reference); NULL when the build or the CPU lacks the ISA. */
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_avx2(void);
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_avx512(void);
+/* The best table for this CPU, honouring MOQAE_CPU=scalar|avx2|avx512 like moqae_cpu_kernels(). */
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels(void);
+
+/* ---- internal to the codec files: record geometry ---- */
+struct moqae_kv_geom {
+    int64_t n_groups, n_elems, share, bits;
+    size_t  codes_bytes; /* offset of zcode                */
+    size_t  zcode_bytes; /* n_groups                       */
+    size_t  scode_bytes; /* n_groups / share               */
+    size_t  total;       /* codes + zcode + scode + 6      */
+};
+struct moqae_kv_geom moqae_kv_geom_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
+struct moqae_kv_geom moqae_kv_geom_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
+
+#endif /* MOQAE_KV_CODEC_H */

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The sanitizer job: build with AddressSanitizer and UndefinedBehaviorSanitizer (plus LeakSanitizer)
+# into build-asan/ ($MOQAE_ASAN_BUILD_DIR), run the C tests (ctest), then a short end-to-end run on
+# SmolLM2-135M: moqae-cli (prompt, 16 greedy tokens, 2 threads, a 3-token micro-batch so that several
+# batches and the decode path run) and moqae-perplexity (two 128-token windows of the test text).
+# Any sanitizer report fails the job: halt_on_error makes the process exit non-zero, and the output is
+# also searched for reports. Does not run pytest (the tools' behaviour is tested on the normal build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${MOQAE_ASAN_BUILD_DIR:-build-asan}
+MOQAE_BUILD_DIR=$build MOQAE_BUILD_TYPE=RelWithDebInfo scripts/build.sh \
+    -DMOQAE_SANITIZE_ADDRESS=ON -DMOQAE_SANITIZE_UNDEFINED=ON -DMOQAE_BUILD_TESTS=ON
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+logs=$build/sanitize-logs
+mkdir -p "$logs"
+status=0
+
+# Run a command, keep its output, fail on a non-zero exit or on anything that looks like a report.
+check() {
+    local name=$1
+    shift
+    local rc=0
+    "$@" >"$logs/$name.out" 2>"$logs/$name.err" || rc=$?
+    if [ "$rc" -ne 0 ] || grep -qE "ERROR: (Address|Leak)Sanitizer|runtime error:|SUMMARY: " "$logs/$name.err"; then
+        echo "sanitize.sh: $name failed (exit $rc):" >&2
+        tail -40 "$logs/$name.err" >&2
+        status=1
+    else
+        echo "sanitize.sh: $name OK"
+    fi
+}
+
+check ctest ctest --test-dir "$build" --output-on-failure -j 2
+model=$(.venv/bin/python models/fetch_model.py smollm2)
+check cli "$build/moqae-cli" -m "$model" -p "The three primary colors are" -n 16 --temp 0 -t 2 -b 3 -c 64
+check cli-sampled "$build/moqae-cli" -m "$model" -p "Once upon a time" -n 8 -s 7 -t 2 --repeat-penalty 1.1
+check perplexity "$build/moqae-perplexity" -m "$model" -f tests/data/wikitext-2-test-head.txt -c 128 --chunks 2 -t 2
+exit $status
