@@ -30,9 +30,10 @@ def main() -> int:
     ours = []
     with moqae_cpp.Llama(args.model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=args.threads, logits_all=True) as llm:
         toks = llm.tokenize(text, add_bos=True, special=False)
+        add_bos = len(llm.tokenize(b"", add_bos=True)) > 0  # the model adds BOS (llama.cpp's window rule)
         for ci in range(args.chunks):
             win = list(toks[ci * n_ctx:(ci + 1) * n_ctx])
-            if llm.metadata.get("tokenizer.ggml.add_bos_token") == "true":
+            if add_bos:
                 win[0] = llm.token_bos()
             llm.reset()
             llm.eval(win)

@@ -309,7 +309,8 @@ static double oracle_dot(enum moqae_type t, int64_t n, const void * w, const voi
                 sq += b->qs[j];
             }
             const double ds = (double) moqae_f16_to_f32(b->d) * sq;
-            *s_err += fabs(m) * ((fabs(moqae_f16_to_f32(b->s)) + fabs(ds)) * TOL_F16_S_REL + (1 + abs(sq)) * TOL_F16_S_ABS);
+            *s_err += fabs(m) * ((fabs(moqae_f16_to_f32(b->s)) + fabs(ds)) * TOL_F16_S_REL +
+                                 (1 + abs(sq)) * TOL_F16_S_ABS);
         }
     }
     free(a);
@@ -319,30 +320,17 @@ static double oracle_dot(enum moqae_type t, int64_t n, const void * w, const voi
 
 /* ---- the reference against independent arithmetic -------------------------------------------------- */
 
-/* h is the f16 nearest to x, ties to even (x finite and below the overflow threshold). */
-static int f16_is_nearest(float x, moqae_f16 h) {
-    const double v = moqae_f16_to_f32(h), e = fabs(v - x);
+/* h is the half (f16, or bf16 when bf is set) nearest to x, ties to even; x finite and below the
+ * format's overflow threshold. */
+static int half_is_nearest(float x, uint16_t h, int bf) {
+    const uint16_t inf = bf ? 0x7f80 : 0x7c00;
+    const double   e   = fabs((bf ? moqae_bf16_to_f32(h) : moqae_f16_to_f32(h)) - (double) x);
     for (int k = -1; k <= 1; k += 2) {
-        const moqae_f16 o = (moqae_f16) (h + k);
-        if ((o & 0x7c00) == 0x7c00 || ((h ^ o) & 0x8000)) {
+        const uint16_t o = (uint16_t) (h + k);
+        if ((o & inf) == inf || ((h ^ o) & 0x8000)) {
             continue; /* past inf or across zero */
         }
-        const double eo = fabs((double) moqae_f16_to_f32(o) - x);
-        if (eo < e || (eo == e && (h & 1))) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
-static int bf16_is_nearest(float x, moqae_bf16 h) {
-    const double v = moqae_bf16_to_f32(h), e = fabs(v - x);
-    for (int k = -1; k <= 1; k += 2) {
-        const moqae_bf16 o = (moqae_bf16) (h + k);
-        if ((o & 0x7f80) == 0x7f80 || ((h ^ o) & 0x8000)) {
-            continue;
-        }
-        const double eo = fabs((double) moqae_bf16_to_f32(o) - x);
+        const double eo = fabs((bf ? moqae_bf16_to_f32(o) : moqae_f16_to_f32(o)) - (double) x);
         if (eo < e || (eo == e && (h & 1))) {
             return 0;
         }
@@ -377,7 +365,7 @@ static void test_ref_oracle_conversions(void) {
         }
         uint16_t h;
         R->f32_to_f16(1, &x, &h);
-        if (!f16_is_nearest(x, h)) {
+        if (!half_is_nearest(x, h, 0)) {
             char idx[96];
             snprintf(idx, sizeof(idx), "x=%a", x);
             check_bits(&c, idx, h, 0xffff);
@@ -393,7 +381,7 @@ static void test_ref_oracle_conversions(void) {
         }
         uint16_t h;
         R->type[MOQAE_TYPE_BF16].from_float(&x, &h, 1);
-        if (!bf16_is_nearest(x, h)) {
+        if (!half_is_nearest(x, h, 1)) {
             char idx[96];
             snprintf(idx, sizeof(idx), "x=%a", x);
             check_bits(&c, idx, h, 0xffff);
@@ -481,12 +469,12 @@ static void test_ref_oracle_q8(int64_t n) {
 
 /* ---- SIMD tables against the reference: conversions ----------------------------------------------- */
 
-static void test_conversions(const struct moqae_cpu_kernels * K) {
+/* every f16 / bf16 bit pattern to f32; an f16 NaN only needs to stay NaN (F16C quiets signalling NaNs) */
+static void test_half_to_float(const struct moqae_cpu_kernels * K) {
     const struct moqae_cpu_kernels * R = moqae_cpu_kernels_ref();
     struct check                     c;
     char                             idx[96];
 
-    /* every f16 bit pattern; NaN only needs to stay NaN (F16C quiets signalling NaNs) */
     uint16_t * h  = xmalloc(65536 * sizeof(uint16_t));
     float *    a  = xmalloc(65536 * sizeof(float));
     float *    b  = xmalloc(65536 * sizeof(float));
@@ -514,9 +502,14 @@ static void test_conversions(const struct moqae_cpu_kernels * K) {
     free(h);
     free(a);
     free(b);
+}
 
-    /* f32 -> f16 / bf16, bit exact including NaN: specials then random bit patterns, odd lengths */
-    static const int64_t lens[] = {1, 7, 15, 16, 17, 63, 1000, 4128};
+/* f32 -> f16 / bf16, bit exact including NaN: specials then random bit patterns, odd lengths */
+static void test_float_to_half(const struct moqae_cpu_kernels * K) {
+    const struct moqae_cpu_kernels * R = moqae_cpu_kernels_ref();
+    struct check                     c;
+    char                             idx[96];
+    static const int64_t             lens[] = {1, 7, 15, 16, 17, 63, 1000, 4128};
     for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
         const int64_t n  = lens[li];
         float *       x  = xmalloc((size_t) n * sizeof(float));
@@ -549,9 +542,15 @@ static void test_conversions(const struct moqae_cpu_kernels * K) {
         free(hr);
         free(hk);
     }
+}
 
-    /* to_float of every weight type and Q8_1, bit exact */
-    static const int64_t qlens[] = {32, 64, 96, 4128};
+/* to_float of every weight type and Q8_1, and from_float Q8_0 / Q8_1 (zero, tie and outlier blocks
+ * included): bit exact */
+static void test_blocks(const struct moqae_cpu_kernels * K) {
+    const struct moqae_cpu_kernels * R = moqae_cpu_kernels_ref();
+    struct check                     c;
+    char                             idx[96];
+    static const int64_t             qlens[] = {32, 64, 96, 4128};
     for (int ti = 0; ti < N_WEIGHT_TYPES + 1; ti++) {
         const enum moqae_type t = ti < N_WEIGHT_TYPES ? k_weight_types[ti] : MOQAE_TYPE_Q8_1;
         for (size_t li = 0; li < 4; li++) {
@@ -574,7 +573,6 @@ static void test_conversions(const struct moqae_cpu_kernels * K) {
         }
     }
 
-    /* from_float Q8_0 / Q8_1 bit exact (includes zero, tie and outlier blocks) */
     for (size_t li = 0; li < 4; li++) {
         const int64_t n = qlens[li], T = 9;
         float *       x = xmalloc((size_t) (T * n) * sizeof(float));
@@ -887,7 +885,9 @@ static int run_tests(void) {
     }
     for (int k = 0; k < 2; k++) {
         if (simd[k]) {
-            test_conversions(simd[k]);
+            test_half_to_float(simd[k]);
+            test_float_to_half(simd[k]);
+            test_blocks(simd[k]);
             for (int i = 0; i < N_FLOAT_LENS; i++) {
                 test_float_ops(simd[k], k_float_lens[i]);
             }
@@ -930,6 +930,12 @@ static double now_s(void) {
     return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
 }
 
+static double cpu_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}
+
 struct bench_job {
     double          cpu_s; /* out: this thread's CPU time */
     moqae_gemm_fn   gemm;
@@ -940,11 +946,6 @@ struct bench_job {
     float *         y;
 };
 
-static double cpu_now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
-}
 
 static void * bench_thread(void * arg) {
     struct bench_job * j  = arg;
@@ -1013,37 +1014,37 @@ static double bench_run(double * cpu, const struct moqae_cpu_kernels * K, enum m
     return best;
 }
 
+/* Read bandwidth (the table's dot_f32 over two arrays) and memcpy bandwidth (bytes read + written),
+ * from DRAM and from L3, wall time (thread CPU time). */
 static void bench_memory(const struct moqae_cpu_kernels * K) {
-    const size_t big = (size_t) 256 << 20, small = (size_t) 8 << 20;
     for (int k = 0; k < 2; k++) {
-        const size_t bytes = k ? small : big;
+        const size_t bytes = k ? (size_t) 8 << 20 : (size_t) 256 << 20;
         float *      a     = xmalloc(bytes / 2);
         float *      b     = xmalloc(bytes / 2);
-        uint8_t *    c     = xmalloc(bytes / 2);
         memset(a, 1, bytes / 2);
         memset(b, 1, bytes / 2);
-        memset(c, 1, bytes / 2);
-        const int reps = k ? 200 : 5;
-        double    best_rd = INFINITY, best_cp = INFINITY;
-        volatile float sink = 0;
+        const int      reps = k ? 200 : 5;
+        double         best[4] = {INFINITY, INFINITY, INFINITY, INFINITY}; /* read wall, cpu; copy wall, cpu */
+        volatile float sink    = 0;
         for (int trial = 0; trial < 3; trial++) {
-            double t0 = now_s();
-            for (int r = 0; r < reps; r++) {
-                sink += K->dot_f32((int64_t) (bytes / 8), a, b);
+            for (int op = 0; op < 2; op++) {
+                const double t0 = now_s(), c0 = cpu_now_s();
+                for (int r = 0; r < reps; r++) {
+                    if (op == 0) {
+                        sink += K->dot_f32((int64_t) (bytes / 8), a, b);
+                    } else {
+                        memcpy(b, a, bytes / 2);
+                    }
+                }
+                best[2 * op]     = fmin(best[2 * op], (now_s() - t0) / reps);
+                best[2 * op + 1] = fmin(best[2 * op + 1], (cpu_now_s() - c0) / reps);
             }
-            best_rd = fmin(best_rd, (now_s() - t0) / reps);
-            t0      = now_s();
-            for (int r = 0; r < reps; r++) {
-                memcpy(c, a, bytes / 2);
-            }
-            best_cp = fmin(best_cp, (now_s() - t0) / reps);
         }
-        printf("memory %s (%zu MiB): read (%s dot_f32 of two arrays) %.1f GB/s, memcpy %.1f GB/s (read+write)\n",
-               k ? "L3-resident" : "DRAM", bytes >> 20, K->name, (double) bytes / best_rd * 1e-9,
-               (double) bytes / best_cp * 1e-9);
+        printf("memory %s (%zu MiB): read (%s dot_f32) %.1f (%.1f) GB/s, memcpy %.1f (%.1f) GB/s\n",
+               k ? "L3-resident" : "DRAM", bytes >> 20, K->name, bytes / best[0] * 1e-9, bytes / best[1] * 1e-9,
+               bytes / best[2] * 1e-9, bytes / best[3] * 1e-9);
         free(a);
         free(b);
-        free(c);
     }
 }
 

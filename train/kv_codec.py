@@ -12,8 +12,7 @@ import torch
 
 CODEC_BITS = {"fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 V_GROUP = 32  # MOQAE_KV_V_GROUP
-K_SCALE_SHARE = 2  # MOQAE_KV_K_SCALE_SHARE: one scale code per channel pair
-V_SCALE_SHARE = 1  # MOQAE_KV_V_SCALE_SHARE
+K_SCALE_SHARE = 1  # MOQAE_KV_K_SCALE_SHARE; values share one scale code per token: D // G groups
 
 # FRAC[f] = f32(2^(-f/16)), the same bits as kv-codec.c's table.
 FRAC = torch.tensor([float.fromhex(h) for h in (
@@ -29,17 +28,32 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16)
 
 
+def _f16_step(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """f16 of x rounded toward +inf (up) or -inf: nearest even, then one step if it went the wrong way."""
+    h = x.to(torch.float16)
+    u = h.view(torch.int16).to(torch.int32) & 0xFFFF
+    neg = (u & 0x8000) != 0
+    if up:
+        wrong = h.float() < x
+        nxt = torch.where(u == 0x8000, 1, torch.where(neg, u - 1, u + 1))
+    else:
+        wrong = h.float() > x
+        nxt = torch.where(u == 0x0000, 0x8001, torch.where(neg, u + 1, u - 1))
+    u = torch.where(wrong, nxt, u)
+    return torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(torch.float16)
+
+
 def _check(codec: str, C: int, D: int, G: int | None):
     """As moqae_kv_shape_check (G None: keys only, no value group to check)."""
     if codec not in CODEC_BITS:
         raise ValueError(f"unknown codec {codec!r}")
-    if C % 16 or not 16 <= C <= 256 or not 1 <= D <= 256:
+    if C % 16 or not 16 <= C <= 256 or D % 2 or not 2 <= D <= 256:
         raise ValueError(f"bad chunk shape C={C} D={D}")
     if codec == "fp16":
         return
     if D % 16 or D % K_SCALE_SHARE:
         raise ValueError(f"codec {codec} needs head_dim a multiple of 16, not {D}")
-    if G is not None and (G % 16 or D % G or (C * D // G) % V_SCALE_SHARE):
+    if G is not None and (G % 16 or D % G):
         raise ValueError(f"value group {G}: must be a multiple of 16 that divides head_dim {D}")
 
 
@@ -53,7 +67,7 @@ def k_bytes(codec: str, C: int, D: int) -> int:
 
 
 def v_bytes(codec: str, C: int, D: int, G: int = V_GROUP) -> int:
-    return 2 * C * D if codec == "fp16" else _geom(CODEC_BITS[codec], C * D // G, G, V_SCALE_SHARE)[3]
+    return 2 * C * D if codec == "fp16" else _geom(CODEC_BITS[codec], C * D // G, G, D // G)[3]
 
 
 def effective_bits(codec: str, C: int, D: int, G: int = V_GROUP) -> float:
@@ -76,7 +90,7 @@ def _quantize(x: torch.Tensor, bits: int, share: int):
     qmax = float(2 ** bits - 1)
     lo = x.amin(-1)
     hi = x.amax(-1)
-    zlo = _f16(lo.amin(-1))
+    zlo = _f16_step(lo.amin(-1), up=False)
     zl = zlo.float()
     zstep = _f16((lo.amax(-1) - zl) / 255.0)
     zs = zstep.float()
@@ -86,7 +100,7 @@ def _quantize(x: torch.Tensor, bits: int, share: int):
     zero = zl[:, None] + zs[:, None] * zc
     need = ((hi - zero) / qmax).reshape(R, N // share, share).amax(-1)
     m = need.amax(-1)
-    sbase = _f16(torch.where(m > 0, m, 0.0))  # C starts its maximum at +0
+    sbase = _f16_step(torch.where(m > 0, m, 0.0), up=True)  # C starts its maximum at +0
     tab = _scale_table(sbase.float())
     cnt = (tab[:, None, :] >= need[:, :, None]).sum(-1)  # covering codes form a prefix 0..cnt-1
     sc = torch.clamp(cnt - 1, min=0)
@@ -98,11 +112,17 @@ def _quantize(x: torch.Tensor, bits: int, share: int):
     return q.to(torch.int64), zc.to(torch.int64), sc, bases
 
 
-def _dequantize(q, zc, sc, bases, share):
-    """The decoder of kv-codec.h: scale * code + zero with the product rounded first."""
+def _meta(zc, sc, bases, share):
+    """Per-group (scale, zero), [R][N] each."""
     b = bases.float()
     zero = b[:, 0:1] + b[:, 1:2] * zc.float()
     scale = torch.gather(_scale_table(b[:, 2]), 1, sc).repeat_interleave(share, dim=1)
+    return scale, zero
+
+
+def _dequantize(q, zc, sc, bases, share):
+    """The decoder of kv-codec.h: scale * code + zero with the product rounded first."""
+    scale, zero = _meta(zc, sc, bases, share)
     return scale[..., None] * q.float() + zero[..., None]
 
 
@@ -186,7 +206,7 @@ def encode_v(v: torch.Tensor, codec: str, G: int = V_GROUP) -> torch.Tensor:
     if codec == "fp16":
         return _f16(v).contiguous().view(torch.uint8).reshape(R, -1)
     bits = CODEC_BITS[codec]
-    return _record(*_quantize(_v_groups(v, G), bits, V_SCALE_SHARE), bits)
+    return _record(*_quantize(_v_groups(v, G), bits, D // G), bits)
 
 
 def decode_k(rec: torch.Tensor, codec: str, C: int, D: int) -> torch.Tensor:
@@ -203,8 +223,21 @@ def decode_v(rec: torch.Tensor, codec: str, C: int, D: int, G: int = V_GROUP) ->
     R = rec.shape[0]
     if codec == "fp16":
         return rec.contiguous().view(torch.float16).reshape(R, C, D).float()
-    q, zc, sc, bases = _parse(rec, CODEC_BITS[codec], C * D // G, G, V_SCALE_SHARE)
-    return _dequantize(q, zc, sc, bases, V_SCALE_SHARE).reshape(R, C, D)
+    q, zc, sc, bases = _parse(rec, CODEC_BITS[codec], C * D // G, G, D // G)
+    return _dequantize(q, zc, sc, bases, D // G).reshape(R, C, D)
+
+
+def meta_k(rec: torch.Tensor, codec: str, C: int, D: int):
+    """Decoded per-channel scale and zero of key records: two [R][D] float32 (moqae_kv_meta_k)."""
+    _, zc, sc, bases = _parse(rec, CODEC_BITS[codec], D, C, K_SCALE_SHARE)
+    return _meta(zc, sc, bases, K_SCALE_SHARE)
+
+
+def meta_v(rec: torch.Tensor, codec: str, C: int, D: int, G: int = V_GROUP):
+    """Decoded scale and zero of value records per (token, group): two [R][C][D/G] (moqae_kv_meta_v)."""
+    _, zc, sc, bases = _parse(rec, CODEC_BITS[codec], C * D // G, G, D // G)
+    s, z = _meta(zc, sc, bases, D // G)
+    return s.reshape(-1, C, D // G), z.reshape(-1, C, D // G)
 
 
 def roundtrip_k(k: torch.Tensor, codec: str) -> torch.Tensor:
@@ -223,5 +256,5 @@ def roundtrip_v(v: torch.Tensor, codec: str, G: int = V_GROUP) -> torch.Tensor:
         return _f16(v.to(torch.float32)).float()
     R, C, D = v.shape
     _check(codec, C, D, G)
-    q, zc, sc, bases = _quantize(_v_groups(v.to(torch.float32), G), CODEC_BITS[codec], V_SCALE_SHARE)
-    return _dequantize(q, zc, sc, bases, V_SCALE_SHARE).reshape(R, C, D)
+    q, zc, sc, bases = _quantize(_v_groups(v.to(torch.float32), G), CODEC_BITS[codec], D // G)
+    return _dequantize(q, zc, sc, bases, D // G).reshape(R, C, D)

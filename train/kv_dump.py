@@ -1,12 +1,17 @@
-"""Real K/V from a llama GGUF for the KV-codec measurements of docs/KV-CODECS.md: a float32 PyTorch
+"""Real K/V from a llama GGUF and the KV-codec measurements of docs/KV-CODECS.md: a float32 PyTorch
 forward (weights dequantized with the `gguf` package, same maths as train/llama_ref.py) that returns,
 per layer, the queries (after RoPE), the keys before and after RoPE and the values, and that can run
 with a KV transform applied under DESIGN.md's attention rule (earlier complete chunks as the codec
-decodes them, the token's own chunk exact) to measure perplexity per codec variant.
+decodes them, the token's own chunk exact) to measure perplexity per codec variant. The variants are
+train/kv_codec.py's codecs plus the metadata alternatives that were measured against them (f16 scale and
+zero, a value group of 64, a scale code per value group instead of per token, a key scale code shared
+by a channel pair).
 Not the training forward (that is the lead's train/ reference); tokenization goes through the
 runtime's own tokenizer (build/tokenize-dump).
 
-  python train/kv_dump.py -m MODEL.gguf --text wiki.valid.raw -n 512 -o kv.npz   # dump K/V
+  python train/kv_dump.py -m MODEL.gguf --text wiki.valid.raw -n 512 -o kv.npz        # dump K/V
+  python train/kv_dump.py -m MODEL.gguf --text wiki.valid.raw -n 512 --measure        # error tables
+  python train/kv_dump.py -m MODEL.gguf --text wiki.valid.raw --ppl 4 --variants ...   # perplexities
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ import tempfile
 
 import numpy as np
 import torch
-from gguf import GGUFReader
 from gguf.quants import dequantize
+
+import kv_codec
 
 
 @dataclasses.dataclass
@@ -36,31 +42,104 @@ class HParams:
     rms_eps: float
 
 
-def _field(r: GGUFReader, key: str, default=None):
-    f = r.fields.get(key)
-    return default if f is None else f.contents()
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf(path: str):
+    """A quick GGUF reader (gguf-py's GGUFReader takes ~10 s on SmolLM2's vocabulary): returns
+    (metadata {key: scalar, string, or array length}, tensors {name: (raw uint8 rows, type, shape outermost
+    first)}). Arrays are skipped, only their length kept."""
+    import struct
+
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    mv = memoryview(buf)
+    if bytes(mv[:4]) != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mv, 4)
+    off = 24
+
+    def read_str(o):
+        (n,) = struct.unpack_from("<Q", mv, o)
+        return bytes(mv[o + 8:o + 8 + n]).decode("utf-8", "replace"), o + 8 + n
+
+    def read_val(t, o):
+        if t in _SCALAR:
+            (v,) = struct.unpack_from(_SCALAR[t], mv, o)
+            return v, o + struct.calcsize(_SCALAR[t])
+        if t == 8:
+            return read_str(o)
+        if t == 9:
+            et, n = struct.unpack_from("<IQ", mv, o)
+            o += 12
+            if et in _SCALAR:
+                return n, o + n * struct.calcsize(_SCALAR[et])
+            for _ in range(n):
+                _, o = read_val(et, o)
+            return n, o
+        raise ValueError(f"{path}: bad GGUF value type {t}")
+
+    meta = {}
+    for _ in range(n_kv):
+        key, off = read_str(off)
+        (t,) = struct.unpack_from("<I", mv, off)
+        meta[key], off = read_val(t, off + 4)
+    infos = []
+    for _ in range(n_tensors):
+        name, off = read_str(off)
+        (nd,) = struct.unpack_from("<I", mv, off)
+        dims = struct.unpack_from(f"<{nd}Q", mv, off + 4)
+        t, o = struct.unpack_from("<IQ", mv, off + 4 + 8 * nd)
+        off += 4 + 8 * nd + 12
+        infos.append((name, dims, t, o))
+    align = int(meta.get("general.alignment", 32))
+    base = (off + align - 1) // align * align
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    tensors = {}
+    for name, dims, t, o in infos:
+        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
+        row_bytes = dims[0] // bs * ts
+        rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+        raw = buf[base + o:base + o + rows * row_bytes].reshape(rows, row_bytes)
+        tensors[name] = (raw, GGMLQuantizationType(t), tuple(int(x) for x in reversed(dims)))
+    return meta, tensors
 
 
 class LlamaTorch:
     """float32 llama forward; rope on adjacent pairs (GGUF's llama layout), GQA, SwiGLU, RMSNorm."""
 
-    def __init__(self, path: str):
-        r = GGUFReader(path)
-        assert _field(r, "general.architecture") == "llama"
-        n_embd = int(_field(r, "llama.embedding_length"))
-        n_head = int(_field(r, "llama.attention.head_count"))
+    def __init__(self, path: str, n_layer: int | None = None, token_ids=None):
+        """n_layer: load and run only the first n_layer blocks (the logits are then meaningless);
+        token_ids: dequantize only these rows of the embedding (quick tests)."""
+        meta, tensors = read_gguf(path)
+        assert meta.get("general.architecture") == "llama", meta.get("general.architecture")
+        n_embd = int(meta["llama.embedding_length"])
+        n_head = int(meta["llama.attention.head_count"])
         self.hp = HParams(
-            n_vocab=len(r.fields["tokenizer.ggml.tokens"].data), n_embd=n_embd,
-            n_layer=int(_field(r, "llama.block_count")), n_head=n_head,
-            n_head_kv=int(_field(r, "llama.attention.head_count_kv", n_head)), head_dim=n_embd // n_head,
-            n_ff=int(_field(r, "llama.feed_forward_length")),
-            n_rot=int(_field(r, "llama.rope.dimension_count", n_embd // n_head)),
-            rope_base=float(_field(r, "llama.rope.freq_base", 10000.0)),
-            rms_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5)))
+            n_vocab=int(meta["tokenizer.ggml.tokens"]), n_embd=n_embd,
+            n_layer=int(meta["llama.block_count"]), n_head=n_head,
+            n_head_kv=int(meta.get("llama.attention.head_count_kv", n_head)), head_dim=n_embd // n_head,
+            n_ff=int(meta["llama.feed_forward_length"]),
+            n_rot=int(meta.get("llama.rope.dimension_count", n_embd // n_head)),
+            rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+            rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)))
+        if n_layer is not None:
+            self.hp.n_layer = min(n_layer, self.hp.n_layer)
         self.w = {}
-        for t in r.tensors:
-            a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            self.w[t.name] = torch.from_numpy(a.reshape(tuple(int(x) for x in reversed(t.shape))).copy())
+        for name, (raw, ttype, shape) in tensors.items():
+            if name.startswith("blk.") and int(name.split(".")[1]) >= self.hp.n_layer:
+                continue
+            if n_layer is not None and name in ("output.weight", "output_norm.weight"):
+                continue
+            if token_ids is not None and name == "token_embd.weight":
+                ids = np.unique(np.asarray(token_ids))
+                rows = np.asarray(dequantize(np.asarray(raw[ids]), ttype), dtype=np.float32).reshape(len(ids), -1)
+                full = torch.zeros(shape)
+                full[torch.from_numpy(ids)] = torch.from_numpy(rows)
+                self.w[name] = full
+                continue
+            a = np.asarray(dequantize(np.asarray(raw), ttype), dtype=np.float32)
+            self.w[name] = torch.from_numpy(a.reshape(shape).copy())
 
     def _norm(self, x, w):
         return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.hp.rms_eps) * w
@@ -116,6 +195,8 @@ class LlamaTorch:
             g = xn @ self.w[p + "ffn_gate.weight"].T
             u = xn @ self.w[p + "ffn_up.weight"].T
             x = x + (torch.nn.functional.silu(g) * u) @ self.w[p + "ffn_down.weight"].T
+        if "output_norm.weight" not in self.w:  # a truncated model (n_layer): no logits
+            return (None, caps) if capture else None
         xn = self._norm(x, self.w["output_norm.weight"])
         logits = xn @ self.w.get("output.weight", self.w["token_embd.weight"]).T
         return (logits, caps) if capture else logits
@@ -139,6 +220,199 @@ def nll(logits, tokens, first: int = 0) -> tuple:
     return float(v.sum()), int(v.numel())
 
 
+# ------------------------------------------------------------------------------------------------
+# codec variants: "K/V" names, e.g. "int4-pre/int4" (keys quantized before RoPE, values int4);
+# suffixes choose the alternatives measured against the shipped layout
+# ------------------------------------------------------------------------------------------------
+
+def _alt_groups(x: torch.Tensor, bits: int, meta: str, share: int) -> torch.Tensor:
+    """Round trip of [R][N][M] groups under an alternative metadata: 'f16' (f16 scale and zero per group)
+    or 'u8' (kv_codec's u8 codes with f16 bases, scale codes shared by `share` groups)."""
+    R, N, M = x.shape
+    if meta == "u8":
+        q, zc, sc, bases = kv_codec._quantize(x, bits, share)
+        return kv_codec._dequantize(q, zc, sc, bases, share)
+    qmax = float(2 ** bits - 1)
+    lo, hi = x.amin(-1), x.amax(-1)
+    z = lo.to(torch.float16).float()
+    sc = ((hi - z) / qmax).to(torch.float16).float()
+    ok = sc > 0
+    q = torch.floor((x - z[..., None]) / torch.where(ok, sc, 1.0)[..., None] + 0.5)
+    q = torch.where(ok[..., None], q.clamp(0, qmax), 0.0)
+    return sc[..., None] * q + z[..., None]
+
+
+def variant_k(x: torch.Tensor, spec: str, C: int = 32) -> torch.Tensor:
+    """x: [T][H][D] keys (T a multiple of C). spec: fp16 | int8 | int4 | int2, then optional
+    ':f16' (f16 scale/zero) or ':pair' (one scale code per channel pair (2i, 2i+1))."""
+    T, H, D = x.shape
+    codec, _, alt = spec.partition(":")
+    g = x.reshape(T // C, C, H, D).permute(0, 2, 1, 3).reshape(-1, C, D)
+    if codec == "fp16" or not alt:
+        y = kv_codec.roundtrip_k(g, codec)
+    else:
+        y = _alt_groups(g.transpose(1, 2), kv_codec.CODEC_BITS[codec], "f16" if alt == "f16" else "u8",
+                        2 if alt == "pair" else 1).transpose(1, 2)
+    return y.reshape(T // C, H, C, D).permute(0, 2, 1, 3).reshape(T, H, D)
+
+
+def variant_v(x: torch.Tensor, spec: str, C: int = 32) -> torch.Tensor:
+    """x: [T][H][D] values. spec: codec, then optional ':f16' (f16 scale and zero per group), ':g64'
+    (group 64), ':grp' (a scale code per group, not one per token), combinable as ':grp:g64'."""
+    T, H, D = x.shape
+    codec, *alts = spec.split(":")
+    G = 64 if "g64" in alts else kv_codec.V_GROUP
+    g = x.reshape(T // C, C, H, D).permute(0, 2, 1, 3).reshape(-1, C, D)
+    if codec == "fp16" or set(alts) <= {"g64"}:
+        y = kv_codec.roundtrip_v(g, codec, G)
+    else:
+        y = _alt_groups(g.reshape(g.shape[0], C * D // G, G), kv_codec.CODEC_BITS[codec],
+                        "f16" if "f16" in alts else "u8", 1).reshape(g.shape)
+    return y.reshape(T // C, H, C, D).permute(0, 2, 1, 3).reshape(T, H, D)
+
+
+def variant_bits(kspec: str, vspec: str, C: int = 32, D: int = 64) -> float:
+    """Effective bits per element of K and V together for a variant."""
+    def meta_bits(spec, n_groups, kind):
+        codec, *alts = spec.split(":")
+        if codec == "fp16":
+            return 16 * C * D
+        b = kv_codec.CODEC_BITS[codec] * C * D
+        if "f16" in alts:
+            return b + 32 * n_groups
+        G = 64 if "g64" in alts else kv_codec.V_GROUP
+        share = 2 if "pair" in alts else 1 if kind == "k" or "grp" in alts else D // G
+        return b + 8 * n_groups + 8 * n_groups // share + 48
+    kb = meta_bits(kspec.replace("-pre", ""), D, "k")
+    G = 64 if "g64" in vspec else kv_codec.V_GROUP
+    vb = meta_bits(vspec, C * D // G, "v")
+    return (kb + vb) / (2 * C * D)
+
+
+def kv_fn_for(model: LlamaTorch, kspec: str, vspec: str, T: int, C: int = 32):
+    """A forward kv_fn: keys 'int4' (after RoPE) or 'int4-pre' (quantized before RoPE, rotated after)."""
+    pos = np.arange(T)
+
+    def fn(il, k_pre, k_post, v):
+        if kspec.endswith("-pre") or "-pre:" in kspec:
+            kd = model.rope(variant_k(k_pre, kspec.replace("-pre", ""), C), pos)
+        else:
+            kd = variant_k(k_post, kspec, C)
+        return kd, variant_v(v, vspec, C)
+    return fn
+
+
+def _nrmse(y, x):
+    return float((y - x).pow(2).mean().sqrt() / x.pow(2).mean().sqrt())
+
+
+def measure(model: LlamaTorch, toks: list, C: int = 32):
+    """Markdown tables: round-trip errors (random and real K/V), score errors before/after RoPE,
+    metadata alternatives, effective bits."""
+    _, caps = model.forward(toks, capture=True)
+    T = len(toks) // C * C
+    hp = model.hp
+    grp = hp.n_head // hp.n_head_kv
+    q = torch.stack([c["q"][:T] for c in caps])
+    kpre = torch.stack([c["k_pre"][:T] for c in caps])
+    kpost = torch.stack([c["k_post"][:T] for c in caps])
+    v = torch.stack([c["v"][:T] for c in caps])
+    L = len(caps)
+    pos = np.arange(T)
+    gen = torch.Generator().manual_seed(0)
+    rnd = torch.randn((T, hp.n_head_kv, hp.head_dim), generator=gen)
+
+    def group_err(x, y, kind):
+        """max |y - x| / (range of the group) over all groups."""
+        Tn, H, D = x.shape
+        xs = x.reshape(Tn // C, C, H, D)
+        ys = y.reshape(Tn // C, C, H, D)
+        if kind == "k":
+            r = xs.amax(1, keepdim=True) - xs.amin(1, keepdim=True)
+        else:
+            xg = xs.reshape(Tn // C, C, H, D // kv_codec.V_GROUP, kv_codec.V_GROUP)
+            r = (xg.amax(-1, keepdim=True) - xg.amin(-1, keepdim=True)).expand_as(xg).reshape(xs.shape)
+        return float(((ys - xs).abs() / r.clamp_min(1e-30)).max())
+
+    print(f"### Round trip (C={C}, D={hp.head_dim}, G={kv_codec.V_GROUP}): NRMSE = rmse/rms(x); max = max|err|/group range\n")
+    print("| codec | random K | random V | real K pre-RoPE | real K post-RoPE | real V | max (real K post) | max (real V) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for codec in ("fp16", "int8", "int4", "int2"):
+        r = [_nrmse(variant_k(rnd, codec, C), rnd), _nrmse(variant_v(rnd, codec, C), rnd)]
+        ek = [_nrmse(variant_k(kpre[l], codec, C), kpre[l]) for l in range(L)]
+        ep = [_nrmse(variant_k(kpost[l], codec, C), kpost[l]) for l in range(L)]
+        ev = [_nrmse(variant_v(v[l], codec, C), v[l]) for l in range(L)]
+        mk = max(group_err(kpost[l], variant_k(kpost[l], codec, C), "k") for l in range(L))
+        mv = max(group_err(v[l], variant_v(v[l], codec, C), "v") for l in range(L))
+        print(f"| {codec} | {r[0]:.4f} | {r[1]:.4f} | {np.mean(ek):.4f} | {np.mean(ep):.4f} | {np.mean(ev):.4f} | {mk:.4f} | {mv:.4f} |")
+
+    print("\n### Attention scores q.k/sqrt(D), keys quantized before vs after RoPE (causal pairs, all layers and heads)\n")
+    print("| codec | score RMSE pre-RoPE | score RMSE post-RoPE | post/pre | score std |")
+    print("| --- | --- | --- | --- | --- |")
+    hk = torch.arange(hp.n_head) // grp
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool), -1)
+    for codec in ("int8", "int4", "int2"):
+        e_pre, e_post, sd = [], [], []
+        for l in range(L):
+            s_ex = torch.einsum("thd,shd->hts", q[l], kpost[l][:, hk]) / np.sqrt(hp.head_dim)
+            k1 = model.rope(variant_k(kpre[l], codec, C), pos)
+            k2 = variant_k(kpost[l], codec, C)
+            for kd, acc in ((k1, e_pre), (k2, e_post)):
+                s_q = torch.einsum("thd,shd->hts", q[l], kd[:, hk]) / np.sqrt(hp.head_dim)
+                acc.append(float((s_q - s_ex)[:, mask].pow(2).mean().sqrt()))
+            sd.append(float(s_ex[:, mask].std()))
+        print(f"| {codec} | {np.mean(e_pre):.4f} | {np.mean(e_post):.4f} | {np.mean(e_post) / np.mean(e_pre):.2f} | {np.mean(sd):.3f} |")
+
+    print(f"\n### Metadata alternatives at int4 (C={C}, D={hp.head_dim}): NRMSE on real K (pre-RoPE) and V\n")
+    print("| keys | values | K NRMSE | V NRMSE | effective bits (K+V) |")
+    print("| --- | --- | --- | --- | --- |")
+    for ks, vs in (("int4:f16", "int4:f16"), ("int4:f16", "int4:f16:g64"), ("int4", "int4:grp"),
+                   ("int4:pair", "int4:grp"), ("int4", "int4"), ("int4", "int4:grp:g64")):
+        ek = np.mean([_nrmse(variant_k(kpre[l], ks, C), kpre[l]) for l in range(L)])
+        ev = np.mean([_nrmse(variant_v(v[l], vs, C), v[l]) for l in range(L)])
+        print(f"| {ks} | {vs} | {ek:.4f} | {ev:.4f} | {variant_bits(ks, vs, C, hp.head_dim):.3f} |")
+
+    print("\n### Record sizes (bytes per layer, KV head and chunk) and effective bits\n")
+    print("| codec | C | D | K bytes | V bytes | effective bits |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for C_, D_ in ((32, 64), (64, 64), (32, 128), (64, 128)):
+        for codec in ("fp16", "int8", "int4", "int2"):
+            print(f"| {codec} | {C_} | {D_} | {kv_codec.k_bytes(codec, C_, D_)} | {kv_codec.v_bytes(codec, C_, D_)} | "
+                  f"{kv_codec.effective_bits(codec, C_, D_):.3f} |")
+
+
+def ppl(model: LlamaTorch, toks: list, variants: list, n_win: int, T: int = 512, w0: int = 0):
+    """Perplexity of each 'KSPEC/VSPEC' variant ('fp16/fp16' first, the baseline) on n_win windows of T
+    tokens, scoring the second half of each window, and the mean KL divergence of each variant's
+    next-token distribution from the baseline's over the same tokens (far less noisy than PPL
+    differences on a few windows). Prints running sums per window and the final table."""
+    res = {k: [0.0, 0, 0.0] for k in variants}  # NLL sum, count, KL sum
+    for w in range(w0, w0 + n_win):
+        tw = toks[w * T:(w + 1) * T]
+        base_lp = None
+        for var in variants:
+            ks, vs = var.split("/")
+            fn = None if var == "fp16/fp16" else kv_fn_for(model, ks, vs, T)
+            logits = model.forward(tw, kv_fn=fn)
+            s_, n_ = nll(logits, tw, first=T // 2)
+            lp = torch.log_softmax(logits[T // 2:-1].double(), dim=-1)
+            if base_lp is None:
+                base_lp = lp
+            res[var][0] += s_
+            res[var][1] += n_
+            res[var][2] += float((base_lp.exp() * (base_lp - lp)).sum())
+        print(f"window {w}: " + " ".join(f"{k}={res[k][0]:.3f}/{res[k][1]},kl={res[k][2]:.4f}" for k in variants),
+              flush=True)
+    base = np.exp(res[variants[0]][0] / res[variants[0]][1])
+    print(f"\n| keys/values | effective bits | PPL | vs {variants[0]} | mean KL from {variants[0]} (nats/token) |")
+    print("| --- | --- | --- | --- | --- |")
+    for var in variants:
+        p_ = np.exp(res[var][0] / res[var][1])
+        ks, vs = var.split("/")
+        print(f"| {var} | {variant_bits(ks, vs):.3f} | {p_:.3f} | {(p_ / base - 1) * 100:+.2f}% | "
+              f"{res[var][2] / res[var][1]:.5f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", required=True)
@@ -146,16 +420,27 @@ def main():
     ap.add_argument("-n", type=int, default=512, help="tokens")
     ap.add_argument("--offset", type=int, default=0, help="byte offset into the text")
     ap.add_argument("--tokenizer", default="build/tokenize-dump")
-    ap.add_argument("-o", "--out", required=True, help=".npz with q, k_pre, k_post, v: [n_layer][T][heads][head_dim]")
+    ap.add_argument("-o", "--out", help=".npz with q, k_pre, k_post, v: [n_layer][T][heads][head_dim]")
+    ap.add_argument("--measure", action="store_true", help="print the error tables of docs/KV-CODECS.md")
+    ap.add_argument("--ppl", type=int, default=0, help="perplexity over this many windows of 512 tokens")
+    ap.add_argument("--first-window", type=int, default=0)
+    ap.add_argument("--variants", default="fp16/fp16,int8-pre/int8,int4-pre/int4,int4/int4,int2-pre/int2,int2/int2",
+                    help="comma-separated KSPEC/VSPEC (see variant_k, variant_v; '-pre': keys before RoPE)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    n_tok = a.n if not a.ppl else 512 * (a.first_window + a.ppl)
     with open(a.text, "rb") as f:
         f.seek(a.offset)
-        text = f.read(a.n * 8)
-    toks = tokenize(a.model, text, a.tokenizer)[: a.n]
+        text = f.read(n_tok * 8)
+    toks = tokenize(a.model, text, a.tokenizer)[:n_tok]
     m = LlamaTorch(a.model)
-    _, caps = m.forward(toks, capture=True)
-    np.savez(a.out, tokens=np.asarray(toks), **{k: np.stack([c[k].numpy() for c in caps]) for k in caps[0]})
+    if a.ppl:
+        ppl(m, toks, a.variants.split(","), a.ppl, w0=a.first_window)
+    if a.measure:
+        measure(m, toks)
+    if a.out:
+        _, caps = m.forward(toks, capture=True)
+        np.savez(a.out, tokens=np.asarray(toks), **{k: np.stack([c[k].numpy() for c in caps]) for k in caps[0]})
 
 
 if __name__ == "__main__":

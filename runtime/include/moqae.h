@@ -176,7 +176,19 @@ struct moqae_context_params {
     int64_t n_ctx;     /* tokens the context holds; 0 = the model's n_ctx_train                    */
     int64_t n_batch;   /* prompt micro-batch in tokens; 0 = 512. Results do not depend on it.      */
     int32_t n_threads; /* worker threads including the caller; 0 = the number of online CPUs       */
-    const char * kv;   /* KV cache policy; NULL or "fp16" (the only one in this version)           */
+    const char * kv;   /* KV cache policy: "fp16", "int8", "int4", "int2", "sink+int8", "sink+int4",
+                          "sink+int2" (chunk 0 FP16); NULL = "fp16"                                  */
+    int64_t kv_budget; /* bytes for the encoded KV chunks; 0 = sized from n_ctx and the policy     */
+    int32_t kv_overflow; /* enum moqae_kv_overflow_policy: what happens when the KV cache is full  */
+    int32_t kv_chunk;  /* tokens per KV chunk (32 or 64); 0 = 32                                    */
+};
+
+/* What a full KV cache does (moqae_context_params.kv_overflow). */
+enum moqae_kv_overflow_policy {
+    MOQAE_KV_OVERFLOW_POLICY_ERROR  = 0, /* decode fails with MOQAE_ERR_CONTEXT_FULL                  */
+    MOQAE_KV_OVERFLOW_POLICY_SHIFT  = 1, /* drop the oldest non-sink chunks, keep generating          */
+    MOQAE_KV_OVERFLOW_POLICY_DEMOTE = 2, /* re-encode the oldest non-sink chunks to fewer bits (down
+                                            to int2), then fail when nothing is left to demote       */
 };
 
 MOQAE_API struct moqae_context_params moqae_context_default_params(void);
@@ -191,7 +203,8 @@ MOQAE_API void moqae_context_free(struct moqae_context * ctx);
 /* Forget every token: the next decode starts at position 0. */
 MOQAE_API int moqae_context_reset(struct moqae_context * ctx);
 
-/* Tokens currently in the context. */
+/* Position of the next token: tokens decoded since the last reset (with kv_overflow SHIFT this can
+ * exceed n_ctx; moqae_context_kv_stats tells how many the cache still holds). */
 MOQAE_API int64_t moqae_context_n_past(const struct moqae_context * ctx);
 
 /* The n_ctx the context was created with. */
@@ -199,7 +212,9 @@ MOQAE_API int64_t moqae_context_n_ctx(const struct moqae_context * ctx);
 
 /* Run the model on n_tokens tokens appended after the n_past already in the context (prompt
  * micro-batches of n_batch). Keeps logits for the last n_logits of these tokens (0..n_tokens).
- * MOQAE_ERR_CONTEXT_FULL if n_past + n_tokens > n_ctx (nothing is changed then);
+ * MOQAE_ERR_CONTEXT_FULL if n_past + n_tokens > n_ctx, unless kv_overflow is SHIFT (nothing is changed
+ * then); with a kv_budget below what n_ctx needs, also when the budget runs out (the tokens of the
+ * micro-batches before that stay in the context);
  * MOQAE_ERR_INVALID_TOKEN for an id outside the vocabulary (nothing is changed);
  * MOQAE_ERR_INTERRUPTED if interrupted: the tokens of completed micro-batches stay in the context. */
 MOQAE_API int moqae_decode(struct moqae_context * ctx, const int32_t * tokens, int64_t n_tokens, int64_t n_logits);
@@ -213,10 +228,11 @@ MOQAE_API int moqae_context_logits(const struct moqae_context * ctx, int64_t i, 
 MOQAE_API void moqae_context_interrupt(struct moqae_context * ctx);
 
 struct moqae_kv_stats {
-    int64_t n_tokens;        /* tokens in the cache                                           */
+    int64_t n_tokens;        /* tokens the cache holds (completed chunks + the residual window)  */
     int64_t n_ctx;           /* tokens it can hold                                            */
     int64_t n_chunks[4];     /* completed chunks per expert: fp16, int8, int4, int2           */
-    double  nominal_bits;    /* average bits per stored element, codes only                   */
+    double  nominal_bits;    /* average bits per stored element, codes only (the f32 residual
+                                window counts 32)                                             */
     double  effective_bits;  /* average bits per stored element, scales and zeros included    */
     int64_t bytes_used;      /* bytes holding the n_tokens tokens                             */
     int64_t bytes_reserved;  /* bytes allocated for the cache                                 */

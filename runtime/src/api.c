@@ -96,7 +96,7 @@ static int alloc_scratch(struct moqae_context * c) {
             return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for the context's scratch buffers");
         }
     }
-    c->attn_scratch_floats = (moqae_kv_cache_scratch_floats(c->kv) + 15) / 16 * 16;
+    c->attn_scratch_floats = (moqae_kv_cache_scratch_floats(c->kv, hp->n_head) + 15) / 16 * 16;
     c->attn_scratch = moqae_aligned_alloc((size_t) c->attn_scratch_floats * (size_t) c->n_threads * sizeof(float));
     c->logits_cap   = 1;
     c->logits       = moqae_aligned_alloc((size_t) hp->n_vocab * sizeof(float));
@@ -120,8 +120,19 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     if (p.n_ctx < 0 || p.n_batch < 0 || p.n_threads < 0) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "n_ctx, n_batch and n_threads must not be negative");
     }
-    if (p.kv && strcmp(p.kv, "fp16") != 0 && strcmp(p.kv, "f16") != 0) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "KV policy '%s' is not available in this version (only fp16)", p.kv);
+    struct moqae_kv_policy policy;
+    int st = moqae_kv_policy_parse(p.kv ? p.kv : "fp16", &policy);
+    if (st) {
+        return st;
+    }
+    if (p.kv_overflow < MOQAE_KV_OVERFLOW_POLICY_ERROR || p.kv_overflow > MOQAE_KV_OVERFLOW_POLICY_DEMOTE) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_overflow %d is not a moqae_kv_overflow_policy", p.kv_overflow);
+    }
+    if (p.kv_chunk != 0 && p.kv_chunk != 32 && p.kv_chunk != 64) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_chunk must be 32 or 64, got %d", p.kv_chunk);
+    }
+    if (p.kv_budget < 0) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_budget must not be negative");
     }
     const int64_t n_ctx = p.n_ctx ? p.n_ctx : hp->n_ctx_train;
     if (n_ctx > ((int64_t) 1 << 24)) {
@@ -149,8 +160,11 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     c->n_ctx     = n_ctx;
     c->n_batch   = p.n_batch ? (p.n_batch < n_ctx ? p.n_batch : n_ctx) : (n_ctx < 512 ? n_ctx : 512);
     c->n_threads = n_threads;
-    struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx };
-    int st = moqae_kv_cache_new(&kc, &c->kv);
+    c->kv_overflow = p.kv_overflow;
+    struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx, c->n_batch,
+                                  p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
+                                  (enum moqae_kv_overflow) p.kv_overflow };
+    st = moqae_kv_cache_new(&kc, &c->kv);
     if (!st) {
         st = alloc_scratch(c);
     }
@@ -221,7 +235,7 @@ int moqae_decode(struct moqae_context * c, const int32_t * tokens, int64_t n_tok
         }
     }
     const int64_t n_past = moqae_kv_cache_n_tokens(c->kv);
-    if (n_past + n_tokens > c->n_ctx) {
+    if (n_past + n_tokens > c->n_ctx && c->kv_overflow != MOQAE_KV_OVERFLOW_POLICY_SHIFT) {
         return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
                           "context full: %lld tokens already in the context + %lld new > n_ctx %lld", (long long) n_past,
                           (long long) n_tokens, (long long) c->n_ctx);
@@ -249,7 +263,10 @@ int moqae_decode(struct moqae_context * c, const int32_t * tokens, int64_t n_tok
         c->job_pos0       = moqae_kv_cache_n_tokens(c->kv);
         c->job_n_out      = out;
         c->job_logits     = c->logits + c->n_logits * n_vocab;
-        moqae_graph_forward(c);
+        const int st      = moqae_graph_forward(c);
+        if (st) {
+            return st;
+        }
         c->n_logits += out;
     }
     return MOQAE_OK;

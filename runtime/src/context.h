@@ -22,6 +22,7 @@ struct moqae_context {
     int64_t                          n_ctx;
     int64_t                          n_batch;
     int                              n_threads;
+    int                              kv_overflow; /* enum moqae_kv_overflow_policy */
 
     /* scratch for one micro-batch of up to n_batch tokens */
     float * x;        /* [n_batch][n_embd] residual stream            */
@@ -54,7 +55,8 @@ struct moqae_context {
 };
 
 /* Run the model on one micro-batch described by ctx->job_* (n_past positions already cached).
- * Stores its K/V in the cache and commits them. */
-void moqae_graph_forward(struct moqae_context * ctx);
+ * Stores its K/V in the cache and commits them. MOQAE_ERR_CONTEXT_FULL (nothing changed) when the
+ * cache cannot take the micro-batch's chunks. */
+int moqae_graph_forward(struct moqae_context * ctx);
 
 #endif /* MOQAE_CONTEXT_H */

@@ -162,18 +162,19 @@ static void attention_block(const struct fwd * f, int64_t il) {
         matmul(f, &L->wv, act_rows(f, 1, c->xn, hp->n_embd, T, f->K->type[L->wv.type].vec_dot_type), T, c->v, NULL);
         barrier(f);
     }
-    /* RoPE on every query and key head; a thread stores the K/V head it rotated, so no barrier */
+    /* RoPE on every query and key head, then the cache copies and encodes by chunk segment */
     for (int64_t u = f->ith; u < T * hp->n_head; u += f->nth) {
         rope_head(f, c->q + u * hd, u / hp->n_head);
     }
     for (int64_t u = f->ith; u < T * hp->n_head_kv; u += f->nth) {
         rope_head(f, c->k + u * hd, u / hp->n_head_kv);
     }
-    moqae_kv_cache_store(c->kv, f->K, il, c->job_pos0, T, c->k, c->v, f->ith, f->nth);
+    barrier(f);
+    moqae_kv_cache_store(c->kv, il, T, c->k, c->v, f->ith, f->nth);
     barrier(f);
     float * scratch = c->attn_scratch + (int64_t) f->ith * c->attn_scratch_floats;
-    moqae_kv_cache_attend(c->kv, f->K, il, c->job_pos0, T, hp->n_head, 1.0f / sqrtf((float) hd), c->q, c->att,
-                          scratch, f->ith, f->nth);
+    moqae_kv_cache_attend(c->kv, f->K, il, T, hp->n_head, 1.0f / sqrtf((float) hd), c->q, c->att, scratch, f->ith,
+                          f->nth);
     barrier(f);
     a = act_rows(f, 0, c->att, hp->n_head * hd, T, f->K->type[L->wo.type].vec_dot_type);
     matmul(f, &L->wo, a, T, c->tmp, c->x);
@@ -227,7 +228,12 @@ static void forward_worker(void * arg, int ith, int nth) {
     }
 }
 
-void moqae_graph_forward(struct moqae_context * ctx) {
+int moqae_graph_forward(struct moqae_context * ctx) {
+    int st = moqae_kv_cache_prepare(ctx->kv, ctx->job_n);
+    if (st) {
+        return st;
+    }
     moqae_threadpool_run(ctx->tp, forward_worker, ctx);
     moqae_kv_cache_commit(ctx->kv, ctx->job_n);
+    return MOQAE_OK;
 }

@@ -1,51 +1,83 @@
 /*
- * kv-cache.h — the KV cache behind one interface, so the mixed-bit ring (issue 5) can replace the
- * plain FP16 cache here without touching graph.c. The cache owns the attention computation over its
- * contents, because only it knows how its tokens are stored.
+ * kv-cache.h — the KV cache: the mixed-bit ring of DESIGN.md ("The mixed-bit KV ring"), behind one
+ * interface that graph.c calls. The cache owns the attention computation, because only it knows how
+ * its tokens are stored.
  *
- * Attention rule: token at position p attends, causally, to positions 0..p of the same sequence;
- * scores are q.k * scale, softmax in f32, output = sum_j p_j v_j.
- * This version: every token stored as f16 (K after RoPE, V as is).
+ * Attention rule (the contract with train/): the token at position p attends to every earlier
+ * COMPLETED chunk of C tokens in its encoded form (FP16, INT8, INT4 or INT2 as the chunk's expert
+ * says) and to the tokens of ITS OWN chunk, up to p, in full precision (f32): the incomplete chunk
+ * is the residual window. Scores are q.k * scale, softmax in f32, output = sum_j p_j v_j.
+ * Keys are stored after RoPE. Chunk records are kv-codec.h's; every layer of a chunk uses the
+ * chunk's expert (routing sharing), chosen when the chunk is allocated.
+ * Implementation: kv-ring.c.
  */
 #ifndef MOQAE_KV_CACHE_H
 #define MOQAE_KV_CACHE_H
 
 #include "cpu/kernels.h"
+#include "kv-codec.h"
 #include "moqae.h"
 
 #include <stdint.h>
 
 struct moqae_kv_cache;
 
+enum moqae_kv_overflow {
+    MOQAE_KV_OVERFLOW_ERROR  = 0, /* a clear "context full" error                          */
+    MOQAE_KV_OVERFLOW_SHIFT  = 1, /* drop the oldest non-sink chunks, keep going           */
+    MOQAE_KV_OVERFLOW_DEMOTE = 2, /* re-encode the oldest non-sink chunks to fewer bits    */
+};
+
+/* A fixed policy: every chunk gets `codec`, except chunk 0 which gets FP16 when `sink`. */
+struct moqae_kv_policy {
+    enum moqae_kv_codec codec;
+    bool                sink;
+};
+
+/* Parse "fp16", "int8", "int4", "int2", "sink+int8", "sink+int4", "sink+int2" (also "f16",
+ * "q8", ... aliases are not accepted: one spelling each). MOQAE_ERR_INVALID_ARG with a message
+ * listing the valid names otherwise. */
+int moqae_kv_policy_parse(const char * s, struct moqae_kv_policy * out);
+
 struct moqae_kv_config {
-    int64_t n_layer;
-    int64_t n_head_kv;
-    int64_t head_dim;
-    int64_t n_ctx; /* positions held */
+    int64_t                n_layer;
+    int64_t                n_head_kv;
+    int64_t                head_dim;
+    int64_t                n_ctx;    /* positions the context holds                                  */
+    int64_t                n_batch;  /* largest micro-batch the graph sends                          */
+    int64_t                chunk;    /* C: tokens per chunk (32 or 64)                               */
+    struct moqae_kv_policy policy;
+    int64_t                budget;   /* bytes for the encoded chunks; 0 = sized from n_ctx and policy */
+    enum moqae_kv_overflow overflow;
 };
 
 int  moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out);
 void moqae_kv_cache_free(struct moqae_kv_cache * kv);
 void moqae_kv_cache_clear(struct moqae_kv_cache * kv);
 
-/* Tokens committed so far (the next token's position). */
+/* Tokens committed so far = the next token's position. */
 int64_t moqae_kv_cache_n_tokens(const struct moqae_kv_cache * kv);
 int64_t moqae_kv_cache_n_ctx(const struct moqae_kv_cache * kv);
 
-/* Store n_tok tokens at positions pos0.. for one layer: k, v are [n_tok][n_head_kv * head_dim] f32.
- * Work is split over nth threads (this call is made by all of them, with their ith). */
-void moqae_kv_cache_store(struct moqae_kv_cache * kv, const struct moqae_cpu_kernels * K, int64_t layer, int64_t pos0,
-                          int64_t n_tok, const float * k, const float * v, int ith, int nth);
+/* Before a micro-batch of n_tok tokens (single-threaded): allocates the records of every chunk that
+ * the micro-batch completes, applying the overflow policy. MOQAE_ERR_CONTEXT_FULL (nothing changed)
+ * when they cannot be stored. */
+int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok);
+
+/* Store the micro-batch's K/V for one layer (k, v: [n_tok][n_head_kv * head_dim] f32, keys after RoPE)
+ * and encode the chunks it completes. Called by all nth threads. Ends with a barrier-free state: the
+ * caller puts a barrier before attending. */
+void moqae_kv_cache_store(struct moqae_kv_cache * kv, int64_t layer, int64_t n_tok, const float * k, const float * v,
+                          int ith, int nth);
 
 /* Scratch floats one thread needs for moqae_kv_cache_attend. */
-int64_t moqae_kv_cache_scratch_floats(const struct moqae_kv_cache * kv);
+int64_t moqae_kv_cache_scratch_floats(const struct moqae_kv_cache * kv, int64_t n_head);
 
-/* Causal attention of n_tok queries at positions pos0.. over the layer's tokens 0..pos: q and out are
- * [n_tok][n_head * head_dim]. The tokens pos0..pos0+n_tok-1 must have been stored for this layer.
- * scratch: this thread's moqae_kv_cache_scratch_floats() floats. Split over nth threads. */
+/* Causal attention of the micro-batch's n_tok queries (q, out: [n_tok][n_head * head_dim]) under the
+ * attention rule above. scratch: this thread's moqae_kv_cache_scratch_floats floats. Split over nth. */
 void moqae_kv_cache_attend(const struct moqae_kv_cache * kv, const struct moqae_cpu_kernels * K, int64_t layer,
-                           int64_t pos0, int64_t n_tok, int64_t n_head, float scale, const float * q, float * out,
-                           float * scratch, int ith, int nth);
+                           int64_t n_tok, int64_t n_head, float scale, const float * q, float * out, float * scratch,
+                           int ith, int nth);
 
 /* After every layer has stored them: the n_tok tokens become part of the context. */
 void moqae_kv_cache_commit(struct moqae_kv_cache * kv, int64_t n_tok);

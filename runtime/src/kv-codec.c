@@ -65,9 +65,9 @@ int moqae_kv_shape_check(enum moqae_kv_codec c, const struct moqae_kv_shape * s)
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV chunk size %lld: must be a multiple of 16 in [16, %d]",
                           (long long) s->chunk, MAX_CHUNK);
     }
-    if (s->head_dim < 1 || s->head_dim > MAX_HEAD_DIM) {
-        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV head_dim %lld: must be in [1, %d]", (long long) s->head_dim,
-                          MAX_HEAD_DIM);
+    if (s->head_dim < 2 || s->head_dim > MAX_HEAD_DIM || s->head_dim % 2 != 0) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV head_dim %lld: must be even, in [2, %d]",
+                          (long long) s->head_dim, MAX_HEAD_DIM);
     }
     if (c == MOQAE_KV_CODEC_F16) {
         return MOQAE_OK;
@@ -76,8 +76,7 @@ int moqae_kv_shape_check(enum moqae_kv_codec c, const struct moqae_kv_shape * s)
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV codec %s needs head_dim a multiple of 16, not %lld",
                           moqae_kv_codec_name(c), (long long) s->head_dim);
     }
-    if (s->v_group < 16 || s->v_group % 16 != 0 || s->head_dim % s->v_group != 0 ||
-        (s->chunk * (s->head_dim / s->v_group)) % MOQAE_KV_V_SCALE_SHARE != 0) {
+    if (s->v_group < 16 || s->v_group % 16 != 0 || s->head_dim % s->v_group != 0) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG,
                           "KV value group %lld: must be a multiple of 16 that divides head_dim %lld",
                           (long long) s->v_group, (long long) s->head_dim);
@@ -103,7 +102,8 @@ struct moqae_kv_geom moqae_kv_geom_k(enum moqae_kv_codec c, const struct moqae_k
 }
 
 struct moqae_kv_geom moqae_kv_geom_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
-    return geom(s->chunk * (s->head_dim / s->v_group), s->v_group, MOQAE_KV_V_SCALE_SHARE, moqae_kv_codec_bits(c));
+    /* one scale code per token, shared by its D / G groups */
+    return geom(s->chunk * (s->head_dim / s->v_group), s->v_group, s->head_dim / s->v_group, moqae_kv_codec_bits(c));
 }
 
 size_t moqae_kv_k_bytes(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
@@ -145,6 +145,23 @@ static inline unsigned get_code(const uint8_t * row, int64_t e, int64_t bits) {
         case 4: return (row[8 * k + r % 8] >> (4 * (r / 8))) & 15u;
         default: return (row[4 * k + r % 4] >> (2 * (r / 4))) & 3u;
     }
+}
+
+/* f16 of x rounded toward -inf / +inf: round to nearest even, then one step if it went the wrong way. */
+static moqae_f16 f16_down(float x) {
+    moqae_f16 h = moqae_f32_to_f16(x);
+    if (moqae_f16_to_f32(h) > x) {
+        h = h == 0x0000u ? 0x8001u : (h & 0x8000u) ? (moqae_f16) (h + 1) : (moqae_f16) (h - 1);
+    }
+    return h;
+}
+
+static moqae_f16 f16_up(float x) {
+    moqae_f16 h = moqae_f32_to_f16(x);
+    if (moqae_f16_to_f32(h) < x) {
+        h = h == 0x8000u ? 0x0001u : (h & 0x8000u) ? (moqae_f16) (h - 1) : (moqae_f16) (h + 1);
+    }
+    return h;
 }
 
 static inline moqae_f16 rd16(const uint8_t * p) {
@@ -248,7 +265,7 @@ static void encode_q(const struct moqae_kv_geom * g, const struct src * s, uint8
         lo_min = a < lo_min ? a : lo_min;
         lo_max = a > lo_max ? a : lo_max;
     }
-    const moqae_f16 zlo16   = moqae_f32_to_f16(lo_min);
+    const moqae_f16 zlo16   = f16_down(lo_min); /* so that zero(i) <= lo_i: no clipping from below */
     const float     zl      = moqae_f16_to_f32(zlo16);
     const moqae_f16 zstep16 = moqae_f32_to_f16((lo_max - zl) / 255.0f);
     const float     zs      = moqae_f16_to_f32(zstep16);
@@ -269,7 +286,7 @@ static void encode_q(const struct moqae_kv_geom * g, const struct src * s, uint8
         }
         need_max = r > need_max ? r : need_max;
     }
-    const moqae_f16 sbase16 = moqae_f32_to_f16(need_max);
+    const moqae_f16 sbase16 = f16_up(need_max); /* so that scale(0) covers every run */
     const float     sb      = moqae_f16_to_f32(sbase16);
 
     /* scale codes: the largest a whose scale still covers the run (binary search over decreasing scales) */
@@ -405,20 +422,6 @@ void moqae_kv_decode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, c
  * Reference attention primitives: decode each element exactly, accumulate in double
  * ================================================================================================ */
 
-static void kq_f16_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q, const float * q,
-                       int64_t ld_q, float * scores, int64_t ld_s) {
-    const int64_t C = s->chunk, D = s->head_dim;
-    for (int64_t i = 0; i < n_q; i++) {
-        for (int64_t j = 0; j < C; j++) {
-            double acc = 0.0;
-            for (int64_t d = 0; d < D; d++) {
-                acc += (double) q[i * ld_q + d] * (double) moqae_f16_to_f32(rd16(rec + 2 * (d * C + j)));
-            }
-            scores[i * ld_s + j] += (float) acc;
-        }
-    }
-}
-
 static void pv_f16_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q, const float * p,
                        int64_t ld_p, float * out, int64_t ld_o) {
     const int64_t C = s->chunk, D = s->head_dim;
@@ -433,17 +436,53 @@ static void pv_f16_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int
     }
 }
 
-static void kq_q_ref(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
-                     const float * q, int64_t ld_q, float * scores, int64_t ld_s) {
-    const int64_t              C = s->chunk, D = s->head_dim;
+void moqae_kv_rope_fill(int64_t head_dim, int64_t n, int64_t pos0, const float * theta, float * cs) {
+    for (int64_t i = 0; i < head_dim / 2; i++) {
+        for (int64_t t = 0; t < n; t++) {
+            const double a         = (double) (pos0 + t) * (double) theta[i];
+            cs[(2 * i) * n + t]     = (float) cos(a);
+            cs[(2 * i + 1) * n + t] = (float) sin(a);
+        }
+    }
+}
+
+/* The reference q.K^T: decode each key element, rotate (rope) and accumulate in double. */
+static void kq_ref_any(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const struct moqae_kv_rope * rope,
+                       const uint8_t * rec, int64_t n_q, const float * q, int64_t ld_q, float * scores,
+                       int64_t ld_s) {
+    const int64_t              C = s->chunk, D = s->head_dim, H = D / 2;
     const struct moqae_kv_geom g = moqae_kv_geom_k(c, s);
-    float                      scale[MAX_HEAD_DIM], zero[MAX_HEAD_DIM];
-    meta_all(&g, rec, scale, zero);
+    float                      scale[MAX_HEAD_DIM], zero[MAX_HEAD_DIM], k[MAX_HEAD_DIM];
+    double                     qr[MAX_HEAD_DIM];
+    if (c != MOQAE_KV_CODEC_F16) {
+        meta_all(&g, rec, scale, zero);
+    }
     for (int64_t i = 0; i < n_q; i++) {
+        const float * qi = q + i * ld_q;
+        for (int64_t d = 0; d < D; d++) {
+            qr[d] = qi[d];
+        }
+        for (int64_t pr = 0; rope && pr < H; pr++) { /* R(-P0) q */
+            const int64_t u = rope->pair_stride == 1 ? 2 * pr : pr, w = u + rope->pair_stride;
+            const double  c0 = rope->cs_p0[2 * pr], s0 = rope->cs_p0[2 * pr + 1];
+            qr[u]            = (double) qi[u] * c0 + (double) qi[w] * s0;
+            qr[w]            = (double) qi[w] * c0 - (double) qi[u] * s0;
+        }
         for (int64_t j = 0; j < C; j++) {
-            double acc = 0.0;
             for (int64_t d = 0; d < D; d++) {
-                acc += (double) q[i * ld_q + d] * (double) elem(&g, rec, d, j, scale[d], zero[d]);
+                k[d] = c == MOQAE_KV_CODEC_F16 ? moqae_f16_to_f32(rd16(rec + 2 * (d * C + j)))
+                                               : elem(&g, rec, d, j, scale[d], zero[d]);
+            }
+            double acc = 0.0;
+            if (!rope) {
+                for (int64_t d = 0; d < D; d++) {
+                    acc += qr[d] * (double) k[d];
+                }
+            }
+            for (int64_t pr = 0; rope && pr < H; pr++) { /* R(t) k */
+                const int64_t u = rope->pair_stride == 1 ? 2 * pr : pr, w = u + rope->pair_stride;
+                const double  ct = rope->cs_t[(2 * pr) * C + j], st = rope->cs_t[(2 * pr + 1) * C + j];
+                acc += qr[u] * ((double) k[u] * ct - (double) k[w] * st) + qr[w] * ((double) k[u] * st + (double) k[w] * ct);
             }
             scores[i * ld_s + j] += (float) acc;
         }
@@ -469,14 +508,19 @@ static void pv_q_ref(enum moqae_kv_codec c, const struct moqae_kv_shape * s, con
 }
 
 #define REF_PAIR(NAME, CODEC)                                                                                   \
-    static void kq_##NAME##_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,              \
-                                const float * q, int64_t ld_q, float * scores, int64_t ld_s) {                  \
-        kq_q_ref(CODEC, s, rec, n_q, q, ld_q, scores, ld_s);                                                    \
+    static void kq_##NAME##_ref(const struct moqae_kv_shape * s, const struct moqae_kv_rope * rope,             \
+                                const uint8_t * rec, int64_t n_q, const float * q, int64_t ld_q, float * scores, \
+                                int64_t ld_s) {                                                                 \
+        kq_ref_any(CODEC, s, rope, rec, n_q, q, ld_q, scores, ld_s);                                            \
     }                                                                                                           \
     static void pv_##NAME##_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,              \
                                 const float * p, int64_t ld_p, float * out, int64_t ld_o) {                     \
         pv_q_ref(CODEC, s, rec, n_q, p, ld_p, out, ld_o);                                                       \
     }
+static void kq_f16_ref(const struct moqae_kv_shape * s, const struct moqae_kv_rope * rope, const uint8_t * rec,
+                       int64_t n_q, const float * q, int64_t ld_q, float * scores, int64_t ld_s) {
+    kq_ref_any(MOQAE_KV_CODEC_F16, s, rope, rec, n_q, q, ld_q, scores, ld_s);
+}
 REF_PAIR(q8, MOQAE_KV_CODEC_Q8)
 REF_PAIR(q4, MOQAE_KV_CODEC_Q4)
 REF_PAIR(q2, MOQAE_KV_CODEC_Q2)

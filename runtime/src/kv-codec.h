@@ -28,7 +28,7 @@ enum moqae_kv_codec {
 
 struct moqae_kv_shape {
     int64_t chunk;    /* C: tokens per chunk; a multiple of 16 in [16, 256] (32 by default, 64 allowed) */
-    int64_t head_dim; /* D: in [1, 256]; quantized values need D a multiple of 16                       */
+    int64_t head_dim; /* D: even, in [2, 256]; the quantized codecs need D a multiple of 16              */
     int64_t v_group;  /* G: values' group length along head_dim; a multiple of 16 that divides D
                          (MOQAE_KV_V_GROUP by default; G = D is allowed)                                */
 };
@@ -36,10 +36,12 @@ struct moqae_kv_shape {
 /* Default value group length: measured in docs/KV-CODECS.md ("Choosing the metadata"). */
 #define MOQAE_KV_V_GROUP 32
 
-/* Scale codes are shared by this many consecutive groups of a record (see the layout below):
- * keys: 2 = one scale per RoPE channel pair (2i, 2i+1), whose ranges are alike after RoPE; values: 1. */
-#define MOQAE_KV_K_SCALE_SHARE 2
-#define MOQAE_KV_V_SCALE_SHARE 1
+/* Scale codes are shared by `share` consecutive groups of a record (see the layout below). Keys: 1, a
+ * scale per channel (sharing one between the channels of a RoPE pair cost more than it saved). Values:
+ * D / G, one scale code per token shared by its groups, each group keeping its own zero: this keeps
+ * int4 within 4.5 effective bits at C = 32, D = 64 at a lower error than groups of 64
+ * (docs/KV-CODECS.md, "Choosing the metadata"). */
+#define MOQAE_KV_K_SCALE_SHARE 1
 
 /* MOQAE_OK when the shape is usable by codec c (records are only made for completed chunks: C tokens,
  * never fewer); otherwise MOQAE_ERR_INVALID_ARG with a message (moqae_last_error). */
@@ -77,18 +79,19 @@ double moqae_kv_effective_bits(enum moqae_kv_codec c, const struct moqae_kv_shap
  *              16 codes in order as 16 bytes.                               n_groups * n_elems * b / 8 bytes
  *   zcode[n_groups]   u8 zero code of each group                                         n_groups bytes
  *   scode[n_groups / share]  u8 scale code of each run of `share` consecutive groups
- *              (share = MOQAE_KV_K_SCALE_SHARE for keys, MOQAE_KV_V_SCALE_SHARE for values)
+ *              (keys: share = MOQAE_KV_K_SCALE_SHARE = 1; values: share = D / G, one per token)
  *   zlo, zstep, sbase: three f16 (the record's bases)                                           6 bytes
  *
  * Decoding (all f32, each operation rounded on its own, no fused multiply-add):
  *   zero(i)  = zlo + zstep * zcode[i]
  *   scale(a) = (sbase * FRAC[a % 16]) * 2^-(a / 16),  FRAC[f] = f32(2^(-f/16)) (kv-codec.c lists the bits)
  *   x        = scale(scode[i / share]) * code + zero(i)
- * Encoding, per record (f16() rounds to nearest even; lo_i, hi_i = min, max of group i):
- *   zlo   = f16(min_i lo_i);              zstep = f16((max_i lo_i - zlo) / 255)
+ * Encoding, per record (f16() rounds to nearest even, f16_down/f16_up toward -inf/+inf;
+ * lo_i, hi_i = min, max of group i):
+ *   zlo   = f16_down(min_i lo_i);         zstep = f16((max_i lo_i - zlo) / 255)
  *   zcode = zstep > 0 ? clamp(floor((lo_i - zlo) / zstep), 0, 255) : 0       (zero(i) <= lo_i, up to rounding)
  *   need  = (hi_i - zero(i)) / qmax, maximised over each run of `share` groups
- *   sbase = f16(max need);  scode = the largest a in [0, 255] with scale(a) >= need (0 if none): the
+ *   sbase = f16_up(max(max need, +0));  scode = the largest a in [0, 255] with scale(a) >= need (0 if none): the
  *           smallest listed scale that covers the group's range (scale(a) decreases with a)
  *   code  = scale > 0 ? clamp(floor((x - zero) / scale + 0.5), 0, qmax) : 0   (NaN -> 0)
  * Inputs must be finite and within f16 range (as for the FP16 codec).
@@ -119,11 +122,30 @@ void moqae_kv_meta_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, con
  * Attention primitives on records (the kernel table)
  * ================================================================================================ */
 
+/* Keys stored before RoPE (docs/KV-CODECS.md measures why): a record holds a chunk's keys as they come
+ * out of the K projection, and the score of a query q (already rotated to its own position) against the
+ * key at position P0 + t (P0 = the chunk's first position, t < C) is
+ *     q . R(P0 + t) k = (R(-P0) q) . (R(t) k)
+ * so the primitive rotates the query once by -P0 and each decoded key by its offset t, from two tables
+ * the caller keeps: cs_t is the same for every chunk, cs_p0 is the chunk's own. R(a) rotates each pair
+ * (x_u, x_w) of a key to (x_u cos - x_w sin, x_u sin + x_w cos) by the angle a * theta_i of pair i. */
+struct moqae_kv_rope {
+    int64_t       pair_stride; /* 1: pairs (2i, 2i+1) (llama-style GGUF); D/2: pairs (i, i + D/2) (NeoX)       */
+    const float * cs_t;        /* [D/2][2][C]: cos, sin of t * theta_i for t = 0..C-1 (pairs past n_rot: 1, 0) */
+    const float * cs_p0;       /* [D/2][2]: cos, sin of P0 * theta_i                                           */
+};
+
+/* Fills cs[D/2][2][n] with cos and sin of (pos0 + t) * theta[i], t < n, computed in double (n = C gives
+ * cs_t with pos0 = 0; n = 1 gives a chunk's cs_p0). theta: [D/2] angles per position of each pair. */
+void moqae_kv_rope_fill(int64_t head_dim, int64_t n, int64_t pos0, const float * theta, float * cs);
+
 /* scores[i * ld_s + j] += sum_d q[i * ld_q + d] * K[j][d]   for i < n_q, j < C
- * q: [n_q][ld_q] f32 (several query heads or tokens against the same chunk share the unpacking);
- * rec: a key record of the table entry's codec; scores: [n_q][ld_s], C of each row updated. */
-typedef void (*moqae_kv_kq_fn)(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
-                               const float * q, int64_t ld_q, float * scores, int64_t ld_s);
+ * with K the decoded chunk, rotated as above when rope is not NULL (rope NULL: keys stored after RoPE,
+ * used as they decode). q: [n_q][ld_q] f32 (several query heads or tokens against the same chunk share
+ * the unpacking); rec: a key record of the table entry's codec; scores: [n_q][ld_s], C of each row updated. */
+typedef void (*moqae_kv_kq_fn)(const struct moqae_kv_shape * s, const struct moqae_kv_rope * rope,
+                               const uint8_t * rec, int64_t n_q, const float * q, int64_t ld_q, float * scores,
+                               int64_t ld_s);
 /* out[i * ld_o + d] += sum_j p[i * ld_p + j] * V[j][d]   for i < n_q, d < D
  * p: [n_q][ld_p] f32 weights of the chunk's C tokens; rec: a value record; out: [n_q][ld_o]. */
 typedef void (*moqae_kv_pv_fn)(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,

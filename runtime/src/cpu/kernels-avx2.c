@@ -2,9 +2,10 @@
  * cpu/kernels-avx2.c — the AVX2 + FMA + F16C kernel table, same signatures and results as
  * kernels-ref.c (bit-exact conversions and quantization; dot products within the tolerances of
  * tests/test-kernels.c). Without VNNI, int8 products use vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd:
- * 4-bit weights are unsigned (Q4_0 subtracts 8*sum(x) once per token), Q8_0 weights use the sign
- * trick |w| x sign(x, w), which cannot saturate. gemm register-blocks QR rows x QT tokens. Vector tails
- * are plain scalar code. Not here: threading, ISA checks (dispatch.c). NULL table without the flags.
+ * 4-bit weights are unsigned (Q4_0 subtracts 8*sum(x), computed once per token), Q8_0 weights use the
+ * sign trick |w| x sign(x, w), which cannot saturate. gemm uses 2 x 2 (row x token) tiles, all 16 ymm
+ * registers allow; decode tiles prefetch the weights. Vector tails are plain scalar code. Not here:
+ * threading, ISA checks (dispatch.c). NULL table without the flags. Measurements: docs/KERNELS.md.
  */
 #include "../common.h"
 #include "../quant.h"
@@ -306,7 +307,7 @@ INLINE __m256 spread1(__m256 h) { /* [h[1], 0, 0, 0 | h[3], 0, 0, 0] (lane 7 of 
     return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(1, 7, 7, 7, 3, 7, 7, 7));
 }
 
-#    define QPF_AHEAD 4096 /* decode prefetch: bytes in flight per tile (moqae_prefetch_offset, kernels.h) */
+#    define QPF_AHEAD 8192 /* decode prefetch distance (moqae_prefetch_offset, kernels.h) */
 
 /* One step (nbl <= 2 blocks) of an R x T tile. */
 INLINE void qstep(const enum qkind k, const int R, const int T, const int nbl, const uint8_t * w, size_t wrb,

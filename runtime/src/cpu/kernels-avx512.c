@@ -3,9 +3,10 @@
  * kernels-ref.c (bit-exact conversions and quantization; dot products within the tolerances of
  * tests/test-kernels.c). Quantized products use vpdpbusd (u8 x s8): 4-bit weights are already
  * unsigned, Q8_0 weights are offset by +128, and the offset times sum(x) is subtracted once per token.
- * gemm register-blocks QR rows x QT tokens so each unpacked weight block serves QT tokens and each
- * activation block QR rows. Not here: threading (the caller splits rows), ISA checks (dispatch.c).
- * Compiles to a NULL table without the ISA flags. Measurements: docs/KERNELS.md.
+ * gemm register-blocks 4 rows x 3 tokens so each unpacked weight block serves 3 tokens and each
+ * activation block 4 rows; decode tiles (1 token) prefetch the weights. Not here: threading (the
+ * caller splits rows), ISA checks (dispatch.c). NULL table without the ISA flags. Measurements and
+ * version history: docs/KERNELS.md.
  */
 #include "../common.h"
 #include "../quant.h"
@@ -166,9 +167,10 @@ INLINE void to_float_q8(const uint8_t * b, size_t bs, size_t qoff, float * y, in
         memcpy(&d16, b, 2);
         const __m512  d = _mm512_set1_ps(moqae_f16_to_f32(d16));
         const __m256i q = _mm256_loadu_si256((const __m256i *) (b + qoff));
-        _mm512_storeu_ps(y + i * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))));
-        _mm512_storeu_ps(y + i * 32 + 16,
-                         _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))));
+        const __m512  lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512  hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        _mm512_storeu_ps(y + i * 32, _mm512_mul_ps(d, lo));
+        _mm512_storeu_ps(y + i * 32 + 16, _mm512_mul_ps(d, hi));
     }
 }
 
@@ -255,6 +257,8 @@ static void from_float_q8_1_avx512(const float * x, void * y, int64_t n) {
  * (activations) of a 16-block group collect in the upper words of a register and m*s is added once
  * per group with a 16-lane FMA. (A gather per group was 3x slower on Zen 5: vpgatherdd is microcoded.)
  * The last, partial step of a row uses masked loads: missing blocks read as zero, with zero scales.
+ * Q8_0 weights alone use 16-byte loads (the overlapping zmm loads split cache lines, which halved
+ * cold-DRAM decode).
  * ================================================================================================ */
 
 /* Q4_0 step (72 bytes): quants, words from bytes [0, 72) */
@@ -332,8 +336,7 @@ enum qkind { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 #    define QR_MAX 8 /* register tile bounds (rows, tokens) */
 #    define QT_MAX 4
 
-/* Decode prefetch: bytes in flight per tile (moqae_prefetch_offset, kernels.h); 2-16 KiB measured alike. */
-#    define QPF_AHEAD 4096
+#    define QPF_AHEAD 8192 /* decode prefetch distance (moqae_prefetch_offset, kernels.h) */
 
 INLINE int qk_wbytes(enum qkind k) {
     return k == Q4_0 ? (int) sizeof(moqae_block_q4_0) : k == Q4_1 ? (int) sizeof(moqae_block_q4_1)
@@ -359,6 +362,16 @@ INLINE __m512i load64(const uint8_t * p, int off, int avail, int full) {
     return _mm512_maskz_loadu_epi8(n >= 64 ? ~(__mmask64) 0 : (((__mmask64) 1 << n) - 1), p + off);
 }
 
+/* 16 bytes at p + k * bs into 128-bit lane k for k < nbl, other lanes zero */
+INLINE __m512i load_lanes(const uint8_t * p, size_t bs, int nbl) {
+    __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *) p));
+    for (int k = 1; k < nbl; k++) {
+        const __m128i q = _mm_loadu_si128((const __m128i *) (p + k * bs));
+        v = k == 1 ? _mm512_inserti32x4(v, q, 1) : k == 2 ? _mm512_inserti32x4(v, q, 2) : _mm512_inserti32x4(v, q, 3);
+    }
+    return v;
+}
+
 INLINE __m512 cvt_lo_halves(__m512i v) {
     return _mm512_cvtph_ps(_mm512_castsi512_si256(v));
 }
@@ -368,12 +381,11 @@ INLINE __m512 cvt_lo_halves(__m512i v) {
 INLINE void wstep(const enum qkind k, const uint8_t * p, const int nbl, const int si, __m512i * lo, __m512i * hi,
                   __m512 * d, __m512i * mw) {
     const int full = nbl == 4, avail = nbl * qk_wbytes(k);
-    if (k == Q8_0) {
-        const __m512i z0 = load64(p, 0, avail, full), z1 = load64(p, 64, avail, full);
-        const __m512i z2 = load64(p, 8, avail, full), z3 = load64(p, 72, avail, full);
+    if (k == Q8_0) { /* 16-byte loads: see the section comment */
         const __m512i off = _mm512_set1_epi8((char) 0x80); /* +128: vpdpbusd wants unsigned */
-        *lo               = _mm512_xor_si512(_mm512_permutex2var_epi16(z0, idx_load(IDX_Q8_0_LO), z1), off);
-        *hi               = _mm512_xor_si512(_mm512_permutex2var_epi16(z2, idx_load(IDX_Q8_0_HI), z3), off);
+        const __m512i z0 = load64(p, 0, avail, full), z1 = load64(p, 64, avail, full);
+        *lo               = _mm512_xor_si512(load_lanes(p + 2, sizeof(moqae_block_q8_0), nbl), off);
+        *hi               = _mm512_xor_si512(load_lanes(p + 18, sizeof(moqae_block_q8_0), nbl), off);
         *d                = cvt_lo_halves(_mm512_permutex2var_epi16(z0, idx_load(IDX_Q8_0_D), z1));
         return;
     }
@@ -778,7 +790,8 @@ static void add_avx512(int64_t n, const float * x, float * y) {
     }
     if (i < n) {
         const __mmask16 m = lanes16(n - i);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
+        _mm512_mask_storeu_ps(y + i, m,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
     }
 }
 

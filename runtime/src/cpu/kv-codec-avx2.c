@@ -1,0 +1,290 @@
+/*
+ * cpu/kv-codec-avx2.c — the attention primitives of kv-codec.h with AVX2 + FMA + F16C, working on a
+ * record's codes directly: a 16-code block (kv-codec.h) is unpacked to two vectors of 8 floats and
+ * multiplied in, never written back. Keys: scores_j = sum_d (q_d * s_d) * code_jd + sum_d q_d * z_d, one
+ * channel at a time across 16 tokens (the K codes are channel-major, so no horizontal sums); keys stored
+ * before RoPE: each pair of channels is decoded, rotated by the tokens' offsets and dotted; values:
+ * out_d += sum_j (p_j * s_jg) * code_jd + sum_j p_j * z_jg, one token at a time across 16 columns. A tile
+ * serves up to QB queries at once so the unpacking is shared. Same results as the scalar reference in
+ * kv-codec.c up to f32 rounding (tests/test-kv-codec.c). Not here: encoding (scalar only), ISA checks.
+ */
+#include "../common.h"
+#include "../kv-codec.h"
+#include "kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+#    include <immintrin.h>
+
+#    define INLINE static inline __attribute__((always_inline))
+#    define QB     4 /* queries per tile: 2 accumulators each, 8 of the 16 ymm registers */
+
+/* The 16 codes of the block at p, as two vectors of floats (elements 0..7, 8..15). */
+INLINE void unpack16(const uint8_t * p, const int bits, __m256 * a, __m256 * b) {
+    __m128i v;
+    if (bits == 8) {
+        v = _mm_loadu_si128((const __m128i *) p);
+    } else if (bits == 4) {
+        const __m128i x = _mm_loadl_epi64((const __m128i *) p);
+        v = _mm_and_si128(_mm_unpacklo_epi64(x, _mm_srli_epi16(x, 4)), _mm_set1_epi8(0x0f));
+    } else {
+        int32_t x;
+        memcpy(&x, p, 4);
+        v = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(x), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(0x03));
+    }
+    *a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    *b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+}
+
+INLINE void load16_f16(const uint8_t * p, __m256 * a, __m256 * b) {
+    *a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) p));
+    *b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (p + 16)));
+}
+
+/* ================================================================================================
+ * keys: scores[i][j] += sum_d w[i][d] * code[d][j] + bias[i]
+ * ================================================================================================ */
+
+/* One tile: NB queries x tokens t0..t0+15. w: [NB][D] (q * scale), rows: channel d's codes at
+ * rec + d * row_bytes (bits 16: f16). */
+INLINE void kq_tile(const int bits, const int NB, const uint8_t * rec, size_t row_bytes, int64_t D, int64_t t0,
+                    const float * w, const float * bias, float * scores, int64_t ld_s) {
+    __m256 acc[QB][2];
+    for (int i = 0; i < NB; i++) {
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    }
+    const size_t blk = (size_t) (t0 / 16) * (size_t) (bits == 16 ? 32 : 2 * bits);
+    for (int64_t d = 0; d < D; d++) {
+        __m256 a, b;
+        if (bits == 16) {
+            load16_f16(rec + d * row_bytes + blk, &a, &b);
+        } else {
+            unpack16(rec + d * row_bytes + blk, bits, &a, &b);
+        }
+        for (int i = 0; i < NB; i++) {
+            const __m256 wd = _mm256_broadcast_ss(w + i * D + d);
+            acc[i][0]       = _mm256_fmadd_ps(wd, a, acc[i][0]);
+            acc[i][1]       = _mm256_fmadd_ps(wd, b, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < NB; i++) {
+        float *      s  = scores + i * ld_s + t0;
+        const __m256 bi = _mm256_set1_ps(bias[i]);
+        _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), _mm256_add_ps(acc[i][0], bi)));
+        _mm256_storeu_ps(s + 8, _mm256_add_ps(_mm256_loadu_ps(s + 8), _mm256_add_ps(acc[i][1], bi)));
+    }
+}
+
+/* One tile with keys stored before RoPE: NB queries (already rotated by -P0: qr [NB][D]) x tokens
+ * t0..t0+15; each pair (u, w) of decoded keys is rotated by its token's offset (cs_t) before the dot. */
+INLINE void kq_tile_rope(const int bits, const int NB, const uint8_t * rec, size_t row_bytes, int64_t D, int64_t C,
+                         int64_t t0, const struct moqae_kv_rope * rope, const float * scale, const float * zero,
+                         const float * qr, float * scores, int64_t ld_s) {
+    __m256 acc[QB][2];
+    for (int i = 0; i < NB; i++) {
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    }
+    const size_t  blk = (size_t) (t0 / 16) * (size_t) (bits == 16 ? 32 : 2 * bits);
+    const int64_t ps  = rope->pair_stride;
+    for (int64_t pr = 0; pr < D / 2; pr++) {
+        const int64_t u = ps == 1 ? 2 * pr : pr, w = u + ps;
+        __m256        ku[2], kw[2];
+        if (bits == 16) {
+            load16_f16(rec + u * row_bytes + blk, &ku[0], &ku[1]);
+            load16_f16(rec + w * row_bytes + blk, &kw[0], &kw[1]);
+        } else {
+            unpack16(rec + u * row_bytes + blk, bits, &ku[0], &ku[1]);
+            unpack16(rec + w * row_bytes + blk, bits, &kw[0], &kw[1]);
+            const __m256 su = _mm256_set1_ps(scale[u]), zu = _mm256_set1_ps(zero[u]);
+            const __m256 sw = _mm256_set1_ps(scale[w]), zw = _mm256_set1_ps(zero[w]);
+            for (int h = 0; h < 2; h++) {
+                ku[h] = _mm256_fmadd_ps(ku[h], su, zu);
+                kw[h] = _mm256_fmadd_ps(kw[h], sw, zw);
+            }
+        }
+        const float * ct = rope->cs_t + (2 * pr) * C + t0;
+        const float * st = ct + C;
+        __m256        ru[2], rw[2];
+        for (int h = 0; h < 2; h++) {
+            const __m256 c = _mm256_loadu_ps(ct + 8 * h), sn = _mm256_loadu_ps(st + 8 * h);
+            ru[h]          = _mm256_fmsub_ps(ku[h], c, _mm256_mul_ps(kw[h], sn));
+            rw[h]          = _mm256_fmadd_ps(ku[h], sn, _mm256_mul_ps(kw[h], c));
+        }
+        for (int i = 0; i < NB; i++) {
+            const __m256 qu = _mm256_broadcast_ss(qr + i * D + u), qw = _mm256_broadcast_ss(qr + i * D + w);
+            acc[i][0]       = _mm256_fmadd_ps(qw, rw[0], _mm256_fmadd_ps(qu, ru[0], acc[i][0]));
+            acc[i][1]       = _mm256_fmadd_ps(qw, rw[1], _mm256_fmadd_ps(qu, ru[1], acc[i][1]));
+        }
+    }
+    for (int i = 0; i < NB; i++) {
+        float * s = scores + i * ld_s + t0;
+        _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), acc[i][0]));
+        _mm256_storeu_ps(s + 8, _mm256_add_ps(_mm256_loadu_ps(s + 8), acc[i][1]));
+    }
+}
+
+INLINE void kq_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_shape * s,
+                   const struct moqae_kv_rope * rope, const uint8_t * rec, int64_t n_q, const float * q, int64_t ld_q,
+                   float * scores, int64_t ld_s) {
+    const int64_t C = s->chunk, D = s->head_dim;
+    float         scale[256], zero[256], w[QB * 256], bias[QB];
+    if (bits != 16) {
+        moqae_kv_meta_k(c, s, rec, scale, zero);
+    }
+    const size_t row_bytes = (size_t) (C * (bits == 16 ? 16 : bits) / 8);
+    for (int64_t i0 = 0; i0 < n_q; i0 += QB) {
+        const int nb = (int) (n_q - i0 < QB ? n_q - i0 : QB);
+        for (int i = 0; i < nb; i++) {
+            const float * qi = q + (i0 + i) * ld_q;
+            if (rope) { /* w = R(-P0) q */
+                for (int64_t pr = 0; pr < D / 2; pr++) {
+                    const int64_t u = rope->pair_stride == 1 ? 2 * pr : pr, v = u + rope->pair_stride;
+                    const float   c0 = rope->cs_p0[2 * pr], s0 = rope->cs_p0[2 * pr + 1];
+                    w[i * D + u]     = qi[u] * c0 + qi[v] * s0;
+                    w[i * D + v]     = qi[v] * c0 - qi[u] * s0;
+                }
+                continue;
+            }
+            float bsum = 0.0f; /* w = q * scale, bias = q . zero */
+            for (int64_t d = 0; d < D; d++) {
+                w[i * D + d] = bits == 16 ? qi[d] : qi[d] * scale[d];
+                bsum += bits == 16 ? 0.0f : qi[d] * zero[d];
+            }
+            bias[i] = bsum;
+        }
+        float * so = scores + i0 * ld_s;
+        for (int64_t t0 = 0; t0 < C; t0 += 16) {
+#    define KQ_CASE(N)                                                                                         \
+        case N:                                                                                                 \
+            if (rope) {                                                                                         \
+                kq_tile_rope(bits, N, rec, row_bytes, D, C, t0, rope, scale, zero, w, so, ld_s);               \
+            } else {                                                                                            \
+                kq_tile(bits, N, rec, row_bytes, D, t0, w, bias, so, ld_s);                                     \
+            }                                                                                                   \
+            break;
+            switch (nb) {
+                KQ_CASE(1)
+                KQ_CASE(2)
+                KQ_CASE(3)
+                default: KQ_CASE(4)
+            }
+#    undef KQ_CASE
+        }
+    }
+}
+
+/* ================================================================================================
+ * values: out[i][d] += sum_j (p[i][j] * scale[j][g]) * code[j][d] + sum_j p[i][j] * zero[j][g]
+ * ================================================================================================ */
+
+/* One tile: NB queries x columns d0..d0+15 (inside group g = d0 / G). */
+INLINE void pv_tile(const int bits, const int NB, const uint8_t * rec, size_t row_bytes, int64_t C, int64_t d0,
+                    const float * sc, int64_t sc_stride, const float * p, int64_t ld_p, float * out, int64_t ld_o,
+                    const float * bias) {
+    __m256 acc[QB][2];
+    for (int i = 0; i < NB; i++) {
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    }
+    const size_t blk = (size_t) (d0 / 16) * (size_t) (bits == 16 ? 32 : 2 * bits);
+    for (int64_t j = 0; j < C; j++) {
+        __m256 a, b;
+        if (bits == 16) {
+            load16_f16(rec + j * row_bytes + blk, &a, &b);
+        } else {
+            unpack16(rec + j * row_bytes + blk, bits, &a, &b);
+        }
+        const float sj = bits == 16 ? 1.0f : sc[j * sc_stride];
+        for (int i = 0; i < NB; i++) {
+            const __m256 wj = _mm256_set1_ps(p[i * ld_p + j] * sj);
+            acc[i][0]       = _mm256_fmadd_ps(wj, a, acc[i][0]);
+            acc[i][1]       = _mm256_fmadd_ps(wj, b, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < NB; i++) {
+        float *      o  = out + i * ld_o + d0;
+        const __m256 bi = _mm256_set1_ps(bias[i]);
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_add_ps(acc[i][0], bi)));
+        _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), _mm256_add_ps(acc[i][1], bi)));
+    }
+}
+
+INLINE void pv_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec,
+                   int64_t n_q, const float * p, int64_t ld_p, float * out, int64_t ld_o) {
+    const int64_t C = s->chunk, D = s->head_dim, G = bits == 16 ? 16 : s->v_group, ng = D / G;
+    float         scale[4096], zero[4096], bias[QB];
+    if (bits != 16) {
+        moqae_kv_meta_v(c, s, rec, scale, zero);
+    }
+    const size_t  row_bytes = (size_t) (D * (bits == 16 ? 16 : bits) / 8);
+    const int64_t D16       = D / 16 * 16; /* f16 rows may end in a partial block */
+    for (int64_t i0 = 0; i0 < n_q; i0 += QB) {
+        const int     nb = (int) (n_q - i0 < QB ? n_q - i0 : QB);
+        const float * pb = p + i0 * ld_p;
+        float *       ob = out + i0 * ld_o;
+        for (int64_t d0 = 0; d0 < D16; d0 += 16) {
+            const int64_t g = d0 / G;
+            for (int i = 0; i < nb; i++) {
+                float bsum = 0.0f;
+                for (int64_t j = 0; bits != 16 && j < C; j++) {
+                    bsum += pb[i * ld_p + j] * zero[j * ng + g];
+                }
+                bias[i] = bsum;
+            }
+            const float * sc = scale + g;
+            switch (nb) {
+                case 1: pv_tile(bits, 1, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
+                case 2: pv_tile(bits, 2, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
+                case 3: pv_tile(bits, 3, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
+                default: pv_tile(bits, 4, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
+            }
+        }
+        for (int64_t d = D16; d < D; d++) { /* scalar tail: f16 only (quantized D is a multiple of 16) */
+            for (int i = 0; i < nb; i++) {
+                float acc = 0.0f;
+                for (int64_t j = 0; j < C; j++) {
+                    moqae_f16 h;
+                    memcpy(&h, rec + j * row_bytes + 2 * d, 2);
+                    acc += pb[i * ld_p + j] * moqae_f16_to_f32(h);
+                }
+                ob[i * ld_o + d] += acc;
+            }
+        }
+    }
+}
+
+/* ================================================================================================
+ * table
+ * ================================================================================================ */
+
+#    define KERNELS(NAME, BITS, CODEC)                                                                          \
+        static void kq_##NAME(const struct moqae_kv_shape * s, const struct moqae_kv_rope * rope,              \
+                              const uint8_t * rec, int64_t n_q, const float * q, int64_t ld_q, float * scores, \
+                              int64_t ld_s) {                                                                   \
+            kq_any(BITS, CODEC, s, rope, rec, n_q, q, ld_q, scores, ld_s);                                      \
+        }                                                                                                       \
+        static void pv_##NAME(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,               \
+                              const float * p, int64_t ld_p, float * out, int64_t ld_o) {                      \
+            pv_any(BITS, CODEC, s, rec, n_q, p, ld_p, out, ld_o);                                               \
+        }
+KERNELS(f16, 16, MOQAE_KV_CODEC_F16)
+KERNELS(q8, 8, MOQAE_KV_CODEC_Q8)
+KERNELS(q4, 4, MOQAE_KV_CODEC_Q4)
+KERNELS(q2, 2, MOQAE_KV_CODEC_Q2)
+
+static const struct moqae_kv_codec_kernels kernels_avx2 = {
+    .name = "avx2",
+    .kq   = {kq_f16, kq_q8, kq_q4, kq_q2},
+    .pv   = {pv_f16, pv_q8, pv_q4, pv_q2},
+};
+
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_avx2(void) {
+    return moqae_cpu_has_avx2() ? &kernels_avx2 : NULL;
+}
+
+#else /* no AVX2 in this build */
+
+const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_avx2(void) {
+    return NULL;
+}
+
+#endif

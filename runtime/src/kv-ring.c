@@ -1,0 +1,447 @@
+/*
+ * kv-ring.c — the mixed-bit KV ring (kv-cache.h). Per layer, completed chunks are variable-size
+ * records appended in position order to a byte arena; a chunk table (position, codec, offset) is
+ * shared by all layers, because every layer of a chunk uses the same codec, so a chunk's records sit
+ * at the same offset in every layer's arena. The incomplete chunk and the micro-batch being computed
+ * live in an f32 staging window. Overflow (the arena or the table full) evicts (shift) or re-encodes
+ * (demote) the oldest non-sink chunks and compacts the arenas, or fails (error).
+ *
+ * Record of one chunk in one layer: for each KV head h: K record then V record (kv-codec.h).
+ */
+#include "common.h"
+#include "kv-cache.h"
+
+#include <math.h>
+
+struct chunk {
+    int64_t pos;   /* position of the chunk's first token (a multiple of C) */
+    int     codec; /* enum moqae_kv_codec                                    */
+    size_t  off;   /* offset of its records in every layer's arena           */
+};
+
+struct moqae_kv_cache {
+    struct moqae_kv_config                cfg;
+    struct moqae_kv_shape                 shape;
+    const struct moqae_kv_codec_kernels * KK;
+    int64_t                               n_tokens;   /* committed tokens                            */
+    float *                               stage_k;    /* [n_layer][n_head_kv][stage_rows][head_dim]  */
+    float *                               stage_v;
+    int64_t                               stage_rows; /* C + n_batch                                 */
+    int64_t                               stage_pos0; /* position of staging row 0 (multiple of C)   */
+    struct chunk *                        chunks;     /* [cap_chunks] stored chunks, by position     */
+    int64_t                               n_chunks, cap_chunks;
+    uint8_t *                             arena;      /* [n_layer][layer_cap]                        */
+    size_t                                layer_cap, used;
+    float *                               tmp;        /* [2][C][head_dim] for demotion               */
+    uint8_t *                             tmp_rec;    /* one record                                  */
+};
+
+/* ---- policies ---------------------------------------------------------------------------------- */
+
+int moqae_kv_policy_parse(const char * s, struct moqae_kv_policy * out) {
+    static const struct {
+        const char *        name;
+        enum moqae_kv_codec codec;
+        bool                sink;
+    } names[] = {
+        { "fp16", MOQAE_KV_CODEC_F16, false },     { "int8", MOQAE_KV_CODEC_Q8, false },
+        { "int4", MOQAE_KV_CODEC_Q4, false },      { "int2", MOQAE_KV_CODEC_Q2, false },
+        { "sink+int8", MOQAE_KV_CODEC_Q8, true },  { "sink+int4", MOQAE_KV_CODEC_Q4, true },
+        { "sink+int2", MOQAE_KV_CODEC_Q2, true },
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (s && !strcmp(s, names[i].name)) {
+            out->codec = names[i].codec;
+            out->sink  = names[i].sink;
+            return MOQAE_OK;
+        }
+    }
+    return moqae_fail(MOQAE_ERR_INVALID_ARG,
+                      "unknown KV policy '%s' (valid: fp16, int8, int4, int2, sink+int8, sink+int4, sink+int2)",
+                      s ? s : "(null)");
+}
+
+static enum moqae_kv_codec policy_codec(const struct moqae_kv_cache * kv, int64_t chunk_index) {
+    return kv->cfg.policy.sink && chunk_index == 0 ? MOQAE_KV_CODEC_F16 : kv->cfg.policy.codec;
+}
+
+/* ---- geometry ---------------------------------------------------------------------------------- */
+
+static size_t rec_k_bytes(const struct moqae_kv_cache * kv, int codec) {
+    return moqae_kv_k_bytes((enum moqae_kv_codec) codec, &kv->shape);
+}
+
+static size_t rec_v_bytes(const struct moqae_kv_cache * kv, int codec) {
+    return moqae_kv_v_bytes((enum moqae_kv_codec) codec, &kv->shape);
+}
+
+/* bytes of one chunk in one layer (all KV heads) */
+static size_t chunk_bytes(const struct moqae_kv_cache * kv, int codec) {
+    return (size_t) kv->cfg.n_head_kv * (rec_k_bytes(kv, codec) + rec_v_bytes(kv, codec));
+}
+
+static uint8_t * rec_k(const struct moqae_kv_cache * kv, int64_t layer, const struct chunk * c, int64_t h) {
+    return kv->arena + (size_t) layer * kv->layer_cap + c->off +
+           (size_t) h * (rec_k_bytes(kv, c->codec) + rec_v_bytes(kv, c->codec));
+}
+
+static uint8_t * rec_v(const struct moqae_kv_cache * kv, int64_t layer, const struct chunk * c, int64_t h) {
+    return rec_k(kv, layer, c, h) + rec_k_bytes(kv, c->codec);
+}
+
+static float * stage_row(float * base, const struct moqae_kv_cache * kv, int64_t layer, int64_t h, int64_t row) {
+    return base + (((size_t) layer * (size_t) kv->cfg.n_head_kv + (size_t) h) * (size_t) kv->stage_rows +
+                   (size_t) row) * (size_t) kv->cfg.head_dim;
+}
+
+/* ---- life cycle -------------------------------------------------------------------------------- */
+
+int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out) {
+    *out = NULL;
+    if (cfg->n_layer < 1 || cfg->n_head_kv < 1 || cfg->head_dim < 1 || cfg->n_ctx < 1 || cfg->n_batch < 1) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV cache: bad shape");
+    }
+    if (cfg->chunk != 32 && cfg->chunk != 64) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV chunk size must be 32 or 64, got %lld", (long long) cfg->chunk);
+    }
+    struct moqae_kv_shape shape = { cfg->chunk, cfg->head_dim, MOQAE_KV_V_GROUP };
+    if (cfg->head_dim % MOQAE_KV_V_GROUP != 0) {
+        shape.v_group = cfg->head_dim;
+    }
+    int st = moqae_kv_shape_check(cfg->policy.codec, &shape);
+    if (st) {
+        return moqae_fail_prefix(st, "KV policy %s on head_dim %lld: ", moqae_kv_codec_name(cfg->policy.codec),
+                                 (long long) cfg->head_dim);
+    }
+    struct moqae_kv_cache * kv = calloc(1, sizeof(*kv));
+    if (!kv) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for the KV cache");
+    }
+    kv->cfg        = *cfg;
+    kv->shape      = shape;
+    kv->KK         = moqae_kv_codec_kernels();
+    kv->cap_chunks = cfg->n_ctx / cfg->chunk + 1;
+    kv->stage_rows = cfg->chunk + cfg->n_batch;
+    /* capacity from n_ctx and the policy's bits (not the FP16 worst case), or the budget */
+    uint64_t cap = cfg->budget > 0 ? (uint64_t) cfg->budget / (uint64_t) cfg->n_layer : 0;
+    if (cap == 0) {
+        const int64_t n_full = cfg->n_ctx / cfg->chunk;
+        cap = (uint64_t) (n_full > 0 && cfg->policy.sink ? chunk_bytes(kv, MOQAE_KV_CODEC_F16) : 0) +
+              (uint64_t) (n_full - (n_full > 0 && cfg->policy.sink)) * chunk_bytes(kv, cfg->policy.codec);
+    }
+    kv->layer_cap = (size_t) cap;
+    uint64_t stage = 0, arena = 0;
+    if (!moqae_mul_ok((uint64_t) cfg->n_layer * (uint64_t) cfg->n_head_kv * (uint64_t) kv->stage_rows,
+                      (uint64_t) cfg->head_dim * sizeof(float), &stage) ||
+        !moqae_mul_ok(cap, (uint64_t) cfg->n_layer, &arena) || arena > ((uint64_t) 1 << 42)) {
+        moqae_kv_cache_free(kv);
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "KV cache for n_ctx %lld is too large", (long long) cfg->n_ctx);
+    }
+    kv->stage_k = moqae_aligned_alloc(stage);
+    kv->stage_v = moqae_aligned_alloc(stage);
+    kv->arena   = moqae_aligned_alloc(arena ? arena : 64);
+    kv->chunks  = calloc((size_t) kv->cap_chunks, sizeof(*kv->chunks));
+    kv->tmp     = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * sizeof(float));
+    kv->tmp_rec = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64);
+    if (!kv->stage_k || !kv->stage_v || !kv->arena || !kv->chunks || !kv->tmp || !kv->tmp_rec) {
+        moqae_kv_cache_free(kv);
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory: the KV cache needs %.1f MiB",
+                          (double) (arena + 2 * stage) / 1048576.0);
+    }
+    *out = kv;
+    return MOQAE_OK;
+}
+
+void moqae_kv_cache_free(struct moqae_kv_cache * kv) {
+    if (!kv) {
+        return;
+    }
+    free(kv->stage_k);
+    free(kv->stage_v);
+    free(kv->arena);
+    free(kv->chunks);
+    free(kv->tmp);
+    free(kv->tmp_rec);
+    free(kv);
+}
+
+void moqae_kv_cache_clear(struct moqae_kv_cache * kv) {
+    kv->n_tokens   = 0;
+    kv->stage_pos0 = 0;
+    kv->n_chunks   = 0;
+    kv->used       = 0;
+}
+
+int64_t moqae_kv_cache_n_tokens(const struct moqae_kv_cache * kv) {
+    return kv->n_tokens;
+}
+
+int64_t moqae_kv_cache_n_ctx(const struct moqae_kv_cache * kv) {
+    return kv->cfg.n_ctx;
+}
+
+/* ---- allocation and overflow ------------------------------------------------------------------- */
+
+/* Remove the records of chunk i (size `old` bytes per layer) or replace them by `new_bytes` bytes
+ * from fill(layer) (demotion), moving the later records so that the arenas stay compact. */
+static void arena_replace(struct moqae_kv_cache * kv, int64_t i, size_t new_bytes,
+                          void (*fill)(struct moqae_kv_cache *, int64_t, int64_t, int), int new_codec) {
+    struct chunk * c     = &kv->chunks[i];
+    const size_t   old   = chunk_bytes(kv, c->codec);
+    const size_t   tail0 = c->off + old;
+    for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
+        uint8_t * base = kv->arena + (size_t) l * kv->layer_cap;
+        if (fill) {
+            fill(kv, l, i, new_codec); /* re-encodes chunk i of layer l into its first new_bytes bytes */
+        }
+        memmove(base + c->off + new_bytes, base + tail0, kv->used - tail0);
+    }
+    for (int64_t j = i + 1; j < kv->n_chunks; j++) {
+        kv->chunks[j].off = kv->chunks[j].off - old + new_bytes;
+    }
+    kv->used = kv->used - old + new_bytes;
+}
+
+/* Demotion of chunk i of layer l to new_codec, written in place (the new records are smaller and are
+ * written head by head after decoding each old one into tmp). */
+static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec) {
+    struct chunk  c   = kv->chunks[i];
+    const int64_t C   = kv->cfg.chunk, D = kv->cfg.head_dim;
+    float *       tk  = kv->tmp, *tv = kv->tmp + C * D;
+    uint8_t *     dst = kv->arena + (size_t) l * kv->layer_cap + c.off;
+    const size_t  nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
+    for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
+        moqae_kv_decode_k((enum moqae_kv_codec) c.codec, &kv->shape, rec_k(kv, l, &c, h), tk, D);
+        moqae_kv_decode_v((enum moqae_kv_codec) c.codec, &kv->shape, rec_v(kv, l, &c, h), tv, D);
+        /* head h's new records end before head h+1's old ones begin (new sizes are smaller), so
+         * encoding through tmp_rec and copying is safe */
+        moqae_kv_encode_k((enum moqae_kv_codec) new_codec, &kv->shape, tk, D, kv->tmp_rec);
+        moqae_kv_encode_v((enum moqae_kv_codec) new_codec, &kv->shape, tv, D, kv->tmp_rec + nk);
+        memcpy(dst + (size_t) h * (nk + nv), kv->tmp_rec, nk + nv);
+    }
+}
+
+/* The oldest chunk that overflow may touch: not the sink, not allocated in this micro-batch
+ * (index < n_old), and for demotion not already at the lowest codec. -1 if none. */
+static int64_t victim(const struct moqae_kv_cache * kv, int64_t n_old, bool demote) {
+    for (int64_t i = 0; i < n_old; i++) {
+        const struct chunk * c = &kv->chunks[i];
+        if (kv->cfg.policy.sink && c->pos == 0) {
+            continue;
+        }
+        if (demote && c->codec >= MOQAE_KV_CODEC_Q2) {
+            continue;
+        }
+        return i;
+    }
+    return -1;
+}
+
+/* Chunks that a micro-batch of n_tok tokens completes. */
+static int64_t chunks_completed(const struct moqae_kv_cache * kv, int64_t n_tok) {
+    const int64_t C = kv->cfg.chunk;
+    return (kv->n_tokens + n_tok) / C - kv->n_tokens / C;
+}
+
+int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok) {
+    const int64_t C     = kv->cfg.chunk;
+    const int64_t n_new = chunks_completed(kv, n_tok);
+    int64_t       n_old = kv->n_chunks; /* chunks stored before this micro-batch */
+    if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR || kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE) {
+        if (kv->n_tokens + n_tok > kv->cfg.n_ctx) {
+            return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
+                              "context full: %lld tokens in the context + %lld new > n_ctx %lld",
+                              (long long) kv->n_tokens, (long long) n_tok, (long long) kv->cfg.n_ctx);
+        }
+    }
+    /* check first (error policy: nothing may change when it does not fit) */
+    if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR) {
+        size_t need = kv->used;
+        for (int64_t i = 0; i < n_new; i++) {
+            need += chunk_bytes(kv, policy_codec(kv, kv->n_tokens / C + i));
+        }
+        if (need > kv->layer_cap || n_old + n_new > kv->cap_chunks) {
+            return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
+                              "context full: the KV budget (%.2f MiB) holds no more chunks; raise --kv-budget or use "
+                              "--kv-overflow shift|demote",
+                              (double) kv->layer_cap * (double) kv->cfg.n_layer / 1048576.0);
+        }
+    }
+    for (int64_t i = 0; i < n_new; i++) {
+        const int64_t index = kv->n_tokens / C + i;
+        const int     codec = policy_codec(kv, index);
+        const size_t  bytes = chunk_bytes(kv, codec);
+        while (kv->used + bytes > kv->layer_cap || kv->n_chunks == kv->cap_chunks) {
+            const bool    demote = kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE && kv->n_chunks < kv->cap_chunks;
+            const int64_t v      = victim(kv, n_old, demote);
+            if (v < 0 || kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR) {
+                return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
+                                  "context full: the KV budget (%.2f MiB) cannot hold the chunks of this micro-batch "
+                                  "even after %s; raise --kv-budget or lower -b",
+                                  (double) kv->layer_cap * (double) kv->cfg.n_layer / 1048576.0,
+                                  demote ? "demoting every older chunk to int2" : "evicting every older chunk");
+            }
+            if (demote) {
+                const int nc = kv->chunks[v].codec + 1;
+                arena_replace(kv, v, chunk_bytes(kv, nc), demote_fill, nc);
+                kv->chunks[v].codec = nc;
+            } else {
+                arena_replace(kv, v, 0, NULL, 0);
+                memmove(&kv->chunks[v], &kv->chunks[v + 1], (size_t) (kv->n_chunks - v - 1) * sizeof(struct chunk));
+                kv->n_chunks--;
+                n_old--;
+            }
+        }
+        kv->chunks[kv->n_chunks++] = (struct chunk){ index * C, codec, kv->used };
+        kv->used += bytes;
+    }
+    return MOQAE_OK;
+}
+
+/* ---- store, attend, commit --------------------------------------------------------------------- */
+
+/* The chunk-table entry of the chunk at position pos (it was allocated by prepare), or NULL. */
+static const struct chunk * find_chunk(const struct moqae_kv_cache * kv, int64_t pos) {
+    for (int64_t i = kv->n_chunks - 1; i >= 0; i--) {
+        if (kv->chunks[i].pos == pos) {
+            return &kv->chunks[i];
+        }
+        if (kv->chunks[i].pos < pos) {
+            break;
+        }
+    }
+    return NULL;
+}
+
+void moqae_kv_cache_store(struct moqae_kv_cache * kv, int64_t layer, int64_t n_tok, const float * k, const float * v,
+                          int ith, int nth) {
+    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim, nkv = kv->cfg.n_head_kv;
+    const int64_t p0 = kv->n_tokens, p1 = kv->n_tokens + n_tok;
+    const int64_t c0 = p0 / C, n_seg = (p1 - 1) / C - c0 + 1;
+    /* one unit = one chunk segment of one KV head: copy its rows, encode it if it is complete, so no
+     * other thread touches these rows in between */
+    for (int64_t u = ith; u < n_seg * nkv; u += nth) {
+        const int64_t seg = u / nkv, h = u % nkv;
+        const int64_t s0 = (c0 + seg) * C > p0 ? (c0 + seg) * C : p0;
+        const int64_t s1 = (c0 + seg + 1) * C < p1 ? (c0 + seg + 1) * C : p1;
+        for (int64_t p = s0; p < s1; p++) {
+            const int64_t t = p - p0;
+            memcpy(stage_row(kv->stage_k, kv, layer, h, p - kv->stage_pos0), k + (t * nkv + h) * D, (size_t) D * 4);
+            memcpy(stage_row(kv->stage_v, kv, layer, h, p - kv->stage_pos0), v + (t * nkv + h) * D, (size_t) D * 4);
+        }
+        if (s1 == (c0 + seg + 1) * C) { /* the chunk is complete: encode it */
+            const struct chunk * c  = find_chunk(kv, (c0 + seg) * C);
+            const int64_t        r0 = (c0 + seg) * C - kv->stage_pos0;
+            MOQAE_ASSERT(c != NULL);
+            moqae_kv_encode_k((enum moqae_kv_codec) c->codec, &kv->shape, stage_row(kv->stage_k, kv, layer, h, r0), D,
+                              rec_k(kv, layer, c, h));
+            moqae_kv_encode_v((enum moqae_kv_codec) c->codec, &kv->shape, stage_row(kv->stage_v, kv, layer, h, r0), D,
+                              rec_v(kv, layer, c, h));
+        }
+    }
+}
+
+int64_t moqae_kv_cache_scratch_floats(const struct moqae_kv_cache * kv, int64_t n_head) {
+    const int64_t group = n_head / kv->cfg.n_head_kv;
+    return group * (kv->cap_chunks * kv->cfg.chunk + kv->cfg.chunk) + group * kv->cfg.head_dim;
+}
+
+void moqae_kv_cache_attend(const struct moqae_kv_cache * kv, const struct moqae_cpu_kernels * K, int64_t layer,
+                           int64_t n_tok, int64_t n_head, float scale, const float * q, float * out, float * scratch,
+                           int ith, int nth) {
+    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim, nkv = kv->cfg.n_head_kv, group = n_head / nkv;
+    const int64_t ld_s = kv->cap_chunks * C + C; /* a score row: every stored chunk + the own chunk */
+    float *       s    = scratch;                /* [group][ld_s] */
+    for (int64_t u = ith; u < n_tok * nkv; u += nth) {
+        const int64_t t = u / nkv, hk = u % nkv, p = kv->n_tokens + t;
+        const int64_t own = p / C * C; /* first position of the token's own chunk */
+        const float * qh  = q + (t * n_head + hk * group) * D;
+        float *       oh  = out + (t * n_head + hk * group) * D;
+        int64_t       n   = 0;       /* scores so far in each row */
+        int64_t       nc  = 0;       /* stored chunks before the own chunk */
+        while (nc < kv->n_chunks && kv->chunks[nc].pos < own) {
+            nc++;
+        }
+        for (int64_t g = 0; g < group; g++) {
+            memset(s + g * ld_s, 0, (size_t) (nc * C) * sizeof(float));
+        }
+        for (int64_t i = 0; i < nc; i++, n += C) {
+            const struct chunk * c = &kv->chunks[i];
+            kv->KK->kq[c->codec](&kv->shape, NULL, rec_k(kv, layer, c, hk), group, qh, D, s + n, ld_s);
+        }
+        const int64_t r0 = own - kv->stage_pos0, r1 = p - kv->stage_pos0; /* own rows r0..r1 */
+        for (int64_t g = 0; g < group; g++) {
+            float * sg = s + g * ld_s;
+            for (int64_t r = r0; r <= r1; r++) {
+                sg[n + r - r0] = K->dot_f32(D, qh + g * D, stage_row(kv->stage_k, kv, layer, hk, r));
+            }
+            const int64_t n_all = n + r1 - r0 + 1;
+            float         mx    = -INFINITY;
+            for (int64_t j = 0; j < n_all; j++) {
+                sg[j] *= scale;
+                mx = sg[j] > mx ? sg[j] : mx;
+            }
+            double sum = 0.0;
+            for (int64_t j = 0; j < n_all; j++) {
+                sg[j] = expf(sg[j] - mx);
+                sum += sg[j];
+            }
+            K->scale(n_all, (float) (1.0 / sum), sg);
+            float * og = oh + g * D;
+            memset(og, 0, (size_t) D * sizeof(float));
+            for (int64_t r = r0; r <= r1; r++) {
+                const float   w  = sg[n + r - r0];
+                const float * vr = stage_row(kv->stage_v, kv, layer, hk, r);
+                for (int64_t d = 0; d < D; d++) {
+                    og[d] += w * vr[d];
+                }
+            }
+        }
+        for (int64_t i = 0; i < nc; i++) {
+            const struct chunk * c = &kv->chunks[i];
+            kv->KK->pv[c->codec](&kv->shape, rec_v(kv, layer, c, hk), group, s + i * C, ld_s, oh, D);
+        }
+    }
+}
+
+void moqae_kv_cache_commit(struct moqae_kv_cache * kv, int64_t n_tok) {
+    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim;
+    kv->n_tokens += n_tok;
+    const int64_t pos0 = kv->n_tokens / C * C; /* the new incomplete chunk starts here */
+    const int64_t keep = kv->n_tokens - pos0, from = pos0 - kv->stage_pos0;
+    if (from > 0 && keep > 0) {
+        for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
+            for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
+                memmove(stage_row(kv->stage_k, kv, l, h, 0), stage_row(kv->stage_k, kv, l, h, from),
+                        (size_t) (keep * D) * sizeof(float));
+                memmove(stage_row(kv->stage_v, kv, l, h, 0), stage_row(kv->stage_v, kv, l, h, from),
+                        (size_t) (keep * D) * sizeof(float));
+            }
+        }
+    }
+    kv->stage_pos0 = pos0;
+}
+
+void moqae_kv_cache_stats(const struct moqae_kv_cache * kv, struct moqae_kv_stats * out) {
+    memset(out, 0, sizeof(*out));
+    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim;
+    const double  per_token_elems = 2.0 * (double) (kv->cfg.n_layer * kv->cfg.n_head_kv * D);
+    double        code_bits = 0.0;
+    for (int64_t i = 0; i < kv->n_chunks; i++) {
+        out->n_chunks[kv->chunks[i].codec]++;
+        code_bits += (double) moqae_kv_codec_bits((enum moqae_kv_codec) kv->chunks[i].codec) * (double) C;
+    }
+    const int64_t resid = kv->n_tokens - kv->stage_pos0; /* f32 residual window */
+    const int64_t held  = kv->n_chunks * C + resid;
+    code_bits += 32.0 * (double) resid;
+    out->n_tokens       = held;
+    out->n_ctx          = kv->cfg.n_ctx;
+    const double resid_bytes = (double) resid * per_token_elems * 4.0;
+    out->bytes_used     = (int64_t) ((double) kv->used * (double) kv->cfg.n_layer + resid_bytes);
+    out->bytes_reserved = (int64_t) ((double) kv->layer_cap * (double) kv->cfg.n_layer +
+                                     2.0 * (double) (kv->cfg.n_layer * kv->cfg.n_head_kv * kv->stage_rows * D) * 4.0);
+    if (held > 0) {
+        out->nominal_bits   = code_bits / (double) held;
+        out->effective_bits = (double) out->bytes_used * 8.0 / ((double) held * per_token_elems);
+    }
+}

@@ -1,0 +1,148 @@
+"""KV codecs: train/kv_codec.py (PyTorch) and runtime/src/kv-codec.c produce the same bytes for the same
+input, decode to the same floats, and keep round-trip errors within bounds on random data and on real
+K/V from SmolLM2. The C side runs through tests/tools/kv-codec-dump.c. Layouts: kv-codec.h."""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, bin_path
+
+torch = pytest.importorskip("torch")
+import kv_codec  # noqa: E402  (train/, on sys.path through conftest)
+
+torch.set_num_threads(1)  # small tensors: threads only add contention on the 2-core CI machine
+
+CODECS = ["fp16", "int8", "int4", "int2"]
+QMAX = {"int8": 255, "int4": 15, "int2": 3}
+# Normalised RMSE (rmse / rms(x)) bounds on SmolLM2's real K (after RoPE) and V of its first layers
+# (measured values in docs/KV-CODECS.md, plus margin).
+REAL_NRMSE = {"int8": {"k": 0.006, "v": 0.012}, "int4": {"k": 0.07, "v": 0.13}, "int2": {"k": 0.35, "v": 0.60}}
+
+
+def c_dump(tmp_path, kind: str, codec: str, x: np.ndarray, G: int):
+    exe = bin_path("kv-codec-dump")
+    if not exe.exists():
+        pytest.fail(f"{exe} not found: build first (scripts/build.sh) or set MOQAE_BIN_DIR")
+    R, C, D = x.shape
+    src, out, dec = tmp_path / "x.f32", tmp_path / "rec.bin", tmp_path / "dec.f32"
+    x.astype("<f4").tofile(src)
+    subprocess.run([str(exe), kind, codec, str(C), str(D), str(G), str(src), str(out), str(dec)], check=True)
+    rec = np.fromfile(out, dtype=np.uint8).reshape(R, -1)
+    return rec, np.fromfile(dec, dtype="<f4").reshape(R, C, D)
+
+
+def sample(rng, R: int, C: int, D: int) -> np.ndarray:
+    """Awkward inputs: per-channel offsets and outliers, constant groups and channels, tiny ranges
+    (subnormal f16 scales), exact ties at half steps, zeros and negative zeros."""
+    x = rng.standard_normal((R, C, D)).astype(np.float32)
+    x *= rng.choice([1e-3, 0.1, 1.0, 10.0], size=(R, 1, D)).astype(np.float32)
+    x += rng.choice([0.0, -5.0, 3.0, 200.0], size=(R, 1, D)).astype(np.float32)
+    x[0, :, : D // 4] = 1.5  # constant channels
+    x[0, 3, :] = 0.0  # a constant token row (value groups with max == min)
+    x[1 % R, :, 1] = -0.0
+    x[-1] = np.round(x[-1] * 4) / 4  # values on a coarse grid: ties in the rounding
+    x[R // 2] *= np.float32(1e-6)  # ranges whose scales are f16 subnormals
+    return x
+
+
+SHAPES = [(32, 64, 32), (64, 128, 32), (32, 48, 16), (16, 64, 64), (64, 64, 64)]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "C%d-D%d-G%d" % s)
+def test_same_bytes_as_c(tmp_path, codec, shape):
+    C, D, G = shape
+    rng = np.random.default_rng(hash((codec, shape)) % 2**32)
+    x = sample(rng, 6, C, D)
+    for kind in ("k", "v"):
+        rec_c, dec_c = c_dump(tmp_path, kind, codec, x, G)
+        xt = torch.from_numpy(x)
+        rec_t = kv_codec.encode_k(xt, codec) if kind == "k" else kv_codec.encode_v(xt, codec, G)
+        size = kv_codec.k_bytes(codec, C, D) if kind == "k" else kv_codec.v_bytes(codec, C, D, G)
+        assert rec_t.dtype == torch.uint8 and rec_t.shape == (6, size) == rec_c.shape
+        diff = np.nonzero(rec_t.numpy() != rec_c)
+        assert diff[0].size == 0, f"{kind} {codec} {shape}: bytes differ at (record, byte) {list(zip(*diff))[:8]}"
+        dec_t = kv_codec.decode_k(rec_t, codec, C, D) if kind == "k" else kv_codec.decode_v(rec_t, codec, C, D, G)
+        rt = kv_codec.roundtrip_k(xt, codec) if kind == "k" else kv_codec.roundtrip_v(xt, codec, G)
+        assert np.array_equal(dec_t.numpy().view(np.uint32), dec_c.view(np.uint32)), f"{kind} {codec}: decode"
+        assert np.array_equal(rt.numpy().view(np.uint32), dec_c.view(np.uint32)), f"{kind} {codec}: roundtrip"
+
+
+def test_sizes_match_c():
+    exe = bin_path("kv-codec-dump")
+    for C, D, G in SHAPES:
+        out = subprocess.run([str(exe), "--sizes", str(C), str(D), str(G)], capture_output=True, text=True,
+                             check=True).stdout.split("\n")
+        for line, codec in zip(out, CODECS):
+            name, kb, vb, eff = line.split()
+            assert name == codec
+            assert int(kb) == kv_codec.k_bytes(codec, C, D) and int(vb) == kv_codec.v_bytes(codec, C, D, G)
+            assert abs(float(eff) - kv_codec.effective_bits(codec, C, D, G)) < 1e-6
+    # the design target: int4 at C=32, D=64 stays within 4.5 effective bits, scales and zeros included
+    assert kv_codec.effective_bits("int4", 32, 64) <= 4.5
+
+
+def test_frac_table_matches_c():
+    src = (ROOT / "runtime/src/kv-codec.c").read_text()
+    body = src[src.index("static const float FRAC[16]"):]
+    body = body[body.index("{") + 1:body.index("}")]
+    c_vals = [float.fromhex(t.strip().rstrip("f")) for t in body.split(",") if t.strip()]
+    assert c_vals == kv_codec.FRAC.tolist()
+    assert all(np.float32(2.0 ** (-f / 16)) == np.float32(v) for f, v in enumerate(c_vals))
+
+
+def check_step_bound(x: torch.Tensor, kind: str, codec: str, G: int = 32):
+    """Every element decodes within half its group's scale (zlo is rounded down and sbase up, so nothing
+    is clipped; f32 rounding of zero and scale * code adds a few ulps). Returns (normalised RMSE,
+    max |error| / group range)."""
+    R, C, D = x.shape
+    if kind == "k":
+        rec = kv_codec.encode_k(x, codec)
+        y = kv_codec.decode_k(rec, codec, C, D)
+        s, z = kv_codec.meta_k(rec, codec, C, D)
+        s, z = s[:, None, :], z[:, None, :]  # [R][1][D]
+        xr = x.transpose(1, 2)
+        rng_ = (xr.amax(-1) - xr.amin(-1))[:, None, :]
+    else:
+        rec = kv_codec.encode_v(x, codec, G)
+        y = kv_codec.decode_v(rec, codec, C, D, G)
+        s, z = kv_codec.meta_v(rec, codec, C, D, G)
+        s, z = s.repeat_interleave(G, dim=2), z.repeat_interleave(G, dim=2)
+        xg = x.reshape(R, C, D // G, G)
+        rng_ = (xg.amax(-1) - xg.amin(-1)).repeat_interleave(G, dim=2)
+    err = (y - x).abs()
+    bound = s * (0.5 + QMAX[codec] * 2.0**-22) + (z.abs() + x.abs()) * 2.0**-22 + 1e-30
+    bad = err > bound
+    assert not bad.any(), f"{kind} {codec}: {int(bad.sum())} elements beyond half a step, worst {float((err / bound).max())}"
+    nrmse = float((y - x).pow(2).mean().sqrt() / x.pow(2).mean().sqrt())
+    return nrmse, float((err / rng_.clamp_min(1e-30)).max())
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2"])
+def test_roundtrip_bound_random(codec):
+    rng = np.random.default_rng(7)
+    for x in (rng.standard_normal((64, 32, 64)) * 3 + 1, sample(rng, 8, 64, 128)):
+        for kind in ("k", "v"):
+            check_step_bound(torch.from_numpy(x.astype(np.float32)), kind, codec)
+
+
+def test_roundtrip_bound_real(smollm2):
+    """Real K (before and after RoPE) and V of SmolLM2's first layers on wikitext text."""
+    from kv_dump import LlamaTorch, tokenize
+
+    text = (ROOT / "tests/data/wikitext-2-excerpt.txt").read_bytes()[:4096]
+    toks = tokenize(smollm2, text, str(bin_path("tokenize-dump")))[:256]
+    assert len(toks) == 256
+    m = LlamaTorch(smollm2, n_layer=3, token_ids=toks)
+    _, caps = m.forward(toks, capture=True)
+    for codec in ("int8", "int4", "int2"):
+        for name in ("k_pre", "k_post", "v"):
+            kind = name[0]
+            errs = []
+            for c in caps:
+                x = c[name].permute(1, 0, 2).reshape(-1, 32, 64)
+                errs.append(check_step_bound(x.contiguous(), kind, codec)[0])
+            assert np.mean(errs) <= REAL_NRMSE[codec][kind], (codec, name, errs)
