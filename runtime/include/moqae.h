@@ -264,7 +264,7 @@ struct moqae_ppl_result {
     int64_t n_chunks;  /* windows evaluated */
 };
 
-/* Resets the context before each window and leaves it reset. MOQAE_ERR_INVALID_ARG if tokens hold
+/* Resets the context before each window and leaves the last window in it (for moqae_context_kv_stats). MOQAE_ERR_INVALID_ARG if tokens hold
  * fewer than one window (n_ctx tokens). */
 MOQAE_API int moqae_perplexity(struct moqae_context * ctx, const int32_t * tokens, int64_t n_tokens,
                                const struct moqae_ppl_params * params, struct moqae_ppl_result * out);

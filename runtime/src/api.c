@@ -364,8 +364,7 @@ int moqae_perplexity(struct moqae_context * c, const int32_t * tokens, int64_t n
             break;
         }
     }
-    moqae_context_reset(c);
-    free(win);
+    free(win); /* the last window stays in the context, for its KV statistics */
     if (st) {
         return st;
     }

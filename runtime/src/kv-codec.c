@@ -189,9 +189,15 @@ static struct bases read_bases(const struct moqae_kv_geom * g, const uint8_t * r
     return b;
 }
 
-/* The scale of code a: exact power-of-two scaling (sb >= 2^-24, so no subnormal below 2^-24*2^-16). */
+/* 2^-e for e < 16: multiplying by it is exact (sb * FRAC >= 2^-25, so no result is subnormal). */
+static const float POW2_NEG[16] = {
+    0x1p-0f, 0x1p-1f, 0x1p-2f,  0x1p-3f,  0x1p-4f,  0x1p-5f,  0x1p-6f,  0x1p-7f,
+    0x1p-8f, 0x1p-9f, 0x1p-10f, 0x1p-11f, 0x1p-12f, 0x1p-13f, 0x1p-14f, 0x1p-15f,
+};
+
+/* The scale of code a. */
 static inline float scale_of(float sb, unsigned a) {
-    return ldexpf(mul_rn(sb, FRAC[a & 15u]), -(int) (a >> 4));
+    return mul_rn(sb, FRAC[a & 15u]) * POW2_NEG[a >> 4];
 }
 
 static inline float zero_of(const struct bases * b, unsigned zcode) {

@@ -10,11 +10,11 @@
 #include <string.h>
 
 static void usage(void) {
-    fprintf(stderr, "usage: moqae-bench -m MODEL [-p N] [-n N] [-d DEPTH] [-t N] [-r REPS] [-b N] [--kv fp16]\n"
+    fprintf(stderr, "usage: moqae-bench -m MODEL [-p N] [-n N] [-d DEPTH] [-t N] [-r REPS] [-b N] [--kv POLICY]\n"
                     "  -p N      prompt tokens (default 512; 0 = skip)\n"
                     "  -n N      generated tokens (default 128; 0 = skip)\n"
                     "  -d DEPTH  tokens already in the context before each test (default 0)\n"
-                    "  -r REPS   repetitions, the median is reported (default 5)\n");
+                    "  -r REPS   repetitions, the median is reported (default 5)\n%s", TOOL_KV_USAGE);
 }
 
 static int cmp_double(const void * a, const void * b) {
@@ -29,7 +29,8 @@ static int fill(struct moqae_context * ctx, const int32_t * toks, int64_t depth)
 }
 
 int main(int argc, char ** argv) {
-    const char * model_path = NULL, *kv = NULL;
+    const char * model_path = NULL;
+    struct moqae_context_params cp = moqae_context_default_params();
     int64_t      n_prompt = 512, n_gen = 128, depth = 0, n_threads = 0, reps = 5, n_batch = 512;
     for (int i = 1; i < argc; i++) {
         const char * a  = argv[i];
@@ -48,8 +49,8 @@ int main(int argc, char ** argv) {
             ok = tool_arg_i64(argc, argv, &i, a, 1, 1000, &reps);
         } else if (!strcmp(a, "-b")) {
             ok = tool_arg_i64(argc, argv, &i, a, 1, 1 << 20, &n_batch);
-        } else if (!strcmp(a, "--kv")) {
-            ok = tool_arg_str(argc, argv, &i, a, &kv);
+        } else if (tool_arg_kv(argc, argv, &i, &cp, &ok)) {
+            /* parsed */
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage();
             return 0;
@@ -73,11 +74,9 @@ int main(int argc, char ** argv) {
     struct moqae_model_info info;
     moqae_model_get_info(model, &info);
     const int64_t n_tot = depth + (n_prompt > n_gen ? n_prompt : n_gen);
-    struct moqae_context_params cp = moqae_context_default_params();
     cp.n_ctx     = n_tot;
     cp.n_batch   = n_batch;
     cp.n_threads = (int32_t) n_threads;
-    cp.kv        = kv;
     struct moqae_context * ctx = NULL;
     int32_t *              toks = malloc((size_t) n_tot * sizeof(int32_t));
     double *               ts   = malloc((size_t) reps * sizeof(double));
@@ -138,7 +137,7 @@ int main(int argc, char ** argv) {
         const double med = reps % 2 ? ts[reps / 2] : 0.5 * (ts[reps / 2 - 1] + ts[reps / 2]);
         printf("| %s | %.2f MiB | %.2f M | %s | %lld | %s | %s | %.2f (min %.2f, max %.2f) |\n", info.name,
                (double) info.weight_bytes / 1048576.0, (double) info.n_params / 1e6, moqae_cpu_backend(),
-               (long long) (n_threads ? n_threads : 0), kv ? kv : "fp16", name, med, ts[0], ts[reps - 1]);
+               (long long) (n_threads ? n_threads : 0), cp.kv ? cp.kv : "fp16", name, med, ts[0], ts[reps - 1]);
         fflush(stdout);
     }
     rc = 0;

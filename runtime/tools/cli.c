@@ -25,7 +25,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: moqae-cli -m MODEL [-p TEXT | -f FILE] [-n N] [-c N] [-b N] [-t N] [-s SEED] [--temp T]\n"
             "                 [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R] [--repeat-last-n N]\n"
-            "                 [--kv fp16] [--no-special] [-v]\n"
+            "                 [--kv POLICY] [--kv-budget BYTES] [--kv-overflow P] [--no-special] [-v]\n"
             "  -m MODEL          GGUF model file\n"
             "  -p TEXT           prompt text            -f FILE  read the prompt from FILE\n"
             "  -n N              tokens to generate (default 128; -1 = until end of text or context full)\n"
@@ -35,16 +35,17 @@ static void usage(void) {
             "  -s SEED           RNG seed (default 0)\n"
             "  --temp T          temperature (default 0.8; 0 = greedy)\n"
             "  --top-k K --top-p P --min-p P --repeat-penalty R --repeat-last-n N   sampling (defaults 40 0.95 0.05 1.0 64)\n"
-            "  --kv POLICY       KV cache policy (this version: fp16)\n"
+            "%s"
             "  --no-special      treat <|...|> in the prompt as plain text\n"
-            "  -v                verbose library logs\n");
+            "  -v                verbose library logs\n", TOOL_KV_USAGE);
 }
 
 struct cli_opts {
-    const char *                model, *prompt, *file, *kv;
+    const char *                model, *prompt, *file;
     int64_t                     n_predict, n_ctx, n_batch, n_threads;
     bool                        parse_special, verbose;
     struct moqae_sampler_params sp;
+    struct moqae_context_params cp;
 };
 
 static bool parse_args(int argc, char ** argv, struct cli_opts * o) {
@@ -83,8 +84,8 @@ static bool parse_args(int argc, char ** argv, struct cli_opts * o) {
         } else if (!strcmp(a, "--repeat-last-n")) {
             ok                  = tool_arg_i64(argc, argv, &i, a, 0, 1 << 20, &v);
             o->sp.repeat_last_n = (int32_t) v;
-        } else if (!strcmp(a, "--kv")) {
-            ok = tool_arg_str(argc, argv, &i, a, &o->kv);
+        } else if (tool_arg_kv(argc, argv, &i, &o->cp, &ok)) {
+            /* parsed */
         } else if (!strcmp(a, "--no-special")) {
             o->parse_special = false;
         } else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
@@ -134,12 +135,16 @@ static int64_t generate(struct moqae_model * model, struct moqae_context * ctx, 
             fflush(stdout);
         }
         n_gen++;
-        if (moqae_context_n_past(ctx) >= moqae_context_n_ctx(ctx)) {
-            fprintf(stderr, "\n[context full after %lld tokens: stopping]\n", (long long) moqae_context_n_past(ctx));
-            break;
+        if (n_predict >= 0 && n_gen == n_predict) {
+            break; /* the last token needs no decode */
         }
         int st = moqae_decode(ctx, &tok, 1, 1);
         if (st == MOQAE_ERR_INTERRUPTED) {
+            break;
+        }
+        if (st == MOQAE_ERR_CONTEXT_FULL) {
+            fprintf(stderr, "\n[context full after %lld tokens: stopping (%s)]\n",
+                    (long long) moqae_context_n_past(ctx), moqae_last_error());
             break;
         }
         if (st) {
@@ -156,6 +161,7 @@ int main(int argc, char ** argv) {
     o.n_ctx           = -1;
     o.parse_special   = true;
     o.sp              = moqae_sampler_default_params();
+    o.cp              = moqae_context_default_params();
     if (!parse_args(argc, argv, &o)) {
         return 1;
     }
@@ -195,17 +201,16 @@ int main(int argc, char ** argv) {
         tool_error("the prompt is empty: give one with -p TEXT or -f FILE");
         goto done;
     }
-    struct moqae_context_params cp = moqae_context_default_params();
+    struct moqae_context_params cp = o.cp;
     cp.n_ctx     = o.n_ctx >= 0 ? o.n_ctx : (info.n_ctx_train < 4096 ? info.n_ctx_train : 4096);
     cp.n_batch   = o.n_batch;
     cp.n_threads = (int32_t) o.n_threads;
-    cp.kv        = o.kv;
     if (moqae_context_new(model, &cp, &ctx) || moqae_sampler_new(&o.sp, &smpl)) {
         tool_error("%s", moqae_last_error());
         goto done;
     }
     const int64_t n_ctx = moqae_context_n_ctx(ctx);
-    if (n_prompt >= n_ctx) {
+    if (n_prompt >= n_ctx && cp.kv_overflow != MOQAE_KV_OVERFLOW_POLICY_SHIFT) {
         tool_error("the prompt has %lld tokens but the context holds %lld: use a larger -c or a shorter prompt",
                    (long long) n_prompt, (long long) n_ctx);
         goto done;
@@ -232,15 +237,11 @@ int main(int argc, char ** argv) {
         tool_error("%s", moqae_last_error());
         goto done;
     }
-    struct moqae_kv_stats ks;
-    moqae_context_kv_stats(ctx, &ks);
     fprintf(stderr, "\nprompt:     %6lld tokens in %8.3f s = %8.2f tokens/s\n", (long long) n_prompt, t1 - t0,
             (double) n_prompt / (t1 - t0));
     fprintf(stderr, "generation: %6lld tokens in %8.3f s = %8.2f tokens/s\n", (long long) n_gen, t2 - t1,
             n_gen > 0 ? (double) n_gen / (t2 - t1) : 0.0);
-    fprintf(stderr, "kv cache:   %lld/%lld tokens, %.2f MiB used, %.2f MiB reserved, %.2f bits/element (%s)\n",
-            (long long) ks.n_tokens, (long long) ks.n_ctx, (double) ks.bytes_used / 1048576.0,
-            (double) ks.bytes_reserved / 1048576.0, ks.effective_bits, o.kv ? o.kv : "fp16");
+    tool_print_kv_stats(ctx, &cp);
     if (g_stop) {
         fprintf(stderr, "interrupted\n");
     }

@@ -11,11 +11,11 @@
 #include <string.h>
 
 static void usage(void) {
-    fprintf(stderr, "usage: moqae-perplexity -m MODEL -f FILE [-c N] [--chunks K] [-b N] [-t N] [--kv fp16] [-v]\n"
+    fprintf(stderr, "usage: moqae-perplexity -m MODEL -f FILE [-c N] [--chunks K] [-b N] [-t N] [--kv POLICY] [-v]\n"
                     "  -c N        window size in tokens (default 512)\n"
                     "  --chunks K  score at most K windows (default: all)\n"
                     "  -b N        micro-batch in tokens (default: the window size)\n"
-                    "  -t N        threads (default: all CPUs)\n");
+                    "  -t N        threads (default: all CPUs)\n%s", TOOL_KV_USAGE);
 }
 
 static bool progress(int64_t chunk, int64_t n_chunks, double ppl, void * user) {
@@ -31,7 +31,8 @@ static bool progress(int64_t chunk, int64_t n_chunks, double ppl, void * user) {
 }
 
 int main(int argc, char ** argv) {
-    const char * model_path = NULL, *file = NULL, *kv = NULL;
+    const char * model_path = NULL, *file = NULL;
+    struct moqae_context_params cp = moqae_context_default_params();
     int64_t      n_ctx = 512, n_chunks = 0, n_batch = 0, n_threads = 0;
     bool         verbose = false;
     for (int i = 1; i < argc; i++) {
@@ -49,8 +50,8 @@ int main(int argc, char ** argv) {
             ok = tool_arg_i64(argc, argv, &i, a, 1, (int64_t) 1 << 24, &n_batch);
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             ok = tool_arg_i64(argc, argv, &i, a, 1, 1024, &n_threads);
-        } else if (!strcmp(a, "--kv")) {
-            ok = tool_arg_str(argc, argv, &i, a, &kv);
+        } else if (tool_arg_kv(argc, argv, &i, &cp, &ok)) {
+            /* parsed */
         } else if (!strcmp(a, "-v")) {
             verbose = true;
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -92,11 +93,9 @@ int main(int argc, char ** argv) {
                    (long long) (2 * n_ctx), (long long) n_ctx, (long long) n_tok);
         goto done;
     }
-    struct moqae_context_params cp = moqae_context_default_params();
     cp.n_ctx     = n_ctx;
     cp.n_batch   = n_batch ? n_batch : n_ctx;
     cp.n_threads = (int32_t) n_threads;
-    cp.kv        = kv;
     if (moqae_context_new(model, &cp, &ctx)) {
         tool_error("%s", moqae_last_error());
         goto done;
@@ -118,13 +117,10 @@ int main(int argc, char ** argv) {
     }
     const double t1 = tool_now();
     printf("\n");
-    struct moqae_kv_stats ks;
-    moqae_context_kv_stats(ctx, &ks);
     fprintf(stderr, "perplexity: %lld windows, %lld tokens scored in %.1f s (%.1f tokens/s evaluated)\n",
             (long long) res.n_chunks, (long long) res.n_scored, t1 - t0,
             (double) (res.n_chunks * n_ctx) / (t1 - t0));
-    fprintf(stderr, "kv cache: %s, %.2f effective bits/element, %.2f MiB reserved\n", kv ? kv : "fp16",
-            ks.effective_bits, (double) ks.bytes_reserved / 1048576.0);
+    tool_print_kv_stats(ctx, &cp); /* the last window */
     printf("Final estimate: PPL = %.4f +/- %.5f\n", res.ppl, res.ppl_err);
     rc = 0;
 done:

@@ -158,3 +158,75 @@ static void log_to_stderr(int level, const char * msg, void * user) {
 void tool_install_logger(bool verbose) {
     moqae_log_set(log_to_stderr, verbose ? (void *) 1 : NULL);
 }
+
+const char * const TOOL_KV_USAGE =
+    "  --kv POLICY       KV cache: fp16, int8, int4, int2, sink+int8, sink+int4, sink+int2 (default fp16)\n"
+    "  --kv-budget BYTES bytes for the encoded KV chunks (suffixes K, M, G; default: sized from -c)\n"
+    "  --kv-overflow P   when the KV cache is full: error, shift (drop oldest chunks), demote (fewer bits)\n"
+    "  --kv-chunk N      tokens per KV chunk: 32 (default) or 64\n";
+
+bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * cp, bool * ok) {
+    const char * a = argv[*i];
+    int64_t      v = 0;
+    *ok            = true;
+    if (!strcmp(a, "--kv")) {
+        *ok = tool_arg_str(argc, argv, i, a, &cp->kv);
+    } else if (!strcmp(a, "--kv-chunk")) {
+        *ok = tool_arg_i64(argc, argv, i, a, 32, 64, &v);
+        if (*ok && v != 32 && v != 64) {
+            *ok = false;
+            tool_error("--kv-chunk must be 32 or 64, got %lld", (long long) v);
+        }
+        cp->kv_chunk = (int32_t) v;
+    } else if (!strcmp(a, "--kv-overflow")) {
+        const char * s = NULL;
+        if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {
+            if (!strcmp(s, "error")) {
+                cp->kv_overflow = MOQAE_KV_OVERFLOW_POLICY_ERROR;
+            } else if (!strcmp(s, "shift")) {
+                cp->kv_overflow = MOQAE_KV_OVERFLOW_POLICY_SHIFT;
+            } else if (!strcmp(s, "demote")) {
+                cp->kv_overflow = MOQAE_KV_OVERFLOW_POLICY_DEMOTE;
+            } else {
+                *ok = false;
+                tool_error("--kv-overflow expects error, shift or demote, got '%s'", s);
+            }
+        }
+    } else if (!strcmp(a, "--kv-budget")) {
+        const char * s = NULL;
+        if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {
+            char *   end = NULL;
+            double   x   = strtod(s, &end);
+            double   mul = 1.0;
+            if (end && (*end == 'K' || *end == 'k')) {
+                mul = 1024.0, end++;
+            } else if (end && (*end == 'M' || *end == 'm')) {
+                mul = 1048576.0, end++;
+            } else if (end && (*end == 'G' || *end == 'g')) {
+                mul = 1073741824.0, end++;
+            }
+            if (end == s || *end != '\0' || !(x > 0) || x * mul > 1e15) {
+                *ok = false;
+                tool_error("--kv-budget expects a positive size in bytes (e.g. 64M), got '%s'", s);
+            } else {
+                cp->kv_budget = (int64_t) (x * mul);
+            }
+        }
+    } else {
+        return false;
+    }
+    return true;
+}
+
+void tool_print_kv_stats(const struct moqae_context * ctx, const struct moqae_context_params * cp) {
+    struct moqae_kv_stats ks;
+    if (moqae_context_kv_stats(ctx, &ks)) {
+        return;
+    }
+    fprintf(stderr,
+            "kv cache:   %lld/%lld tokens, %s, chunks fp16 %lld int8 %lld int4 %lld int2 %lld, %.2f nominal / %.2f "
+            "effective bits, %.2f MiB used, %.2f MiB reserved\n",
+            (long long) ks.n_tokens, (long long) ks.n_ctx, cp->kv ? cp->kv : "fp16", (long long) ks.n_chunks[0],
+            (long long) ks.n_chunks[1], (long long) ks.n_chunks[2], (long long) ks.n_chunks[3], ks.nominal_bits,
+            ks.effective_bits, (double) ks.bytes_used / 1048576.0, (double) ks.bytes_reserved / 1048576.0);
+}

@@ -21,6 +21,17 @@ bool tool_arg_i64(int argc, char ** argv, int * i, const char * opt, int64_t lo,
 bool tool_arg_f32(int argc, char ** argv, int * i, const char * opt, float lo, float hi, float * out);
 bool tool_arg_str(int argc, char ** argv, int * i, const char * opt, const char ** out);
 
+/* If argv[*i] is a KV option (--kv POLICY, --kv-budget BYTES, --kv-overflow error|shift|demote,
+ * --kv-chunk 32|64), parse it into cp and return true (*ok = false after printing an error on a bad
+ * value); false if it is not a KV option. */
+bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * cp, bool * ok);
+
+/* Usage lines of the KV options. */
+extern const char * const TOOL_KV_USAGE;
+
+/* One line describing the KV cache ("kv cache: ..."), to stderr. */
+void tool_print_kv_stats(const struct moqae_context * ctx, const struct moqae_context_params * cp);
+
 /* Read a whole file. NULL (after printing an error naming the path) if it cannot be read. */
 char * tool_read_file(const char * path, size_t * len);
 
