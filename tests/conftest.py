@@ -34,4 +34,7 @@ def smollm2() -> str:
 
 
 def run_tool(args: list, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """Run a tool; its output is text, with bytes that are not UTF-8 (a random model's tokens)
+    replaced rather than failing the test."""
+    kw.setdefault("errors", "replace")
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)

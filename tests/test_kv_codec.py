@@ -4,6 +4,7 @@ K/V from SmolLM2. The C side runs through tests/tools/kv-codec-dump.c. Layouts: 
 from __future__ import annotations
 
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ SHAPES = [(32, 64, 32), (64, 128, 32), (32, 48, 16), (16, 64, 64), (64, 64, 64)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "C%d-D%d-G%d" % s)
 def test_same_bytes_as_c(tmp_path, codec, shape):
     C, D, G = shape
-    rng = np.random.default_rng(hash((codec, shape)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((codec, shape)).encode()))  # fixed per case
     x = sample(rng, 6, C, D)
     for kind in ("k", "v"):
         rec_c, dec_c = c_dump(tmp_path, kind, codec, x, G)
@@ -87,7 +88,7 @@ def test_sizes_match_c():
 
 def test_frac_table_matches_c():
     src = (ROOT / "runtime/src/kv-codec.c").read_text()
-    body = src[src.index("static const float FRAC[16]"):]
+    body = src[src.index("const float moqae_kv_frac[16] = {"):]
     body = body[body.index("{") + 1:body.index("}")]
     c_vals = [float.fromhex(t.strip().rstrip("f")) for t in body.split(",") if t.strip()]
     assert c_vals == kv_codec.FRAC.tolist()

@@ -361,7 +361,9 @@ def test_kv_cache_stats(llm):
     assert set(s["n_chunks"]) == {"fp16", "int8", "int4", "int2"}
     assert s["nominal_bits"] == 16 and s["effective_bits"] >= 16
     assert 0 < s["bytes_used"] <= s["bytes_reserved"]
-    assert s["bytes_reserved"] == N_CTX * 30 * 2 * 3 * 64 * 2  # SmolLM2, fp16 K and V
+    # SmolLM2, fp16 K and V: the chunk records for N_CTX tokens, plus the f32 window of the
+    # incomplete chunk and one micro-batch
+    assert s["bytes_reserved"] >= N_CTX * 30 * 2 * 3 * 64 * 2
 
 
 def test_perplexity(llm, smollm2):

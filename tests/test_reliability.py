@@ -138,10 +138,11 @@ def test_malformed_field(name, tiny, tmp_path, bin_dir):
 
 @pytest.mark.parametrize("value,pattern", [(0, r"alignment = 0 is not a power of two"),
                                            (48, r"alignment = 48 is not a power of two"),
-                                           (1 << 31, r"tensor data would start at offset 2147483648")])
+                                           (1 << 31, r"tensor data would start at offset 2147483648")],
+                         ids=["0", "48", "2^31"])
 def test_bad_alignment(value, pattern, tmp_path, bin_dir):
     """general.alignment: zero, not a power of two, or so large that the data would start past the end."""
-    buf = bytearray((ROOT / "tests/fuzz/corpus-gguf/align-64.gguf").read_bytes())
+    buf = bytearray((ROOT / "tests/fuzz/corpus-gguf/align-64").read_bytes())
     lay = make_bad.layout(bytes(buf))
     struct.pack_into("<I", buf, _value_pos(lay, "general.alignment") + 4, value)
     bad = tmp_path / "align.gguf"
@@ -190,7 +191,7 @@ def test_absurd_c_on_smollm2(bin_dir, smollm2):
     assert time.perf_counter() - t0 < 30
 
 
-@pytest.mark.parametrize("prompt,n_ctx", [("hello world", 2), ("hello", 1)])
+@pytest.mark.parametrize("prompt,n_ctx", [("hello world", 2), ("hello", 1)], ids=["c2", "c1"])
 def test_prompt_that_fills_the_context(bin_dir, smollm2, prompt, n_ctx):
     """A prompt of exactly n_ctx tokens leaves no room to generate: an error (the longer-than-context
     row is test_cli.py::test_prompt_longer_than_context_is_an_error)."""
@@ -294,6 +295,19 @@ def test_ctrl_c_before_the_prompt_is_evaluated(inject, bin_dir, tiny):
 # ---- prompt files and options --------------------------------------------------------------------
 
 
+def test_empty_prompt(bin_dir, smollm2):
+    clean_failure(cli(bin_dir, smollm2, "-p", ""), r"the prompt is empty")
+
+
+def test_prompt_of_invalid_utf8(bin_dir, smollm2, tmp_path):
+    """Invalid UTF-8, NUL bytes and lone surrogates are tokenized byte-wise, never rejected."""
+    f = tmp_path / "bytes.txt"
+    f.write_bytes(b"ok \xff\xfe\xc3\x28 \x00 \xed\xa0\x80 \xf4\x90\x80\x80 end")
+    r = cli(bin_dir, smollm2, "-f", f, "-n", "2", "--temp", "0", errors="replace")
+    no_crash(r)
+    assert r.returncode == 0, r.stderr
+
+
 def test_prompt_file_empty(bin_dir, smollm2, tmp_path):
     f = tmp_path / "empty.txt"
     f.write_bytes(b"")
@@ -325,7 +339,7 @@ def test_prompt_file_read_error(bin_dir, smollm2):
 
 
 # test_cli.py::test_bad_options has -n abc, --temp nan, --bogus, -p with -f.
-@pytest.mark.parametrize("args,pattern", [
+BAD_CLI_OPTIONS = [
     (["-c", "-5"], r"option -c expects an integer in \[0, 16777216\], got '-5'"),
     (["-c", "16777217"], r"option -c expects an integer .* got '16777217'"),
     (["-c", "1e3"], r"option -c expects an integer .* got '1e3'"),
@@ -343,7 +357,10 @@ def test_prompt_file_read_error(bin_dir, smollm2):
     (["--repeat-penalty", "0"], r"option --repeat-penalty expects a number"),
     (["--kv", "int3"], r"KV policy 'int3'"),
     (["-n"], r"option -n needs a value"),
-])
+]
+
+
+@pytest.mark.parametrize("args,pattern", BAD_CLI_OPTIONS, ids=[" ".join(a) for a, _ in BAD_CLI_OPTIONS])
 def test_bad_cli_option(bin_dir, smollm2, args, pattern):
     clean_failure(cli(bin_dir, smollm2, "-p", "hi", *args), pattern)
 
@@ -356,7 +373,7 @@ def test_no_model_option(bin_dir):
     (["-c", "3"], r"option -c expects an integer in \[4,"),
     (["--chunks", "0"], r"option --chunks expects an integer in \[1,"),
     (["-b", "x"], r"option -b expects an integer"),
-])
+], ids=["-c 3", "--chunks 0", "-b x"])
 def test_bad_perplexity_option(bin_dir, smollm2, args, pattern):
     clean_failure(run_tool([bin_dir / "moqae-perplexity", "-m", smollm2, "-f", HEAD, *args]), pattern)
 

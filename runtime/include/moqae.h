@@ -223,7 +223,7 @@ MOQAE_API int moqae_decode(struct moqae_context * ctx, const int32_t * tokens, i
  * stays valid until the next decode, reset or free of ctx. */
 MOQAE_API int moqae_context_logits(const struct moqae_context * ctx, int64_t i, const float ** out);
 
-/* Ask a running moqae_decode on ctx to stop at the next micro-batch or layer boundary. Safe from any
+/* Ask a running moqae_decode on ctx to stop at the next micro-batch boundary. Safe from any
  * thread and from signal handlers. The flag clears when the next decode starts. */
 MOQAE_API void moqae_context_interrupt(struct moqae_context * ctx);
 
@@ -231,8 +231,8 @@ struct moqae_kv_stats {
     int64_t n_tokens;        /* tokens the cache holds (completed chunks + the residual window)  */
     int64_t n_ctx;           /* tokens it can hold                                            */
     int64_t n_chunks[4];     /* completed chunks per expert: fp16, int8, int4, int2           */
-    double  nominal_bits;    /* average bits per stored element, codes only (the f32 residual
-                                window counts 32)                                             */
+    double  nominal_bits;    /* average bits per stored element, codes only (the residual window
+                                counts 16: f16 values)                                        */
     double  effective_bits;  /* average bits per stored element, scales and zeros included    */
     int64_t bytes_used;      /* bytes holding the n_tokens tokens                             */
     int64_t bytes_reserved;  /* bytes allocated for the cache                                 */
@@ -264,7 +264,8 @@ struct moqae_ppl_result {
     int64_t n_chunks;  /* windows evaluated */
 };
 
-/* Resets the context before each window and leaves the last window in it (for moqae_context_kv_stats). MOQAE_ERR_INVALID_ARG if tokens hold
+/* Resets the context before each window and leaves it reset (the progress callback runs while a
+ * window is still in the context, e.g. to read moqae_context_kv_stats). MOQAE_ERR_INVALID_ARG if tokens hold
  * fewer than one window (n_ctx tokens). */
 MOQAE_API int moqae_perplexity(struct moqae_context * ctx, const int32_t * tokens, int64_t n_tokens,
                                const struct moqae_ppl_params * params, struct moqae_ppl_result * out);

@@ -364,7 +364,8 @@ int moqae_perplexity(struct moqae_context * c, const int32_t * tokens, int64_t n
             break;
         }
     }
-    free(win); /* the last window stays in the context, for its KV statistics */
+    moqae_context_reset(c);
+    free(win);
     if (st) {
         return st;
     }

@@ -5,8 +5,8 @@
  *
  * Attention rule (the contract with train/): the token at position p attends to every earlier
  * COMPLETED chunk of C tokens in its encoded form (FP16, INT8, INT4 or INT2 as the chunk's expert
- * says) and to the tokens of ITS OWN chunk, up to p, in full precision (f32): the incomplete chunk
- * is the residual window. Scores are q.k * scale, softmax in f32, output = sum_j p_j v_j.
+ * says) and to the tokens of ITS OWN chunk, up to p, at the model's KV precision (values rounded to
+ * f16, as an f16 cache holds them): the incomplete chunk is the residual window. Scores are q.k * scale, softmax in f32, output = sum_j p_j v_j.
  * Keys are stored after RoPE. Chunk records are kv-codec.h's; every layer of a chunk uses the
  * chunk's expert (routing sharing), chosen when the chunk is allocated.
  * Implementation: kv-ring.c.

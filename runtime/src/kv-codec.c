@@ -21,7 +21,8 @@
 
 /* FRAC[f] = f32(2^(-f/16)): the 16 mantissas of the log-scale code. train/kv_codec.py lists the same
  * bits; tests/test_kv_codec.py checks they agree. */
-static const float FRAC[16] = {
+#define FRAC moqae_kv_frac
+const float moqae_kv_frac[16] = {
     0x1.000000p+0f, 0x1.ea4afap-1f, 0x1.d5818ep-1f, 0x1.c199bep-1f, 0x1.ae89fap-1f, 0x1.9c4918p-1f,
     0x1.8ace54p-1f, 0x1.7a1148p-1f, 0x1.6a09e6p-1f, 0x1.5ab07ep-1f, 0x1.4bfdaep-1f, 0x1.3dea64p-1f,
     0x1.306fe0p-1f, 0x1.2387a6p-1f, 0x1.172b84p-1f, 0x1.0b5586p-1f,
@@ -187,6 +188,13 @@ static struct bases read_bases(const struct moqae_kv_geom * g, const uint8_t * r
     const uint8_t * p = rec + g->codes_bytes + g->zcode_bytes + g->scode_bytes;
     struct bases    b = {moqae_f16_to_f32(rd16(p)), moqae_f16_to_f32(rd16(p + 2)), moqae_f16_to_f32(rd16(p + 4))};
     return b;
+}
+
+void moqae_kv_bases(const struct moqae_kv_geom * g, const uint8_t * rec, float * zl, float * zs, float * sb) {
+    const struct bases b = read_bases(g, rec);
+    *zl                  = b.zl;
+    *zs                  = b.zs;
+    *sb                  = b.sb;
 }
 
 /* 2^-e for e < 16: multiplying by it is exact (sb * FRAC >= 2^-25, so no result is subnormal). */

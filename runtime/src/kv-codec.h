@@ -1,12 +1,11 @@
 /*
  * kv-codec.h — the KV-cache codecs: how one completed chunk of C tokens of one layer and one KV head is
  * encoded into a key record and a value record (FP16 copy, or INT8/INT4/INT2 asymmetric, KIVI-style:
- * keys per channel across the chunk's tokens, values per token in groups along head_dim), how it is
- * decoded, and the attention primitives that work on a record directly (q.K^T and p.V, no dequantized
- * copy). Not here: the ring that stores records, the choice of codec per chunk, softmax, threading.
- * The byte layouts below are the contract with train/kv_codec.py, which reproduces every byte
- * (tests/test_kv_codec.py); docs/KV-CODECS.md gives the measurements behind the choices.
- * Scalar references live in kv-codec.c, SIMD versions in cpu/kv-codec-avx2.c and cpu/kv-codec-avx512.c.
+ * keys per channel across the chunk's tokens, values per token in groups along head_dim), decoded, and
+ * used directly by the attention primitives (q.K^T, p.V; keys best stored before RoPE, which the key
+ * primitive then applies). Not here: the ring, the choice of codec per chunk, softmax, threading.
+ * The byte layouts below are the contract with train/kv_codec.py (same bytes: tests/test_kv_codec.py);
+ * docs/KV-CODECS.md has the measurements. References: kv-codec.c; SIMD: cpu/kv-codec-avx2.c, -avx512.c.
  */
 #ifndef MOQAE_KV_CODEC_H
 #define MOQAE_KV_CODEC_H
@@ -176,5 +175,8 @@ struct moqae_kv_geom {
 };
 struct moqae_kv_geom moqae_kv_geom_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
 struct moqae_kv_geom moqae_kv_geom_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s);
+/* A quantized record's bases, decoded: zero(i) = zl + zs * zcode[i], scale(a) = (sb * FRAC[a%16]) * 2^-(a/16). */
+void moqae_kv_bases(const struct moqae_kv_geom * g, const uint8_t * rec, float * zl, float * zs, float * sb);
+extern const float moqae_kv_frac[16]; /* FRAC */
 
 #endif /* MOQAE_KV_CODEC_H */

@@ -313,6 +313,15 @@ static const struct chunk * find_chunk(const struct moqae_kv_cache * kv, int64_t
     return NULL;
 }
 
+/* The residual window holds K/V at the model's KV precision, f16 (as llama.cpp's f16 cache), kept in
+ * f32 storage for the dot products: so "--kv fp16" stores every token exactly as an f16 cache does,
+ * and a chunk's FP16 record is lossless. */
+static void to_f16_precision(float * dst, const float * src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        dst[i] = moqae_f16_to_f32(moqae_f32_to_f16(src[i]));
+    }
+}
+
 void moqae_kv_cache_store(struct moqae_kv_cache * kv, int64_t layer, int64_t n_tok, const float * k, const float * v,
                           int ith, int nth) {
     const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim, nkv = kv->cfg.n_head_kv;
@@ -326,8 +335,8 @@ void moqae_kv_cache_store(struct moqae_kv_cache * kv, int64_t layer, int64_t n_t
         const int64_t s1 = (c0 + seg + 1) * C < p1 ? (c0 + seg + 1) * C : p1;
         for (int64_t p = s0; p < s1; p++) {
             const int64_t t = p - p0;
-            memcpy(stage_row(kv->stage_k, kv, layer, h, p - kv->stage_pos0), k + (t * nkv + h) * D, (size_t) D * 4);
-            memcpy(stage_row(kv->stage_v, kv, layer, h, p - kv->stage_pos0), v + (t * nkv + h) * D, (size_t) D * 4);
+            to_f16_precision(stage_row(kv->stage_k, kv, layer, h, p - kv->stage_pos0), k + (t * nkv + h) * D, D);
+            to_f16_precision(stage_row(kv->stage_v, kv, layer, h, p - kv->stage_pos0), v + (t * nkv + h) * D, D);
         }
         if (s1 == (c0 + seg + 1) * C) { /* the chunk is complete: encode it */
             const struct chunk * c  = find_chunk(kv, (c0 + seg) * C);
@@ -433,7 +442,7 @@ void moqae_kv_cache_stats(const struct moqae_kv_cache * kv, struct moqae_kv_stat
     }
     const int64_t resid = kv->n_tokens - kv->stage_pos0; /* f32 residual window */
     const int64_t held  = kv->n_chunks * C + resid;
-    code_bits += 32.0 * (double) resid;
+    code_bits += 16.0 * (double) resid; /* f16 values (in f32 storage: effective bits count 32) */
     out->n_tokens       = held;
     out->n_ctx          = kv->cfg.n_ctx;
     const double resid_bytes = (double) resid * per_token_elems * 4.0;

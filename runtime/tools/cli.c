@@ -119,7 +119,7 @@ static int64_t generate(struct moqae_model * model, struct moqae_context * ctx, 
                         int64_t n_vocab, int64_t n_predict, int * status) {
     int64_t n_gen = 0;
     char    piece[256];
-    while ((n_predict < 0 || n_gen < n_predict) && !g_stop) {
+    while ((n_predict < 0 || n_gen < n_predict) && !g_stop) { /* g_stop: also a Ctrl-C a decode missed */
         const float * logits = NULL;
         int32_t       tok    = 0;
         if ((*status = moqae_context_logits(ctx, 0, &logits)) || (*status = moqae_sampler_sample(smpl, logits, n_vocab, &tok))) {
@@ -179,7 +179,10 @@ int main(int argc, char ** argv) {
         }
     } else {
         text = strdup(o.prompt ? o.prompt : "");
-        len  = strlen(text);
+        if (!text) {
+            return tool_error("out of memory copying the prompt");
+        }
+        len = strlen(text);
     }
     struct moqae_model * model = NULL;
     if (!tool_load_model(o.model, &model)) {
@@ -220,8 +223,19 @@ int main(int argc, char ** argv) {
 
     fwrite(text, 1, len, stdout);
     fflush(stdout);
-    const double t0 = tool_now();
-    int          st = moqae_decode(ctx, prompt, n_prompt, 1);
+    /* The prompt goes in pieces of n_batch with a check of g_stop between them: moqae_decode clears
+     * the interrupt request when it starts, so a Ctrl-C landing just before a call would be lost. */
+    const double  t0    = tool_now();
+    const int64_t piece = cp.n_batch > 0 ? cp.n_batch : 512;
+    int           st    = MOQAE_OK;
+    for (int64_t i = 0; i < n_prompt && st == MOQAE_OK; i += piece) {
+        if (g_stop) {
+            st = MOQAE_ERR_INTERRUPTED;
+            break;
+        }
+        const int64_t n = n_prompt - i < piece ? n_prompt - i : piece;
+        st              = moqae_decode(ctx, prompt + i, n, i + n == n_prompt ? 1 : 0);
+    }
     const double t1 = tool_now();
     for (int64_t i = 0; i < n_prompt; i++) {
         moqae_sampler_accept(smpl, prompt[i]);
@@ -241,7 +255,9 @@ int main(int argc, char ** argv) {
             (double) n_prompt / (t1 - t0));
     fprintf(stderr, "generation: %6lld tokens in %8.3f s = %8.2f tokens/s\n", (long long) n_gen, t2 - t1,
             n_gen > 0 ? (double) n_gen / (t2 - t1) : 0.0);
-    tool_print_kv_stats(ctx, &cp);
+    struct moqae_kv_stats ks;
+    moqae_context_kv_stats(ctx, &ks);
+    tool_print_kv_stats(&ks, &cp);
     if (g_stop) {
         fprintf(stderr, "interrupted\n");
     }

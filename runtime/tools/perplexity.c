@@ -18,10 +18,17 @@ static void usage(void) {
                     "  -t N        threads (default: all CPUs)\n%s", TOOL_KV_USAGE);
 }
 
+struct progress_state {
+    double                 t0;
+    struct moqae_context * ctx;
+    struct moqae_kv_stats  last; /* the KV cache after the last window */
+};
+
 static bool progress(int64_t chunk, int64_t n_chunks, double ppl, void * user) {
-    double * t0 = user;
+    struct progress_state * ps = user;
+    moqae_context_kv_stats(ps->ctx, &ps->last);
     if (chunk == 0) {
-        const double per = tool_now() - *t0;
+        const double per = tool_now() - ps->t0;
         fprintf(stderr, "perplexity: %.2f seconds per window, about %.1f minutes for %lld windows\n", per,
                 per * (double) n_chunks / 60.0, (long long) n_chunks);
     }
@@ -104,8 +111,9 @@ int main(int argc, char ** argv) {
     pp.n_ctx     = n_ctx;
     pp.n_chunks  = n_chunks;
     pp.progress  = progress;
-    double t0    = tool_now();
-    pp.user_data = &t0;
+    struct progress_state ps = { tool_now(), ctx, { 0 } };
+    const double          t0 = ps.t0;
+    pp.user_data             = &ps;
     struct moqae_ppl_result res;
     const int64_t n_windows = n_tok / n_ctx;
     fprintf(stderr, "perplexity: %lld windows of %lld tokens, scoring %lld\n", (long long) n_windows,
@@ -120,7 +128,7 @@ int main(int argc, char ** argv) {
     fprintf(stderr, "perplexity: %lld windows, %lld tokens scored in %.1f s (%.1f tokens/s evaluated)\n",
             (long long) res.n_chunks, (long long) res.n_scored, t1 - t0,
             (double) (res.n_chunks * n_ctx) / (t1 - t0));
-    tool_print_kv_stats(ctx, &cp); /* the last window */
+    tool_print_kv_stats(&ps.last, &cp); /* as the last window left it */
     printf("Final estimate: PPL = %.4f +/- %.5f\n", res.ppl, res.ppl_err);
     rc = 0;
 done:

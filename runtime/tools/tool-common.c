@@ -218,11 +218,8 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
     return true;
 }
 
-void tool_print_kv_stats(const struct moqae_context * ctx, const struct moqae_context_params * cp) {
-    struct moqae_kv_stats ks;
-    if (moqae_context_kv_stats(ctx, &ks)) {
-        return;
-    }
+void tool_print_kv_stats(const struct moqae_kv_stats * s, const struct moqae_context_params * cp) {
+    const struct moqae_kv_stats ks = *s;
     fprintf(stderr,
             "kv cache:   %lld/%lld tokens, %s, chunks fp16 %lld int8 %lld int4 %lld int2 %lld, %.2f nominal / %.2f "
             "effective bits, %.2f MiB used, %.2f MiB reserved\n",

@@ -30,7 +30,7 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
 extern const char * const TOOL_KV_USAGE;
 
 /* One line describing the KV cache ("kv cache: ..."), to stderr. */
-void tool_print_kv_stats(const struct moqae_context * ctx, const struct moqae_context_params * cp);
+void tool_print_kv_stats(const struct moqae_kv_stats * ks, const struct moqae_context_params * cp);
 
 /* Read a whole file. NULL (after printing an error naming the path) if it cannot be read. */
 char * tool_read_file(const char * path, size_t * len);

@@ -2,7 +2,7 @@
  * fuzz-tokenizer.c — libFuzzer harness for the tokenizers (runtime/src/tokenizer*.c): arbitrary bytes
  * are tokenized, checked and detokenized with every vocabulary loaded once in LLVMFuzzerInitialize.
  * Vocabularies: the GGUF files named in $MOQAE_FUZZ_VOCAB (':'-separated; scripts/fuzz.sh passes
- * SmolLM2's), else tests/fuzz/vocab-spm.gguf and vocab-bpe.gguf (tiny, from tests/fuzz/make_seeds.py).
+ * SmolLM2's), else tests/fuzz/vocab-spm and vocab-bpe (tiny GGUF files from tests/fuzz/make_seeds.py).
  * Input: byte 0 holds flags (bit 0 add_special, bit 1 parse_special, bit 2 render special pieces,
  * bit 3 read the rest as int32 token ids instead of text), the rest is the text. Any failure of a
  * contract in moqae.h (sizes that disagree, an id outside the vocabulary, a plain-text round trip that
@@ -242,7 +242,7 @@ int LLVMFuzzerInitialize(int * argc, char *** argv) {
     char         dir[1024];
     const char * slash = strrchr(__FILE__, '/');
     snprintf(dir, sizeof(dir), "%.*s", slash ? (int) (slash - __FILE__) : 1, slash ? __FILE__ : ".");
-    static const char * const names[] = { "vocab-spm.gguf", "vocab-bpe.gguf" };
+    static const char * const names[] = { "vocab-spm", "vocab-bpe" };
     for (int i = 0; i < 2; i++) {
         char path[1100];
         snprintf(path, sizeof(path), "%s/%s", dir, names[i]);

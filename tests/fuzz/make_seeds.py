@@ -1,14 +1,17 @@
 """make_seeds.py — writes the committed fuzzing inputs under tests/fuzz/ (run it again to regenerate).
 
-- vocab-spm.gguf, vocab-bpe.gguf: vocabulary-only GGUFs (models/tiny_vocab.py) that fuzz-tokenizer
-  loads when $MOQAE_FUZZ_VOCAB is unset (the tiny SentencePiece and GPT-2 BPE vocabularies).
+- vocab-spm, vocab-bpe: vocabulary-only GGUF files (models/tiny_vocab.py) that fuzz-tokenizer loads
+  when $MOQAE_FUZZ_VOCAB is unset (the tiny SentencePiece and GPT-2 BPE vocabularies).
 - corpus-gguf/: small valid GGUFs for fuzz-gguf: tiny models in several weight types and vocabularies
   (models/make_tiny.py, the byte vocabulary, the smallest legal shapes), the two vocabulary files, a file with one key
   of every metadata type, an empty one, a v2 header and an unusual alignment.
 - corpus-tokenizer/: inputs for fuzz-tokenizer (byte 0 = flags, see fuzz-tokenizer.c): prose, code,
   chat markup, many scripts, emoji, invalid UTF-8, whitespace runs, byte-token look-alikes, token ids.
-Every file is deterministic and a few KB, so the corpora stay small enough to commit.
-Usage: .venv/bin/python tests/fuzz/make_seeds.py
+Every file is deterministic and a few KB, so the corpora stay small enough to commit. No file name ends
+in .gguf (.gitignore leaves those out).
+Usage: .venv/bin/python tests/fuzz/make_seeds.py [--vocab-only MODEL.gguf OUT]
+  --vocab-only: write just MODEL's vocabulary (tokenizer.* keys) to OUT instead, e.g. SmolLM2's (2 MB)
+  for a fuzz-tokenizer run on a machine that lacks the model.
 """
 
 from __future__ import annotations
@@ -72,20 +75,36 @@ def _all_types(w: gguf.GGUFWriter) -> None:
         w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
 
 
+def vocab_only(src: Path, dst: Path) -> None:
+    """Copy general.architecture and the tokenizer.* keys of src into a GGUF without tensors."""
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            vtype = gguf.GGUFValueType(field.types[0])
+            sub = gguf.GGUFValueType(field.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), vtype, sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def gguf_corpus(d: Path) -> None:
     small = dict(n_embd=32, n_layer=1, n_head=2, n_head_kv=1, n_ff=32, n_ctx=64)
     for vocab, wtype, tied in (("bytes", "q4_0", True), ("bytes", "q4_1", False), ("bytes", "q8_0", True),
                                ("bytes", "f16", True), ("bytes", "bf16", True)):
-        make_tiny(d / f"tiny-{vocab}-{wtype}{'-tied' if tied else ''}.gguf", vocab=vocab, wtype=wtype, tied=tied,
+        make_tiny(d / f"tiny-{vocab}-{wtype}{'-tied' if tied else ''}", vocab=vocab, wtype=wtype, tied=tied,
                   **small)
-    tiny_vocab.write_vocab_gguf(d / "vocab-spm.gguf", "spm")
-    tiny_vocab.write_vocab_gguf(d / "vocab-bpe-smollm.gguf", "bpe", pre="smollm")
-    _writer_file(d / "all-types.gguf", _all_types)
-    _writer_file(d / "align-64.gguf", lambda w: w.add_tensor("x", np.ones((3, 5), np.float32)), alignment=64)
-    _writer_file(d / "empty.gguf", lambda w: None)
-    v2 = bytearray((d / "empty.gguf").read_bytes())
+    tiny_vocab.write_vocab_gguf(d / "vocab-spm", "spm")
+    tiny_vocab.write_vocab_gguf(d / "vocab-bpe-smollm", "bpe", pre="smollm")
+    _writer_file(d / "all-types", _all_types)
+    _writer_file(d / "align-64", lambda w: w.add_tensor("x", np.ones((3, 5), np.float32)), alignment=64)
+    _writer_file(d / "empty", lambda w: None)
+    v2 = bytearray((d / "empty").read_bytes())
     struct.pack_into("<I", v2, 4, 2)
-    (d / "empty-v2.gguf").write_bytes(bytes(v2))
+    (d / "empty-v2").write_bytes(bytes(v2))
 
 
 TEXTS = [
@@ -126,11 +145,14 @@ def tokenizer_corpus(d: Path) -> None:
 
 
 def main() -> int:
-    tiny_vocab.write_vocab_gguf(HERE / "vocab-spm.gguf", "spm")
-    tiny_vocab.write_vocab_gguf(HERE / "vocab-bpe.gguf", "bpe")
+    if len(sys.argv) == 4 and sys.argv[1] == "--vocab-only":
+        vocab_only(Path(sys.argv[2]), Path(sys.argv[3]))
+        return 0
+    tiny_vocab.write_vocab_gguf(HERE / "vocab-spm", "spm")
+    tiny_vocab.write_vocab_gguf(HERE / "vocab-bpe", "bpe")
     gguf_corpus(_clean(HERE / "corpus-gguf"))
     tokenizer_corpus(_clean(HERE / "corpus-tokenizer"))
-    total = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file() and f.suffix != ".c")
+    total = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file() and f.suffix not in (".c", ".py"))
     print(f"tests/fuzz: {total / 1024:.0f} KiB of seeds and vocabularies")
     return 0
 

@@ -41,6 +41,60 @@ INLINE void load16_f16(const uint8_t * p, __m256 * a, __m256 * b) {
     *b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (p + 16)));
 }
 
+/* sum_k a[k] * b[k] for n a multiple of 8 */
+INLINE float dot8n(int64_t n, const float * a, const float * b) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h        = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* w[d] = q[d] * scale[d]; returns q . zero (n a multiple of 8) */
+INLINE float scale_query(int64_t n, const float * q, const float * scale, const float * zero, float * w) {
+    for (int64_t k = 0; k < n; k += 8) {
+        _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_loadu_ps(q + k), _mm256_loadu_ps(scale + k)));
+    }
+    return dot8n(n, q, zero);
+}
+
+/* A quantized record's decoded metadata, 8 lanes at a time, with the same f32 operations as
+ * kv-codec.c: zero[i] = zl + zs * zcode[i] (n_groups of them), scale[r] = (sb * FRAC[a % 16]) * 2^-(a / 16)
+ * for each scale code a (n_groups / share of them). */
+static void meta(const struct moqae_kv_geom * g, const uint8_t * rec, float * scale, float * zero) {
+    float zl, zs, sb;
+    moqae_kv_bases(g, rec, &zl, &zs, &sb);
+    const uint8_t * zc = rec + g->codes_bytes;
+    const uint8_t * sc = zc + g->zcode_bytes;
+    const int64_t   nz = g->n_groups, ns = g->n_groups / g->share;
+    const __m256    vsb = _mm256_set1_ps(sb);
+    const __m256    t0  = _mm256_mul_ps(vsb, _mm256_loadu_ps(moqae_kv_frac));
+    const __m256    t1  = _mm256_mul_ps(vsb, _mm256_loadu_ps(moqae_kv_frac + 8));
+    int64_t         i   = 0;
+    for (; i + 8 <= ns; i += 8) {
+        const __m256i a   = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (sc + i)));
+        const __m256i f   = _mm256_and_si256(a, _mm256_set1_epi32(15));
+        const __m256  hi8 = _mm256_castsi256_ps(_mm256_slli_epi32(f, 28)); /* bit 3 of f as the sign */
+        const __m256  m   = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, f), _mm256_permutevar8x32_ps(t1, f), hi8);
+        const __m256i e   = _mm256_srli_epi32(a, 4);
+        const __m256  p2  = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), e), 23));
+        _mm256_storeu_ps(scale + i, _mm256_mul_ps(m, p2));
+    }
+    for (; i < ns; i++) {
+        scale[i] = sb * moqae_kv_frac[sc[i] & 15] * (1.0f / (float) (1 << (sc[i] >> 4)));
+    }
+    const __m256 vzl = _mm256_set1_ps(zl), vzs = _mm256_set1_ps(zs);
+    for (i = 0; i + 8 <= nz; i += 8) {
+        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (zc + i))));
+        _mm256_storeu_ps(zero + i, _mm256_add_ps(vzl, _mm256_mul_ps(vzs, z)));
+    }
+    for (; i < nz; i++) {
+        zero[i] = zl + zs * (float) zc[i];
+    }
+}
+
 /* ================================================================================================
  * keys: scores[i][j] += sum_d w[i][d] * code[d][j] + bias[i]
  * ================================================================================================ */
@@ -129,7 +183,8 @@ INLINE void kq_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
     const int64_t C = s->chunk, D = s->head_dim;
     float         scale[256], zero[256], w[QB * 256], bias[QB];
     if (bits != 16) {
-        moqae_kv_meta_k(c, s, rec, scale, zero);
+        const struct moqae_kv_geom g = moqae_kv_geom_k(c, s);
+        meta(&g, rec, scale, zero);
     }
     const size_t row_bytes = (size_t) (C * (bits == 16 ? 16 : bits) / 8);
     for (int64_t i0 = 0; i0 < n_q; i0 += QB) {
@@ -145,12 +200,12 @@ INLINE void kq_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
                 }
                 continue;
             }
-            float bsum = 0.0f; /* w = q * scale, bias = q . zero */
-            for (int64_t d = 0; d < D; d++) {
-                w[i * D + d] = bits == 16 ? qi[d] : qi[d] * scale[d];
-                bsum += bits == 16 ? 0.0f : qi[d] * zero[d];
+            if (bits == 16) {
+                memcpy(w + i * D, qi, sizeof(float) * (size_t) D);
+                bias[i] = 0.0f;
+            } else { /* w = q * scale, bias = q . zero (D is a multiple of 16) */
+                bias[i] = scale_query(D, qi, scale, zero, w + i * D);
             }
-            bias[i] = bsum;
         }
         float * so = scores + i0 * ld_s;
         for (int64_t t0 = 0; t0 < C; t0 += 16) {
@@ -211,9 +266,15 @@ INLINE void pv_tile(const int bits, const int NB, const uint8_t * rec, size_t ro
 INLINE void pv_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec,
                    int64_t n_q, const float * p, int64_t ld_p, float * out, int64_t ld_o) {
     const int64_t C = s->chunk, D = s->head_dim, G = bits == 16 ? 16 : s->v_group, ng = D / G;
-    float         scale[4096], zero[4096], bias[QB];
+    float         scale[256], zero[4096], zt[4096], bias[QB]; /* scale: one per token (kv-codec.h) */
     if (bits != 16) {
-        moqae_kv_meta_v(c, s, rec, scale, zero);
+        const struct moqae_kv_geom g = moqae_kv_geom_v(c, s);
+        meta(&g, rec, scale, zero);
+        for (int64_t j = 0; j < C; j++) { /* zt[g][j]: each group's zeros contiguous, for the bias dots */
+            for (int64_t gi = 0; gi < ng; gi++) {
+                zt[gi * C + j] = zero[j * ng + gi];
+            }
+        }
     }
     const size_t  row_bytes = (size_t) (D * (bits == 16 ? 16 : bits) / 8);
     const int64_t D16       = D / 16 * 16; /* f16 rows may end in a partial block */
@@ -223,19 +284,14 @@ INLINE void pv_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
         float *       ob = out + i0 * ld_o;
         for (int64_t d0 = 0; d0 < D16; d0 += 16) {
             const int64_t g = d0 / G;
-            for (int i = 0; i < nb; i++) {
-                float bsum = 0.0f;
-                for (int64_t j = 0; bits != 16 && j < C; j++) {
-                    bsum += pb[i * ld_p + j] * zero[j * ng + g];
-                }
-                bias[i] = bsum;
+            for (int i = 0; i < nb; i++) { /* sum_j p[i][j] * zero[j][g] (C is a multiple of 16) */
+                bias[i] = bits == 16 ? 0.0f : dot8n(C, pb + i * ld_p, zt + g * C);
             }
-            const float * sc = scale + g;
             switch (nb) {
-                case 1: pv_tile(bits, 1, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
-                case 2: pv_tile(bits, 2, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
-                case 3: pv_tile(bits, 3, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
-                default: pv_tile(bits, 4, rec, row_bytes, C, d0, sc, ng, pb, ld_p, ob, ld_o, bias); break;
+                case 1: pv_tile(bits, 1, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
+                case 2: pv_tile(bits, 2, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
+                case 3: pv_tile(bits, 3, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
+                default: pv_tile(bits, 4, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
             }
         }
         for (int64_t d = D16; d < D; d++) { /* scalar tail: f16 only (quantized D is a multiple of 16) */
