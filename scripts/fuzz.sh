@@ -75,11 +75,11 @@ for src in tests/fuzz/fuzz-*.c; do
     n_art=$(find "$art" -type f | wc -l)
     files=$(find "$work" -type f | wc -l)
     bytes=$(du -sb "$work" | cut -f1)
-    line="fuzz-$name: ${runs:-?} executions in ${seconds} s, corpus $files files / $((bytes / 1024)) KiB, $n_art crashes"
-    summary+=("$line")
+    kib=$((bytes / 1024))
+    summary+=("fuzz-$name: ${runs:-?} executions in $seconds s, corpus $files files / $kib KiB, $n_art crashes")
     if [ "$rc" -ne 0 ] || [ "$n_art" -ne 0 ]; then
         echo "fuzz.sh: $name failed (exit $rc): inputs in $art/, log $log" >&2
-        grep -E "ERROR|SUMMARY|runtime error|check failed|==[0-9]+==" "$log" | head -20 >&2 || true
+        grep -E "ERROR|SUMMARY|runtime error|check failed|cannot" "$log" | head -20 >&2 || tail -5 "$log" >&2
         status=1
     fi
 

@@ -11,7 +11,7 @@ build=${MOQAE_ASAN_BUILD_DIR:-build-asan}
 MOQAE_BUILD_DIR=$build MOQAE_BUILD_TYPE=RelWithDebInfo scripts/build.sh \
     -DMOQAE_SANITIZE_ADDRESS=ON -DMOQAE_SANITIZE_UNDEFINED=ON -DMOQAE_BUILD_TESTS=ON
 
-export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1
+export ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 logs=$build/sanitize-logs
 mkdir -p "$logs"

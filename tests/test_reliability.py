@@ -3,8 +3,8 @@ tests/test_bad_input.py and tests/test_cli.py do not already check: malformed GG
 metadata and tensor infos (patched copies of a tiny model), absurd context sizes, context overflow,
 Ctrl-C during the prompt and during generation, bad prompt files, bad numeric options, injected
 allocation failures and Ctrl-C at exact points (tests/fuzz/inject.c, an LD_PRELOAD shim compiled here
-with cc) and concurrent contexts on one model (through the moqae_cpp package). Every failure must be an exit status of 1 with
-"error: ..." naming the problem, never a signal or a sanitizer report. Tools come from $MOQAE_BIN_DIR
+with cc) and concurrent contexts on one model (through the moqae_cpp package). Every failure must be
+an exit status of 1 with "error: ..." naming the problem, never a signal or a sanitizer report. Tools come from $MOQAE_BIN_DIR
 (default build/); the SmolLM2 rows use the cached model (models/fetch_model.py).
 """
 
@@ -33,6 +33,8 @@ from make_tiny import make_tiny  # noqa: E402
 
 HEAD = ROOT / "tests/data/wikitext-2-test-head.txt"
 INJECT_SRC = ROOT / "tests/fuzz/inject.c"
+# what an allocation failure may say: ours, strerror(ENOMEM) from fopen, pthread_create's failure
+OOM_MESSAGE = r"^error: .*(out of memory|cannot allocate memory|could not start worker thread)"
 CRASH_MARKERS = ("Sanitizer", "runtime error:", "Segmentation fault", "core dumped", "MOQAE_ASSERT")
 
 
@@ -207,6 +209,37 @@ def test_n_predict_past_the_context(bin_dir, smollm2):
     assert re.search(r"kv cache: +16/16 tokens", r.stderr), r.stderr
 
 
+# (name, extra options, what must happen): the context (-c 64) or the KV budget (1 MiB of int8 chunks,
+# about 95 tokens) runs out while 120 tokens are asked for. error: generation stops with a message,
+# exit 0; shift: all 120 are generated; demote: older chunks go to int2 and generation goes on past
+# what the error policy reached (demote cannot help when -c itself is the limit).
+OVERFLOW = [
+    ("error-ctx", ["-c", "64", "--kv-overflow", "error"], r"context full after 64 tokens"),
+    ("shift-ctx", ["-c", "64", "--kv-overflow", "shift", "--kv", "int4"], None),
+    ("demote-ctx", ["-c", "64", "--kv-overflow", "demote"], r"context full after 64 tokens"),
+    ("error-budget", ["-c", "512", "--kv", "int8", "--kv-budget", "1M", "--kv-overflow", "error"],
+     r"context full after \d+ tokens: stopping \(context full: the KV budget \(1.00 MiB\) holds no more chunks"),
+    ("shift-budget", ["-c", "512", "--kv", "int8", "--kv-budget", "1M", "--kv-overflow", "shift"], None),
+    ("demote-budget", ["-c", "512", "--kv", "int8", "--kv-budget", "1M", "--kv-overflow", "demote"], "int2"),
+]
+
+
+@pytest.mark.parametrize("name,opts,expect", OVERFLOW, ids=[o[0] for o in OVERFLOW])
+def test_kv_overflow_policy(bin_dir, smollm2, name, opts, expect):
+    r = cli(bin_dir, smollm2, "-p", "Count: 1, 2, 3,", "-n", "120", "--temp", "0", "-t", "2", *opts)
+    no_crash(r)
+    assert r.returncode == 0, r.stderr
+    n_gen = int(re.search(r"generation: +(\d+) tokens", r.stderr).group(1))
+    if expect is None:  # shift: never full
+        assert n_gen == 120 and "context full" not in r.stderr, r.stderr
+    elif expect == "int2":  # demote under a budget: chunks were re-encoded to int2
+        n_int2 = int(re.search(r"int2 (\d+)", r.stderr).group(1))
+        assert n_int2 > 0 and n_gen > 100, r.stderr
+    else:
+        assert re.search(expect, r.stderr), r.stderr
+        assert n_gen < 120
+
+
 # ---- Ctrl-C --------------------------------------------------------------------------------------
 
 
@@ -357,6 +390,10 @@ BAD_CLI_OPTIONS = [
     (["--repeat-penalty", "0"], r"option --repeat-penalty expects a number"),
     (["--kv", "int3"], r"KV policy 'int3'"),
     (["-n"], r"option -n needs a value"),
+    (["--kv-budget", "abc"], r"--kv-budget expects a positive size"),
+    (["--kv-budget", "99999999999G"], r"--kv-budget expects a positive size"),
+    (["--kv-overflow", "bogus"], r"--kv-overflow expects error, shift or demote"),
+    (["--kv-chunk", "48"], r"--kv-chunk must be 32 or 64"),
 ]
 
 
@@ -428,8 +465,7 @@ def _sweep(so: Path, args: list, tmp_path: Path, persist: bool, min_bytes: int =
             assert r.stdout == base.stdout, f"{where}: exit 0 but different output"
         else:
             assert r.returncode == 1, f"{where}: exit {r.returncode}\n{r.stderr[-2000:]}"
-            assert re.search(r"^error: .*(out of memory|cannot allocate memory|could not start worker thread)", r.stderr,
-                             re.MULTILINE | re.IGNORECASE), \
+            assert re.search(OOM_MESSAGE, r.stderr, re.MULTILINE | re.IGNORECASE), \
                 f"{where}: no out-of-memory message:\n{r.stderr[-2000:]}"
     return count
 

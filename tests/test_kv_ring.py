@@ -1,0 +1,121 @@
+"""The mixed-bit KV ring through the tools and the Python API on SmolLM2: every fixed policy runs and
+reports its statistics, results do not depend on the prompt micro-batch, fewer bits cost perplexity
+in order, and each overflow policy does what it promises when a generation runs past the cache."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import ROOT, run_tool
+
+HEAD = ROOT / "tests/data/wikitext-2-test-head.txt"
+POLICIES = ["fp16", "int8", "int4", "int2", "sink+int8", "sink+int4", "sink+int2"]
+STATS = re.compile(r"kv cache: +(\d+)/(\d+) tokens, (\S+), chunks fp16 (\d+) int8 (\d+) int4 (\d+) int2 (\d+), "
+                   r"([0-9.]+) nominal / ([0-9.]+) effective bits, ([0-9.]+) MiB used, ([0-9.]+) MiB reserved")
+
+
+def ppl(bin_dir, model, kv, b=128, chunks=4, c=128, extra=()):
+    r = run_tool([bin_dir / "moqae-perplexity", "-m", model, "-f", HEAD, "-c", c, "--chunks", chunks, "-b", b,
+                  "-t", 2, "--kv", kv, *extra])
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout)
+    return float(m.group(1)), STATS.search(r.stderr)
+
+
+@pytest.fixture(scope="module")
+def ppls(bin_dir, smollm2):
+    return {kv: ppl(bin_dir, smollm2, kv) for kv in POLICIES}
+
+
+@pytest.mark.parametrize("kv", POLICIES)
+def test_policy_stats(ppls, kv):
+    _, st = ppls[kv]
+    assert st, kv
+    n_tok, n_ctx = int(st.group(1)), int(st.group(2))
+    assert n_tok == n_ctx == 128  # the last window, 4 chunks of 32
+    counts = dict(zip(["fp16", "int8", "int4", "int2"], map(int, st.group(4, 5, 6, 7))))
+    base = kv.split("+")[-1]
+    want = {"fp16": 0, "int8": 0, "int4": 0, "int2": 0}
+    want[base] += 4
+    if kv.startswith("sink+"):
+        want[base] -= 1
+        want["fp16"] += 1
+    assert counts == want
+    bits = {"fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+    nominal = (sum(bits[k] * n for k, n in counts.items())) / 4
+    assert float(st.group(8)) == pytest.approx(nominal, abs=0.01)
+    assert float(st.group(9)) >= nominal  # scales and zeros cost something
+
+
+def test_fewer_bits_cost_perplexity_in_order(ppls):
+    p = {k: v[0] for k, v in ppls.items()}
+    assert abs(p["int8"] / p["fp16"] - 1) < 0.01
+    assert p["int2"] > p["int4"] * 1.05  # INT2 everywhere is clearly worse
+    assert p["sink+int2"] < p["int2"]  # the FP16 attention sink helps INT2 most
+    assert abs(p["int4"] / p["fp16"] - 1) < 0.05
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int4", "sink+int2"])
+def test_micro_batch_invariance(bin_dir, smollm2, kv):
+    vals = [ppl(bin_dir, smollm2, kv, b=b, chunks=2)[0] for b in (32, 48, 128)]
+    assert max(vals) - min(vals) < 1e-3 * vals[0], vals
+
+
+def cli(bin_dir, model, *args):
+    return run_tool([bin_dir / "moqae-cli", "-m", model, "-p", "Count: 1, 2, 3,", "--temp", "0", "-t", "2", *args])
+
+
+def test_overflow_error(bin_dir, smollm2):
+    r = cli(bin_dir, smollm2, "-n", 150, "-c", 64, "--kv", "int4", "--kv-overflow", "error")
+    assert r.returncode == 0, r.stderr
+    assert "context full" in r.stderr
+    st = STATS.search(r.stderr)
+    assert int(st.group(1)) == 64
+
+
+def test_overflow_shift_keeps_generating(bin_dir, smollm2):
+    r = cli(bin_dir, smollm2, "-n", 150, "-c", 64, "--kv", "int4", "--kv-overflow", "shift")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"generation: +150 tokens", r.stderr)
+    st = STATS.search(r.stderr)
+    assert int(st.group(1)) <= 64 + 32  # at most the chunks of n_ctx plus the residual window
+    assert int(st.group(6)) == 2  # two int4 chunks held
+
+
+def test_overflow_demote_fits_a_budget(bin_dir, smollm2):
+    # 2 MiB holds two fp16 chunks of SmolLM2 (30 layers x 3 heads x 2 x 32 x 64 x 2 bytes = 0.7 MiB each)
+    r = cli(bin_dir, smollm2, "-n", 150, "-c", 256, "--kv", "fp16", "--kv-budget", "2M", "--kv-overflow", "demote")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"generation: +150 tokens", r.stderr)
+    st = STATS.search(r.stderr)
+    counts = list(map(int, st.group(4, 5, 6, 7)))
+    assert sum(counts) == 160 // 32 and counts[0] < 5 and counts[1] + counts[2] + counts[3] > 0
+    assert float(st.group(10)) <= 2.0 + 0.5  # encoded chunks within the budget (+ the f32 residual window)
+
+
+def test_budget_error_is_clear(bin_dir, smollm2):
+    r = cli(bin_dir, smollm2, "-n", 150, "-c", 256, "--kv", "fp16", "--kv-budget", "2M")
+    assert r.returncode == 0, r.stderr
+    assert "context full" in r.stderr and "--kv-budget" in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--kv", "int3"], "unknown KV policy 'int3'"),
+    (["--kv-overflow", "drop"], "expects error, shift or demote"),
+    (["--kv-chunk", "48"], "must be 32 or 64"),
+    (["--kv-budget", "-5"], "expects a positive size"),
+])
+def test_bad_kv_options(bin_dir, smollm2, args, msg):
+    r = cli(bin_dir, smollm2, "-n", 2, *args)
+    assert r.returncode == 1
+    assert msg in r.stderr
+
+
+def test_python_kv_policy(smollm2):
+    moqae_cpp = pytest.importorskip("moqae_cpp", reason="the moqae_cpp package is not installed")
+    with moqae_cpp.Llama(smollm2, n_ctx=128, n_threads=2, kv="sink+int4") as llm:
+        llm.eval(llm.tokenize(HEAD.read_bytes()[:2000])[:100])
+        s = llm.kv_cache_stats()
+    assert s["n_chunks"] == {"fp16": 1, "int8": 0, "int4": 2, "int2": 0}
+    assert s["n_tokens"] == 100
