@@ -21,6 +21,9 @@ import numpy as np
 
 import gguf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_vocab  # noqa: E402  (models/tiny_vocab.py: the bpe and spm test vocabularies)
+
 WTYPES: dict[str, gguf.GGMLQuantizationType] = {
     "f32": gguf.GGMLQuantizationType.F32,
     "f16": gguf.GGMLQuantizationType.F16,
@@ -86,24 +89,10 @@ class TinyConfig:
 # ---- vocabularies ------------------------------------------------------------------------------
 
 
-def _gpt2_byte_chars() -> list[str]:
-    """GPT-2's byte -> printable unicode character map (bytes_to_unicode in openai/gpt-2 encoder.py)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 def add_bytes_vocab(writer: gguf.GGUFWriter) -> int:
     """A tiny GPT-2-style vocabulary: the 256 byte tokens, four merges and <|endoftext|> (BOS/EOS).
     Used when models/tiny_vocab.py is not wanted; the real test vocabularies live there."""
-    byte_tokens = _gpt2_byte_chars()
+    byte_tokens = tiny_vocab.gpt2_byte_chars()
     merges = ["Ġ t", "h e", "i n", "Ġt he"]  # gguf-py cannot write an empty array
     merged = ["Ġt", "he", "in", "Ġthe"]
     tokens = byte_tokens + merged + ["<|endoftext|>"]
@@ -122,13 +111,6 @@ def add_bytes_vocab(writer: gguf.GGUFWriter) -> int:
 def _add_vocab(writer: gguf.GGUFWriter, cfg: TinyConfig) -> int:
     if cfg.vocab == "bytes":
         return add_bytes_vocab(writer)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        import tiny_vocab  # written by the tokenizer side: add_bpe_vocab(writer, pre=) / add_spm_vocab(writer)
-    except ImportError as e:
-        raise RuntimeError(f"--vocab {cfg.vocab} needs models/tiny_vocab.py ({e}); use --vocab bytes meanwhile") from e
-    finally:
-        sys.path.pop(0)
     if cfg.vocab == "bpe":
         return int(tiny_vocab.add_bpe_vocab(writer, pre=cfg.pre))
     return int(tiny_vocab.add_spm_vocab(writer))

@@ -2,7 +2,9 @@
 # The sanitizer job: build with AddressSanitizer and UndefinedBehaviorSanitizer (plus LeakSanitizer)
 # into build-asan/ ($MOQAE_ASAN_BUILD_DIR), run the C tests (ctest), then a short end-to-end run on
 # SmolLM2-135M: moqae-cli (prompt, 16 greedy tokens, 2 threads, a 3-token micro-batch so that several
-# batches and the decode path run) and moqae-perplexity (two 128-token windows of the test text).
+# batches and the decode path run), two runs through the mixed-bit KV ring (int8 chunks demoted to int2
+# when a 512 KiB budget runs out; sink+int4 chunks shifted out of a 64-token context) and
+# moqae-perplexity (two 128-token windows of the test text).
 # Any sanitizer report fails the job: halt_on_error makes the process exit non-zero, and the output is
 # also searched for reports. Does not run pytest (the tools' behaviour is tested on the normal build).
 set -euo pipefail
@@ -32,9 +34,13 @@ check() {
     fi
 }
 
-check ctest ctest --test-dir "$build" --output-on-failure -j 2
+check ctest bash -c 'cd "$1" && ctest --output-on-failure -j 2' _ "$build"
 model=$(.venv/bin/python models/fetch_model.py smollm2)
 check cli "$build/moqae-cli" -m "$model" -p "The three primary colors are" -n 16 --temp 0 -t 2 -b 3 -c 64
 check cli-sampled "$build/moqae-cli" -m "$model" -p "Once upon a time" -n 8 -s 7 -t 2 --repeat-penalty 1.1
+check ring-demote "$build/moqae-cli" -m "$model" -p "Count: 1, 2, 3," -n 80 -c 512 --kv int8 --kv-budget 512K \
+    --kv-overflow demote --temp 0 -t 2
+check ring-shift "$build/moqae-cli" -m "$model" -p "Count: 1, 2, 3," -n 80 -c 64 --kv sink+int4 --kv-overflow shift \
+    --temp 0 -t 2
 check perplexity "$build/moqae-perplexity" -m "$model" -f tests/data/wikitext-2-test-head.txt -c 128 --chunks 2 -t 2
 exit $status

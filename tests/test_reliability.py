@@ -471,13 +471,16 @@ def _sweep(so: Path, args: list, tmp_path: Path, persist: bool, min_bytes: int =
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["one", "persistent"])
-@pytest.mark.parametrize("source", ["p", "f"])
-def test_alloc_failure_cli(inject, bin_dir, tiny, tmp_path, persist, source):
+@pytest.mark.parametrize("case", ["p", "f", "ring"])
+def test_alloc_failure_cli(inject, bin_dir, tiny, tmp_path, persist, case):
+    """case p: prompt from -p; f: from -f; ring: ~90 prompt tokens into a 64-token sink+int4 ring that
+    shifts, so that chunks are encoded and evicted."""
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Hello world, once more")
-    src = ["-p", "Hello world, once more"] if source == "p" else ["-f", prompt]
-    _sweep(inject, [bin_dir / "moqae-cli", "-m", tiny, *src, "-n", "4", "--temp", "0", "-t", "2"], tmp_path,
-           persist)
+    args = {"p": ["-p", "Hello world, once more", "-n", "4"], "f": ["-f", prompt, "-n", "4"],
+            "ring": ["-p", HEAD.read_text(encoding="utf-8")[:200], "-n", "40", "-c", "64", "-b", "16", "--kv",
+                     "sink+int4", "--kv-overflow", "shift"]}[case]
+    _sweep(inject, [bin_dir / "moqae-cli", "-m", tiny, *args, "--temp", "0", "-t", "2"], tmp_path, persist)
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["one", "persistent"])
