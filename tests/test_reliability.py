@@ -3,9 +3,10 @@ tests/test_bad_input.py and tests/test_cli.py do not already check: malformed GG
 metadata and tensor infos (patched copies of a tiny model), absurd context sizes, context overflow,
 Ctrl-C during the prompt and during generation, bad prompt files, bad numeric options, injected
 allocation failures and Ctrl-C at exact points (tests/fuzz/inject.c, an LD_PRELOAD shim compiled here
-with cc) and concurrent contexts on one model (through the moqae_cpp package). Every failure must be
-an exit status of 1 with "error: ..." naming the problem, never a signal or a sanitizer report. Tools come from $MOQAE_BIN_DIR
-(default build/); the SmolLM2 rows use the cached model (models/fetch_model.py).
+with cc), the KV overflow policies, and concurrent contexts on one model (through the moqae_cpp
+package). Every failure must be an exit status of 1 with "error: ..." naming the problem, never a signal
+or a sanitizer report. Tools come from $MOQAE_BIN_DIR (default build/); the SmolLM2 rows use the cached
+model (models/fetch_model.py).
 """
 
 from __future__ import annotations

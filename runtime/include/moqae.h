@@ -228,7 +228,8 @@ MOQAE_API int moqae_context_logits(const struct moqae_context * ctx, int64_t i, 
 MOQAE_API void moqae_context_interrupt(struct moqae_context * ctx);
 
 struct moqae_kv_stats {
-    int64_t n_tokens;        /* tokens the cache holds (completed chunks + the residual window)  */
+    int64_t n_tokens;        /* tokens the cache holds (completed chunks + the residual window);
+                                with kv_overflow SHIFT up to n_ctx + kv_chunk - 1              */
     int64_t n_ctx;           /* tokens it can hold                                            */
     int64_t n_chunks[4];     /* completed chunks per expert: fp16, int8, int4, int2           */
     double  nominal_bits;    /* average bits per stored element, codes only (the residual window

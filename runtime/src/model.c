@@ -237,7 +237,7 @@ static int model_load(const char * path, struct moqae_model * m) {
         return st;
     }
     if ((st = moqae_tokenizer_new(m->gguf, &m->tok))) {
-        return moqae_fail_prefix(st, "tokenizer: ");
+        return st; /* tokenizer.c's messages start with "tokenizer: " */
     }
     m->hp.n_vocab = moqae_tokenizer_n_vocab(m->tok);
     int64_t vocab_key;

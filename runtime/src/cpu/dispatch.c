@@ -6,6 +6,9 @@
  * may contain wide instructions anywhere. Reference: ggml-cpu's all-variants backend selection.
  * Also here, being ISA-free: the loop that covers a gemm with a SIMD file's register tiles.
  */
+#if defined(__x86_64__) || defined(__i386__)
+#    include <cpuid.h>
+#endif
 #include "kernels.h"
 
 #include <stdlib.h>
@@ -14,7 +17,10 @@
 /* __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0). */
 int moqae_cpu_has_avx2(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    /* f16c from CPUID directly: __builtin_cpu_supports("f16c") needs clang >= 16 */
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __get_cpuid(1, &a, &b, &c, &d) &&
+           (c & bit_F16C);
 #else
     return 0;
 #endif
