@@ -12,6 +12,7 @@ import numpy as np
 from ._model import Model, _token_array
 from ._native import ffi, lib
 from .errors import ClosedError, _check
+from ._closable import Closable
 
 
 class _ContextHandle:
@@ -46,7 +47,7 @@ def moqae_py_ppl_progress(chunk, n_chunks, ppl, user_data):
         return False
 
 
-class Context:
+class Context(Closable):
     """A context on model. Options start from moqae_context_default_params(); None keeps the C
     default (n_ctx: the model's training context; n_batch: 512; n_threads: all CPUs; kv: fp16)."""
 
@@ -91,17 +92,6 @@ class Context:
             h.free()
             self.model._unregister(h)
 
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # fallback only: call close()
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- state ---------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 
 from ._native import ffi, lib
 from .errors import ClosedError, InvalidTokenError, _check
+from ._closable import Closable
 
 _BUFFER_TOO_SMALL = lib.MOQAE_ERR_BUFFER_TOO_SMALL
 
@@ -23,7 +24,7 @@ def _token_array(tokens: Iterable[int]):
         raise InvalidTokenError(f"token id out of range: {e}", "MOQAE_ERR_INVALID_TOKEN") from None
 
 
-class Model:
+class Model(Closable):
     """A loaded GGUF model. Read-only after loading; tokenizer methods are thread-safe.
 
     Keyword options start from moqae_model_default_params(); None keeps the C default.
@@ -87,17 +88,6 @@ class Model:
         if ptr != ffi.NULL:
             lib.moqae_model_free(ptr)
 
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # fallback only: call close()
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- metadata ------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ._native import ffi, lib
 from .errors import ClosedError, _check
+from ._closable import Closable
 
 _FIELDS = ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 
@@ -15,7 +16,7 @@ def default_sampler_params() -> dict:
     return {name: getattr(p, name) for name in _FIELDS}
 
 
-class Sampler:
+class Sampler(Closable):
     def __init__(self, **options):
         self._ptr = ffi.NULL
         params = ffi.new("struct moqae_sampler_params *", lib.moqae_sampler_default_params())
@@ -50,14 +51,3 @@ class Sampler:
         if ptr != ffi.NULL:
             lib.moqae_sampler_free(ptr)
 
-    def __enter__(self) -> "Sampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # fallback only
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -21,6 +21,7 @@ from ._model import Model
 from ._sampler import Sampler, default_sampler_params
 from ._text import TextAssembler
 from .errors import ContextFullError, Interrupted, InvalidTokenError
+from ._closable import Closable
 
 # Sampling defaults come from moqae_sampler_default_params() (they equal llama-cpp-python's
 # documented ones: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, repeat_penalty 1.0). Rounded
@@ -60,7 +61,7 @@ def _logprobs_rows(rows: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-class Llama:
+class Llama(Closable):
     """A model and one context, with llama-cpp-python's `Llama` interface.
 
     Args:
@@ -136,17 +137,6 @@ class Llama:
         if self._model is not None:
             self._model.close()
 
-    def __enter__(self) -> "Llama":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # fallback only: call close()
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- llama_cpp.Llama basics ----------------------------------------------------------------
 
