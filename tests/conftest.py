@@ -3,6 +3,7 @@ models/fetch_model.py, cached outside the repository), and tiny synthetic models
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,21 @@ def run_tool(args: list, timeout: float = 600, **kw) -> subprocess.CompletedProc
     replaced rather than failing the test."""
     kw.setdefault("errors", "replace")
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+CRASH_MARKERS = ("Sanitizer", "runtime error:", "Segmentation fault", "core dumped", "MOQAE_ASSERT")
+
+
+def no_crash(r: subprocess.CompletedProcess) -> None:
+    """Not killed by a signal and no sanitizer or assertion report."""
+    assert r.returncode >= 0, f"killed by signal {-r.returncode}:\n{r.stderr[-3000:]}"
+    for marker in CRASH_MARKERS:
+        assert marker not in r.stderr, f"crash report ({marker}):\n{r.stderr[-3000:]}"
+
+
+def clean_failure(r: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit status 1 and an "error: " line matching pattern (a case-insensitive regex)."""
+    no_crash(r)
+    assert r.returncode == 1, f"exit {r.returncode}, expected 1; stderr:\n{r.stderr[-3000:]}"
+    assert re.search(r"^error: .*(" + pattern + ")", r.stderr, re.IGNORECASE | re.MULTILINE), \
+        f"stderr does not match /{pattern}/:\n{r.stderr[-3000:]}"

@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT / "models"))
 import make_bad  # noqa: E402
 from make_tiny import make_tiny  # noqa: E402
 
+from conftest import clean_failure, no_crash  # noqa: E402
+
 BIN_DIR = Path(os.environ.get("MOQAE_BIN_DIR", ROOT / "build"))
 CLI = BIN_DIR / "moqae-cli"
-CRASH_MARKERS = ("Sanitizer", "runtime error:", "Segmentation fault", "core dumped", "MOQAE_ASSERT")
 
 
 def _need_cli() -> None:
@@ -36,18 +37,6 @@ def _need_cli() -> None:
 def _run(model: Path | str) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), "-m", str(model), "-p", "hi", "-n", "1"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, errors="replace", timeout=120)
-
-
-def _no_crash(p: subprocess.CompletedProcess) -> None:
-    assert p.returncode >= 0, f"killed by signal {-p.returncode}:\n{p.stderr[-3000:]}"
-    for marker in CRASH_MARKERS:
-        assert marker not in p.stderr, f"crash report ({marker}):\n{p.stderr[-3000:]}"
-
-
-def _clean_failure(p: subprocess.CompletedProcess, pattern: str) -> None:
-    _no_crash(p)
-    assert p.returncode != 0, f"exit 0 on a bad file; stderr:\n{p.stderr[-3000:]}"
-    assert re.search(pattern, p.stderr, re.IGNORECASE), f"stderr does not match /{pattern}/:\n{p.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +53,7 @@ def test_good_model_runs(good_model):
     """The control: the unpatched tiny model must run, or the failures below prove nothing."""
     _need_cli()
     p = _run(good_model)
-    _no_crash(p)
+    no_crash(p)
     assert p.returncode == 0, f"the good tiny model fails: {p.stderr[-3000:]}"
 
 
@@ -73,7 +62,7 @@ def test_bad_file(name, good_model, tmp_path):
     _need_cli()
     maker, pattern = make_bad.MAKERS[name]
     bad = maker(good_model, tmp_path / f"bad-{name}.gguf")
-    _clean_failure(_run(bad), pattern)
+    clean_failure(_run(bad), pattern)
 
 
 def test_nan_weights(good_model, tmp_path):
@@ -82,7 +71,7 @@ def test_nan_weights(good_model, tmp_path):
     _need_cli()
     maker, pattern = make_bad.MAKERS["nan_weights"]
     p = _run(maker(good_model, tmp_path / "bad-nan.gguf"))
-    _no_crash(p)
+    no_crash(p)
     if p.returncode != 0:
         assert re.search(pattern, p.stderr, re.IGNORECASE), f"stderr does not mention NaN:\n{p.stderr[-3000:]}"
 
@@ -95,21 +84,21 @@ def test_truncated_everywhere(good_model, tmp_path):
     cuts = sorted({0, 3, 10, 24, 40, lay.data_offset // 2, lay.data_offset - 1, lay.data_offset + 1, end - 1})
     for n in cuts:
         bad = make_bad.truncated(good_model, tmp_path / f"cut-{n}.gguf", n_bytes=n)
-        _clean_failure(_run(bad), r"past the end|truncated|too small|magic")
+        clean_failure(_run(bad), r"past the end|truncated|too small|magic")
 
 
 def test_missing_file(tmp_path):
     _need_cli()
-    _clean_failure(_run(tmp_path / "does-not-exist.gguf"), r"No such file")
+    clean_failure(_run(tmp_path / "does-not-exist.gguf"), r"No such file")
 
 
 def test_directory(tmp_path):
     _need_cli()
-    _clean_failure(_run(tmp_path), r"directory")
+    clean_failure(_run(tmp_path), r"directory")
 
 
 def test_empty_file(tmp_path):
     _need_cli()
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
-    _clean_failure(_run(empty), r"0 bytes, too small")
+    clean_failure(_run(empty), r"0 bytes, too small")

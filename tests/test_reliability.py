@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_tool
+from conftest import CRASH_MARKERS, ROOT, clean_failure, no_crash, run_tool
 
 sys.path.insert(0, str(ROOT / "models"))
 
@@ -36,24 +36,9 @@ HEAD = ROOT / "tests/data/wikitext-2-test-head.txt"
 INJECT_SRC = ROOT / "tests/fuzz/inject.c"
 # what an allocation failure may say: ours, strerror(ENOMEM) from fopen, pthread_create's failure
 OOM_MESSAGE = r"^error: .*(out of memory|cannot allocate memory|could not start worker thread)"
-CRASH_MARKERS = ("Sanitizer", "runtime error:", "Segmentation fault", "core dumped", "MOQAE_ASSERT")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-
-def no_crash(r: subprocess.CompletedProcess) -> None:
-    assert r.returncode >= 0, f"killed by signal {-r.returncode}:\n{r.stderr[-3000:]}"
-    for marker in CRASH_MARKERS:
-        assert marker not in r.stderr, f"crash report ({marker}):\n{r.stderr[-3000:]}"
-
-
-def clean_failure(r: subprocess.CompletedProcess, pattern: str) -> None:
-    """Exit status 1 and an "error: " line matching pattern (a case-insensitive regex)."""
-    no_crash(r)
-    assert r.returncode == 1, f"exit {r.returncode}, expected 1; stderr:\n{r.stderr[-3000:]}"
-    assert re.search(r"^error: .*(" + pattern + ")", r.stderr, re.IGNORECASE | re.MULTILINE), \
-        f"stderr does not match /{pattern}/:\n{r.stderr[-3000:]}"
 
 
 def cli(bin_dir: Path, model, *args, **kw) -> subprocess.CompletedProcess:
