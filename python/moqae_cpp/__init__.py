@@ -62,6 +62,7 @@ def cpu_backend() -> str:
 
 from ._context import Context  # noqa: E402
 from ._model import Model  # noqa: E402
+from ._router import Router  # noqa: E402
 from ._sampler import Sampler  # noqa: E402
 from .errors import (  # noqa: E402
     ClosedError,
@@ -80,7 +81,7 @@ from .errors import (  # noqa: E402
 from .llama import Llama  # noqa: E402
 
 __all__ = [
-    "Llama", "Model", "Context", "Sampler", "MoqaeError", "ModelNotFoundError", "InvalidArgumentError", "FormatError",
+    "Llama", "Model", "Router", "Context", "Sampler", "MoqaeError", "ModelNotFoundError", "InvalidArgumentError", "FormatError",
     "UnsupportedError", "InvalidTokenError", "ContextFullError", "KeyNotFoundError", "Interrupted",
     "MoqaeMemoryError", "MoqaeRuntimeError", "ClosedError", "has_cuda", "cpu_backend", "__version__",
 ]

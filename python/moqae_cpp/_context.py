@@ -52,9 +52,10 @@ class Context(Closable):
     default (n_ctx: the model's training context; n_batch: 512; n_threads: all CPUs; kv: fp16)."""
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int | None = None,
-                 n_threads: int | None = None, kv: str | None = None):
+                 n_threads: int | None = None, kv: str | None = None, router=None):
         self._h = None
         self.model = model  # keeps the model alive while we exist
+        self.router = router  # and the router (a moqae_cpp.Router or None)
         params = ffi.new("struct moqae_context_params *", lib.moqae_context_default_params())
         if n_ctx is not None:
             params.n_ctx = n_ctx
@@ -64,6 +65,8 @@ class Context(Closable):
             params.n_threads = n_threads
         self._kv = ffi.new("char[]", kv.encode("utf-8")) if kv is not None else ffi.NULL
         params.kv = self._kv
+        if router is not None:
+            params.router = router.ptr
         out = ffi.new("struct moqae_context **")
         _check(lib.moqae_context_new(model.ptr, params, out))
         self._h = _ContextHandle(out[0])
@@ -161,6 +164,7 @@ class Context(Closable):
             "effective_bits": s.effective_bits,
             "bytes_used": s.bytes_used,
             "bytes_reserved": s.bytes_reserved,
+            "n_records": dict(zip(("fp16", "int8", "int4", "int2"), (int(x) for x in s.n_records))),
         }
 
     def perplexity(self, tokens: Sequence[int], *, n_ctx: int | None = None, n_chunks: int | None = None,

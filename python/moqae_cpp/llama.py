@@ -18,6 +18,7 @@ import numpy as np
 from ._chat import ChatTemplate, chunks_to_chat, completion_to_chat
 from ._context import Context
 from ._model import Model
+from ._router import Router
 from ._sampler import Sampler, default_sampler_params
 from ._text import TextAssembler
 from .errors import ContextFullError, Interrupted, InvalidTokenError
@@ -66,8 +67,8 @@ class Llama(Closable):
 
     Args:
         model_path: GGUF model file.
-        router_path: MoQAE router GGUF. Not available yet (issue 6): anything but None raises
-            NotImplementedError.
+        router_path: MoQAE router GGUF (docs/ROUTER-FORMAT.md): it picks each KV chunk's expert
+            (FP16, INT4, INT2 ...) instead of the fixed `kv` policy; give one or the other.
         n_ctx: context length in tokens. Defaults to 512 like llama_cpp.Llama (not the C default, the
             model's training context); 0 means the model's training context.
         n_batch: prompt micro-batch in tokens; None = the C default (512).
@@ -91,14 +92,13 @@ class Llama(Closable):
                  logits_all: bool = False, last_n_tokens_size: int | None = None, verbose: bool = False,
                  **kwargs: Any):
         self._model: Model | None = None
+        self._router: Router | None = None
         self._ctx: Context | None = None
         unknown = sorted(set(kwargs) - _IGNORED_INIT)
         if unknown:
             raise TypeError(f"Llama() got unexpected keyword arguments: {', '.join(unknown)}")
         if kwargs:
             warnings.warn(f"moqae_cpp.Llama ignores llama_cpp options: {', '.join(sorted(kwargs))}", stacklevel=2)
-        if router_path is not None:
-            raise NotImplementedError("router_path: MoQAE routers are not available in this version (issue 6)")
         if verbose:
             from . import _enable_verbose_logging
 
@@ -107,8 +107,13 @@ class Llama(Closable):
         self.verbose = verbose
         self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, use_mlock=use_mlock)
         try:
-            self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv=kv)
+            if router_path is not None:
+                self._router = Router(self._model, router_path)
+            self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv=kv,
+                                router=self._router)
         except BaseException:
+            if self._router is not None:
+                self._router.close()
             self._model.close()
             raise
         info = self._model.info
@@ -131,12 +136,21 @@ class Llama(Closable):
     # ---- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the context, then the model. Idempotent; the object is unusable afterwards."""
+        """Free the context, then the router and the model. Idempotent; the object is unusable
+        afterwards."""
         if self._ctx is not None:
             self._ctx.close()
+        if self._router is not None:
+            self._router.close()
         if self._model is not None:
             self._model.close()
 
+
+    @property
+    def router_info(self) -> dict | None:
+        """The router's metadata (chunk_size, experts, expert_bits, n_router, group_size,
+        hidden_size, freeze_first_chunk, lambda, expected_bits), or None without a router."""
+        return dict(self._router.info) if self._router is not None else None
 
     # ---- llama_cpp.Llama basics ----------------------------------------------------------------
 
@@ -570,7 +584,8 @@ class Llama(Closable):
         tokens = self._model.tokenize(data, add_special=True, parse_special=False)
         self._epoch += 1
         if n_ctx is not None and n_ctx > self._n_ctx:
-            with Context(self._model, n_ctx=n_ctx, n_threads=self._n_threads, kv=self._kv) as tmp:
+            with Context(self._model, n_ctx=n_ctx, n_threads=self._n_threads, kv=self._kv,
+                         router=self._router) as tmp:
                 return tmp.perplexity(tokens, n_ctx=n_ctx, n_chunks=n_chunks, progress=progress)
         try:
             return self._ctx.perplexity(tokens, n_ctx=n_ctx, n_chunks=n_chunks, progress=progress)

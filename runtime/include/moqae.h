@@ -167,6 +167,37 @@ MOQAE_API int moqae_detokenize(const struct moqae_model * model, const int32_t *
 MOQAE_API bool moqae_token_is_eog(const struct moqae_model * model, int32_t token);
 
 /* ------------------------------------------------------------------------------------------------
+ * Router: a MoQAE router file (docs/ROUTER-FORMAT.md) that picks each KV chunk's expert
+ * ---------------------------------------------------------------------------------------------- */
+
+struct moqae_router;
+
+/* Load a router GGUF and check it against model (architecture, n_embd, n_layer, n_vocab and the
+ * fingerprint of its token embeddings): MOQAE_ERR_IO, MOQAE_ERR_FORMAT (a missing or bad key or
+ * tensor, named), MOQAE_ERR_UNSUPPORTED (an expert codec or input layer this runtime lacks),
+ * MOQAE_ERR_INVALID_ARG (a router for another model). The router keeps no reference to the model.
+ * A router is read-only and may be shared by any number of contexts on any threads. */
+MOQAE_API int moqae_router_load(const struct moqae_model * model, const char * path, struct moqae_router ** out);
+
+/* Accepts NULL. Contexts using the router must be freed first. */
+MOQAE_API void moqae_router_free(struct moqae_router * router);
+
+struct moqae_router_info {
+    int32_t format_version;
+    int32_t chunk_size;         /* C, tokens per chunk                                         */
+    int32_t n_expert;           /* experts, highest precision first                            */
+    int32_t expert_bits[4];     /* nominal bits of each: 16, 8, 4 or 2                         */
+    int32_t n_router;           /* routers in the file (decisions per chunk)                   */
+    int32_t group_size;         /* consecutive layers each decision covers                     */
+    int32_t hidden_size;        /* width of the router MLP                                     */
+    bool    freeze_first_chunk; /* chunk 0 always FP16                                         */
+    float   lambda;             /* training lambda                                             */
+    float   expected_bits;      /* average nominal bits on the calibration text                */
+};
+
+MOQAE_API int moqae_router_get_info(const struct moqae_router * router, struct moqae_router_info * out);
+
+/* ------------------------------------------------------------------------------------------------
  * Context: KV cache, scratch and worker threads
  * ---------------------------------------------------------------------------------------------- */
 
@@ -180,7 +211,9 @@ struct moqae_context_params {
                           "sink+int2" (chunk 0 FP16); NULL = "fp16"                                  */
     int64_t kv_budget; /* bytes for the encoded KV chunks; 0 = sized from n_ctx and the policy     */
     int32_t kv_overflow; /* enum moqae_kv_overflow_policy: what happens when the KV cache is full  */
-    int32_t kv_chunk;  /* tokens per KV chunk (32 or 64); 0 = 32                                    */
+    int32_t kv_chunk;  /* tokens per KV chunk (32 or 64); 0 = 32, or the router's chunk size        */
+    const struct moqae_router * router; /* NULL = every chunk by the kv policy; else the router picks
+                          each chunk's expert (kv must then be NULL). Must outlive the context.       */
 };
 
 /* What a full KV cache does (moqae_context_params.kv_overflow). */
@@ -237,6 +270,9 @@ struct moqae_kv_stats {
     double  effective_bits;  /* average bits per stored element, scales and zeros included    */
     int64_t bytes_used;      /* bytes holding the n_tokens tokens                             */
     int64_t bytes_reserved;  /* bytes allocated for the cache                                 */
+    int64_t n_records[4];    /* completed (chunk, layer) records per expert: with a router that
+                                decides per layer or per group, n_chunks[e] is n_records[e] / n_layer
+                                rounded                                                       */
 };
 
 MOQAE_API int moqae_context_kv_stats(const struct moqae_context * ctx, struct moqae_kv_stats * out);

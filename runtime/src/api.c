@@ -121,9 +121,28 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "n_ctx, n_batch and n_threads must not be negative");
     }
     struct moqae_kv_policy policy;
+    if (p.router && p.kv) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "give either a KV policy (kv = \"%s\") or a router, not both", p.kv);
+    }
     int st = moqae_kv_policy_parse(p.kv ? p.kv : "fp16", &policy);
     if (st) {
         return st;
+    }
+    const struct moqae_router * router = p.router;
+    if (router) {
+        if (router->n_embd != hp->n_embd || router->n_layer != hp->n_layer) {
+            return moqae_fail(MOQAE_ERR_INVALID_ARG, "the router was loaded for another model");
+        }
+        if (p.kv_chunk != 0 && p.kv_chunk != router->chunk) {
+            return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_chunk %d differs from the router's chunk size %lld", p.kv_chunk,
+                              (long long) router->chunk);
+        }
+        if (router->chunk > hp->n_ctx_train) {
+            return moqae_fail(MOQAE_ERR_INVALID_ARG, "the router's chunks of %lld tokens exceed the model's context of "
+                              "%lld", (long long) router->chunk, (long long) hp->n_ctx_train);
+        }
+        policy.sink  = router->freeze;
+        policy.codec = router->expert[router->n_expert - 1];
     }
     if (p.kv_overflow < MOQAE_KV_OVERFLOW_POLICY_ERROR || p.kv_overflow > MOQAE_KV_OVERFLOW_POLICY_DEMOTE) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_overflow %d is not a moqae_kv_overflow_policy", p.kv_overflow);
@@ -161,9 +180,26 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     c->n_batch   = p.n_batch ? (p.n_batch < n_ctx ? p.n_batch : n_ctx) : (n_ctx < 512 ? n_ctx : 512);
     c->n_threads = n_threads;
     c->kv_overflow = p.kv_overflow;
+    c->router      = router;
     struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx, c->n_batch,
-                                  p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
-                                  (enum moqae_kv_overflow) p.kv_overflow };
+                                  router ? router->chunk : p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
+                                  (enum moqae_kv_overflow) p.kv_overflow, 0, { 0 }, 1, hp->n_layer, 0.0 };
+    if (router) {
+        kc.n_expert = router->n_expert;
+        for (int64_t e = 0; e < router->n_expert; e++) {
+            kc.expert[e] = router->expert[e];
+        }
+        kc.n_group       = router->n_router;
+        kc.group_size    = router->group_size;
+        kc.expected_bits = router->expected_bits;
+        c->router_scratch_floats = (hp->n_embd + moqae_router_scratch_floats(router) + 15) / 16 * 16;
+        c->votes          = calloc((size_t) (c->n_batch * router->n_router), 1);
+        c->router_scratch = moqae_aligned_alloc((size_t) c->router_scratch_floats * (size_t) n_threads * sizeof(float));
+        if (!c->votes || !c->router_scratch) {
+            moqae_context_free(c);
+            return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for the router's scratch");
+        }
+    }
     st = moqae_kv_cache_new(&kc, &c->kv);
     if (!st) {
         st = alloc_scratch(c);
@@ -192,6 +228,8 @@ void moqae_context_free(struct moqae_context * c) {
     }
     free(c->act[0]);
     free(c->act[1]);
+    free(c->votes);
+    free(c->router_scratch);
     free(c);
 }
 

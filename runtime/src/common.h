@@ -54,6 +54,9 @@ static inline int moqae_add_ok(uint64_t a, uint64_t b, uint64_t * out) {
     return !__builtin_add_overflow(a, b, out);
 }
 
+/* SHA-256 of n bytes as 64 lowercase hex digits and a NUL. */
+void moqae_sha256_hex(const void * data, size_t n, char out[65]);
+
 /* ---- half precision --------------------------------------------------------------------------- */
 
 typedef uint16_t moqae_f16;  /* IEEE binary16 bits */

@@ -10,6 +10,7 @@
 #include "cpu/kernels.h"
 #include "kv-cache.h"
 #include "model.h"
+#include "router.h"
 #include "threadpool.h"
 
 #include <stdatomic.h>
@@ -23,6 +24,10 @@ struct moqae_context {
     int64_t                          n_batch;
     int                              n_threads;
     int                              kv_overflow; /* enum moqae_kv_overflow_policy */
+    const struct moqae_router *      router;      /* NULL: fixed KV policy          */
+    uint8_t *                        votes;       /* [n_batch][n_router]            */
+    float *                          router_scratch; /* [n_threads][router_scratch_floats] */
+    int64_t                          router_scratch_floats;
 
     /* scratch for one micro-batch of up to n_batch tokens */
     float * x;        /* [n_batch][n_embd] residual stream            */

@@ -228,8 +228,23 @@ static void forward_worker(void * arg, int ith, int nth) {
     }
 }
 
+/* The router's votes for the micro-batch's tokens, from their embeddings (layer 0's input). */
+static void vote_worker(void * arg, int ith, int nth) {
+    struct moqae_context *      c = arg;
+    const struct moqae_weight * e = &c->model->tok_embd;
+    const int64_t               n = c->model->hp.n_embd;
+    float *                     x = c->router_scratch + (size_t) ith * (size_t) c->router_scratch_floats;
+    for (int64_t t = ith; t < c->job_n; t += nth) {
+        c->K->type[e->type].to_float((const char *) e->data + (size_t) c->job_tokens[t] * e->row_bytes, x, n);
+        moqae_router_vote(c->router, c->K, x, c->votes + t * c->router->n_router, x + n);
+    }
+}
+
 int moqae_graph_forward(struct moqae_context * ctx) {
-    int st = moqae_kv_cache_prepare(ctx->kv, ctx->job_n);
+    if (ctx->router) {
+        moqae_threadpool_run(ctx->tp, vote_worker, ctx);
+    }
+    int st = moqae_kv_cache_prepare(ctx->kv, ctx->job_n, ctx->router ? ctx->votes : NULL);
     if (st) {
         return st;
     }

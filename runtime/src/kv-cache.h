@@ -7,8 +7,9 @@
  * COMPLETED chunk of C tokens in its encoded form (FP16, INT8, INT4 or INT2 as the chunk's expert
  * says) and to the tokens of ITS OWN chunk, up to p, at the model's KV precision (values rounded to
  * f16, as an f16 cache holds them): the incomplete chunk is the residual window. Scores are q.k * scale, softmax in f32, output = sum_j p_j v_j.
- * Keys are stored after RoPE. Chunk records are kv-codec.h's; every layer of a chunk uses the
- * chunk's expert (routing sharing), chosen when the chunk is allocated.
+ * Keys are stored after RoPE. Chunk records are kv-codec.h's. A chunk's expert is chosen when the
+ * chunk completes, by the fixed policy or by the router's votes (router.h): one decision for every
+ * layer (routing sharing) or one per group of consecutive layers.
  * Implementation: kv-ring.c.
  */
 #ifndef MOQAE_KV_CACHE_H
@@ -49,6 +50,13 @@ struct moqae_kv_config {
     struct moqae_kv_policy policy;
     int64_t                budget;   /* bytes for the encoded chunks; 0 = sized from n_ctx and policy */
     enum moqae_kv_overflow overflow;
+    /* Routed experts (0 = the fixed policy above). With a router: policy.sink = routing freezing
+     * (chunk 0 FP16), policy.codec = the experts' lowest; votes name an expert index. */
+    int64_t                n_expert;
+    enum moqae_kv_codec    expert[MOQAE_KV_CODEC_COUNT];
+    int64_t                n_group;       /* decisions per chunk (>= 1; 1 = every layer shares one)   */
+    int64_t                group_size;    /* consecutive layers per decision                         */
+    double                 expected_bits; /* router's average nominal bits: sizes the ring (0: worst) */
 };
 
 int  moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out);
@@ -60,9 +68,11 @@ int64_t moqae_kv_cache_n_tokens(const struct moqae_kv_cache * kv);
 int64_t moqae_kv_cache_n_ctx(const struct moqae_kv_cache * kv);
 
 /* Before a micro-batch of n_tok tokens (single-threaded): allocates the records of every chunk that
- * the micro-batch completes, applying the overflow policy. MOQAE_ERR_CONTEXT_FULL (nothing changed)
- * when they cannot be stored. */
-int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok);
+ * the micro-batch completes, applying the overflow policy. votes: [n_tok][n_group] expert indices
+ * from the router (NULL without one); a chunk takes, per group, the expert most of its tokens voted
+ * for (ties: the lower index, the higher precision). MOQAE_ERR_CONTEXT_FULL (nothing changed) when
+ * they cannot be stored. */
+int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint8_t * votes);
 
 /* Store the micro-batch's K/V for one layer (k, v: [n_tok][n_head_kv * head_dim] f32, keys after RoPE)
  * and encode the chunks it completes. Called by all nth threads. Ends with a barrier-free state: the

@@ -14,9 +14,7 @@
 #include <math.h>
 
 struct chunk {
-    int64_t pos;   /* position of the chunk's first token (a multiple of C) */
-    int     codec; /* enum moqae_kv_codec                                    */
-    size_t  off;   /* offset of its records in every layer's arena           */
+    int64_t pos; /* position of the chunk's first token (a multiple of C) */
 };
 
 struct moqae_kv_cache {
@@ -26,12 +24,18 @@ struct moqae_kv_cache {
     int64_t                               n_tokens;   /* committed tokens                            */
     float *                               stage_k;    /* [n_layer][n_head_kv][stage_rows][head_dim]  */
     float *                               stage_v;
+    uint8_t *                             stage_votes; /* [stage_rows][n_group] router votes         */
     int64_t                               stage_rows; /* C + n_batch                                 */
     int64_t                               stage_pos0; /* position of staging row 0 (multiple of C)   */
     struct chunk *                        chunks;     /* [cap_chunks] stored chunks, by position     */
+    uint8_t *                             codec;      /* [cap_chunks][n_layer] each record's codec   */
+    size_t *                              off;        /* [cap_chunks][n_layer] offset in its arena   */
     int64_t                               n_chunks, cap_chunks;
     uint8_t *                             arena;      /* [n_layer][layer_cap]                        */
-    size_t                                layer_cap, used;
+    size_t                                layer_cap;
+    size_t *                              used;       /* [n_layer] bytes used in each layer's arena  */
+    uint8_t *                             new_codec;  /* [max_new][n_layer] chunks of one micro-batch */
+    int64_t                               max_new;
     float *                               tmp;        /* [2][C][head_dim] for demotion               */
     uint8_t *                             tmp_rec;    /* one record                                  */
 };
@@ -61,10 +65,6 @@ int moqae_kv_policy_parse(const char * s, struct moqae_kv_policy * out) {
                       s ? s : "(null)");
 }
 
-static enum moqae_kv_codec policy_codec(const struct moqae_kv_cache * kv, int64_t chunk_index) {
-    return kv->cfg.policy.sink && chunk_index == 0 ? MOQAE_KV_CODEC_F16 : kv->cfg.policy.codec;
-}
-
 /* ---- geometry ---------------------------------------------------------------------------------- */
 
 static size_t rec_k_bytes(const struct moqae_kv_cache * kv, int codec) {
@@ -80,13 +80,19 @@ static size_t chunk_bytes(const struct moqae_kv_cache * kv, int codec) {
     return (size_t) kv->cfg.n_head_kv * (rec_k_bytes(kv, codec) + rec_v_bytes(kv, codec));
 }
 
-static uint8_t * rec_k(const struct moqae_kv_cache * kv, int64_t layer, const struct chunk * c, int64_t h) {
-    return kv->arena + (size_t) layer * kv->layer_cap + c->off +
-           (size_t) h * (rec_k_bytes(kv, c->codec) + rec_v_bytes(kv, c->codec));
+static int rec_codec(const struct moqae_kv_cache * kv, int64_t i, int64_t layer) {
+    return kv->codec[i * kv->cfg.n_layer + layer];
 }
 
-static uint8_t * rec_v(const struct moqae_kv_cache * kv, int64_t layer, const struct chunk * c, int64_t h) {
-    return rec_k(kv, layer, c, h) + rec_k_bytes(kv, c->codec);
+/* K record of stored chunk i, layer, KV head h; its V record follows it */
+static uint8_t * rec_k(const struct moqae_kv_cache * kv, int64_t layer, int64_t i, int64_t h) {
+    const int c = rec_codec(kv, i, layer);
+    return kv->arena + (size_t) layer * kv->layer_cap + kv->off[i * kv->cfg.n_layer + layer] +
+           (size_t) h * (rec_k_bytes(kv, c) + rec_v_bytes(kv, c));
+}
+
+static uint8_t * rec_v(const struct moqae_kv_cache * kv, int64_t layer, int64_t i, int64_t h) {
+    return rec_k(kv, layer, i, h) + rec_k_bytes(kv, rec_codec(kv, i, layer));
 }
 
 static float * stage_row(float * base, const struct moqae_kv_cache * kv, int64_t layer, int64_t h, int64_t row) {
@@ -96,6 +102,31 @@ static float * stage_row(float * base, const struct moqae_kv_cache * kv, int64_t
 
 /* ---- life cycle -------------------------------------------------------------------------------- */
 
+/* Bytes per layer that n_ctx tokens need: the fixed policy's exact size, or for a router the
+ * expected bits at the most expensive bytes-per-bit of its experts, plus a quarter for documents
+ * that route richer than the calibration text (never more than all chunks at the first expert). */
+static uint64_t sized_capacity(const struct moqae_kv_cache * kv) {
+    const struct moqae_kv_config * cfg    = &kv->cfg;
+    const int64_t                  n_full = cfg->n_ctx / cfg->chunk;
+    const int64_t                  n_sink = n_full > 0 && cfg->policy.sink;
+    const uint64_t                 sink   = n_sink ? chunk_bytes(kv, MOQAE_KV_CODEC_F16) : 0;
+    if (cfg->n_expert == 0) {
+        return sink + (uint64_t) (n_full - n_sink) * chunk_bytes(kv, cfg->policy.codec);
+    }
+    const uint64_t worst = (uint64_t) chunk_bytes(kv, cfg->expert[0]);
+    double         per_bit = 0.0;
+    for (int64_t e = 0; e < cfg->n_expert; e++) {
+        const double r = (double) chunk_bytes(kv, cfg->expert[e]) / moqae_kv_codec_bits(cfg->expert[e]);
+        per_bit        = r > per_bit ? r : per_bit;
+    }
+    uint64_t per_chunk = worst;
+    if (cfg->expected_bits > 0.0) {
+        const double b = 1.25 * cfg->expected_bits * per_bit;
+        per_chunk      = b < (double) worst ? (uint64_t) b : worst;
+    }
+    return sink + (uint64_t) (n_full - n_sink) * per_chunk;
+}
+
 int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out) {
     *out = NULL;
     if (cfg->n_layer < 1 || cfg->n_head_kv < 1 || cfg->head_dim < 1 || cfg->n_ctx < 1 || cfg->n_batch < 1) {
@@ -104,14 +135,21 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
     if (cfg->chunk != 32 && cfg->chunk != 64) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV chunk size must be 32 or 64, got %lld", (long long) cfg->chunk);
     }
+    if (cfg->n_expert < 0 || cfg->n_expert > MOQAE_KV_CODEC_COUNT ||
+        (cfg->n_expert > 0 && (cfg->n_group < 1 || cfg->group_size < 1 || cfg->n_group * cfg->group_size < cfg->n_layer))) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV cache: bad routing shape");
+    }
     struct moqae_kv_shape shape = { cfg->chunk, cfg->head_dim, MOQAE_KV_V_GROUP };
     if (cfg->head_dim % MOQAE_KV_V_GROUP != 0) {
         shape.v_group = cfg->head_dim;
     }
-    int st = moqae_kv_shape_check(cfg->policy.codec, &shape);
-    if (st) {
-        return moqae_fail_prefix(st, "KV policy %s on head_dim %lld: ", moqae_kv_codec_name(cfg->policy.codec),
-                                 (long long) cfg->head_dim);
+    for (int64_t e = 0; e <= cfg->n_expert; e++) {
+        const enum moqae_kv_codec c = e < cfg->n_expert ? cfg->expert[e] : cfg->policy.codec;
+        int                       st = moqae_kv_shape_check(c, &shape);
+        if (st) {
+            return moqae_fail_prefix(st, "KV codec %s on head_dim %lld: ", moqae_kv_codec_name(c),
+                                     (long long) cfg->head_dim);
+        }
     }
     struct moqae_kv_cache * kv = calloc(1, sizeof(*kv));
     if (!kv) {
@@ -122,13 +160,12 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
     kv->KK         = moqae_kv_codec_kernels();
     kv->cap_chunks = cfg->n_ctx / cfg->chunk + 1;
     kv->stage_rows = cfg->chunk + cfg->n_batch;
-    /* capacity from n_ctx and the policy's bits (not the FP16 worst case), or the budget */
-    uint64_t cap = cfg->budget > 0 ? (uint64_t) cfg->budget / (uint64_t) cfg->n_layer : 0;
-    if (cap == 0) {
-        const int64_t n_full = cfg->n_ctx / cfg->chunk;
-        cap = (uint64_t) (n_full > 0 && cfg->policy.sink ? chunk_bytes(kv, MOQAE_KV_CODEC_F16) : 0) +
-              (uint64_t) (n_full - (n_full > 0 && cfg->policy.sink)) * chunk_bytes(kv, cfg->policy.codec);
+    kv->max_new    = cfg->n_batch / cfg->chunk + 2;
+    if (kv->cfg.n_expert == 0) {
+        kv->cfg.n_group = 1;
     }
+    /* capacity from n_ctx and the policy's bits (not the FP16 worst case), or the budget */
+    uint64_t cap = cfg->budget > 0 ? (uint64_t) cfg->budget / (uint64_t) cfg->n_layer : sized_capacity(kv);
     kv->layer_cap = (size_t) cap;
     uint64_t stage = 0, arena = 0;
     if (!moqae_mul_ok((uint64_t) cfg->n_layer * (uint64_t) cfg->n_head_kv * (uint64_t) kv->stage_rows,
@@ -137,13 +174,20 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         moqae_kv_cache_free(kv);
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "KV cache for n_ctx %lld is too large", (long long) cfg->n_ctx);
     }
-    kv->stage_k = moqae_aligned_alloc(stage);
-    kv->stage_v = moqae_aligned_alloc(stage);
-    kv->arena   = moqae_aligned_alloc(arena ? arena : 64);
-    kv->chunks  = calloc((size_t) kv->cap_chunks, sizeof(*kv->chunks));
-    kv->tmp     = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * sizeof(float));
-    kv->tmp_rec = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64);
-    if (!kv->stage_k || !kv->stage_v || !kv->arena || !kv->chunks || !kv->tmp || !kv->tmp_rec) {
+    const size_t n_rec = (size_t) kv->cap_chunks * (size_t) cfg->n_layer;
+    kv->stage_k     = moqae_aligned_alloc(stage);
+    kv->stage_v     = moqae_aligned_alloc(stage);
+    kv->stage_votes = calloc((size_t) kv->stage_rows * (size_t) kv->cfg.n_group, 1);
+    kv->arena       = moqae_aligned_alloc(arena ? arena : 64);
+    kv->chunks      = calloc((size_t) kv->cap_chunks, sizeof(*kv->chunks));
+    kv->codec       = calloc(n_rec, 1);
+    kv->off         = calloc(n_rec, sizeof(size_t));
+    kv->used        = calloc((size_t) cfg->n_layer, sizeof(size_t));
+    kv->new_codec   = calloc((size_t) kv->max_new * (size_t) cfg->n_layer, 1);
+    kv->tmp         = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * sizeof(float));
+    kv->tmp_rec     = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64);
+    if (!kv->stage_k || !kv->stage_v || !kv->stage_votes || !kv->arena || !kv->chunks || !kv->codec || !kv->off ||
+        !kv->used || !kv->new_codec || !kv->tmp || !kv->tmp_rec) {
         moqae_kv_cache_free(kv);
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory: the KV cache needs %.1f MiB",
                           (double) (arena + 2 * stage) / 1048576.0);
@@ -158,8 +202,13 @@ void moqae_kv_cache_free(struct moqae_kv_cache * kv) {
     }
     free(kv->stage_k);
     free(kv->stage_v);
+    free(kv->stage_votes);
     free(kv->arena);
     free(kv->chunks);
+    free(kv->codec);
+    free(kv->off);
+    free(kv->used);
+    free(kv->new_codec);
     free(kv->tmp);
     free(kv->tmp_rec);
     free(kv);
@@ -169,7 +218,7 @@ void moqae_kv_cache_clear(struct moqae_kv_cache * kv) {
     kv->n_tokens   = 0;
     kv->stage_pos0 = 0;
     kv->n_chunks   = 0;
-    kv->used       = 0;
+    memset(kv->used, 0, (size_t) kv->cfg.n_layer * sizeof(size_t));
 }
 
 int64_t moqae_kv_cache_n_tokens(const struct moqae_kv_cache * kv) {
@@ -180,39 +229,51 @@ int64_t moqae_kv_cache_n_ctx(const struct moqae_kv_cache * kv) {
     return kv->cfg.n_ctx;
 }
 
-/* ---- allocation and overflow ------------------------------------------------------------------- */
+/* ---- routing ----------------------------------------------------------------------------------- */
 
-/* Remove the records of chunk i (size `old` bytes per layer) or replace them by `new_bytes` bytes
- * from fill(layer) (demotion), moving the later records so that the arenas stay compact. */
-static void arena_replace(struct moqae_kv_cache * kv, int64_t i, size_t new_bytes,
-                          void (*fill)(struct moqae_kv_cache *, int64_t, int64_t, int), int new_codec) {
-    struct chunk * c     = &kv->chunks[i];
-    const size_t   old   = chunk_bytes(kv, c->codec);
-    const size_t   tail0 = c->off + old;
-    for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
-        uint8_t * base = kv->arena + (size_t) l * kv->layer_cap;
-        if (fill) {
-            fill(kv, l, i, new_codec); /* re-encodes chunk i of layer l into its first new_bytes bytes */
+/* The codec of every layer of the chunk with index `index` (its tokens' votes are in the staging
+ * rows), into codecs[n_layer]. */
+static void decide(const struct moqae_kv_cache * kv, int64_t index, uint8_t * codecs) {
+    const struct moqae_kv_config * cfg = &kv->cfg;
+    if (cfg->policy.sink && index == 0) {
+        memset(codecs, MOQAE_KV_CODEC_F16, (size_t) cfg->n_layer);
+        return;
+    }
+    if (cfg->n_expert == 0) {
+        memset(codecs, cfg->policy.codec, (size_t) cfg->n_layer);
+        return;
+    }
+    const int64_t   C  = cfg->chunk, G = cfg->n_group;
+    const uint8_t * v0 = kv->stage_votes + (size_t) (index * C - kv->stage_pos0) * (size_t) G;
+    for (int64_t g = 0; g < G; g++) {
+        int64_t count[MOQAE_KV_CODEC_COUNT] = { 0 };
+        for (int64_t t = 0; t < C; t++) {
+            const uint8_t e = v0[t * G + g];
+            count[e < cfg->n_expert ? e : 0]++;
         }
-        memmove(base + c->off + new_bytes, base + tail0, kv->used - tail0);
+        int64_t best = 0;
+        for (int64_t e = 1; e < cfg->n_expert; e++) {
+            best = count[e] > count[best] ? e : best;
+        }
+        for (int64_t l = g * cfg->group_size; l < (g + 1) * cfg->group_size && l < cfg->n_layer; l++) {
+            codecs[l] = (uint8_t) cfg->expert[best];
+        }
     }
-    for (int64_t j = i + 1; j < kv->n_chunks; j++) {
-        kv->chunks[j].off = kv->chunks[j].off - old + new_bytes;
-    }
-    kv->used = kv->used - old + new_bytes;
 }
+
+/* ---- allocation and overflow ------------------------------------------------------------------- */
 
 /* Demotion of chunk i of layer l to new_codec, written in place (the new records are smaller and are
  * written head by head after decoding each old one into tmp). */
 static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec) {
-    struct chunk  c   = kv->chunks[i];
     const int64_t C   = kv->cfg.chunk, D = kv->cfg.head_dim;
+    const int     old = rec_codec(kv, i, l);
     float *       tk  = kv->tmp, *tv = kv->tmp + C * D;
-    uint8_t *     dst = kv->arena + (size_t) l * kv->layer_cap + c.off;
+    uint8_t *     dst = rec_k(kv, l, i, 0);
     const size_t  nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
     for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
-        moqae_kv_decode_k((enum moqae_kv_codec) c.codec, &kv->shape, rec_k(kv, l, &c, h), tk, D);
-        moqae_kv_decode_v((enum moqae_kv_codec) c.codec, &kv->shape, rec_v(kv, l, &c, h), tv, D);
+        moqae_kv_decode_k((enum moqae_kv_codec) old, &kv->shape, rec_k(kv, l, i, h), tk, D);
+        moqae_kv_decode_v((enum moqae_kv_codec) old, &kv->shape, rec_v(kv, l, i, h), tv, D);
         /* head h's new records end before head h+1's old ones begin (new sizes are smaller), so
          * encoding through tmp_rec and copying is safe */
         moqae_kv_encode_k((enum moqae_kv_codec) new_codec, &kv->shape, tk, D, kv->tmp_rec);
@@ -221,32 +282,90 @@ static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int ne
     }
 }
 
+/* Replace the records of chunk i in layer l by new_codec's (demotion; -1 removes them), moving the
+ * later records so that the arena stays compact. */
+static void layer_replace(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec) {
+    const int64_t L     = kv->cfg.n_layer;
+    const size_t  old   = chunk_bytes(kv, rec_codec(kv, i, l));
+    const size_t  nb    = new_codec < 0 ? 0 : chunk_bytes(kv, new_codec);
+    uint8_t *     base  = kv->arena + (size_t) l * kv->layer_cap;
+    const size_t  tail0 = kv->off[i * L + l] + old;
+    if (new_codec >= 0) {
+        demote_fill(kv, l, i, new_codec);
+        kv->codec[i * L + l] = (uint8_t) new_codec;
+    }
+    memmove(base + kv->off[i * L + l] + nb, base + tail0, kv->used[l] - tail0);
+    for (int64_t j = i + 1; j < kv->n_chunks; j++) {
+        kv->off[j * L + l] = kv->off[j * L + l] - old + nb;
+    }
+    kv->used[l] = kv->used[l] - old + nb;
+}
+
+static void evict(struct moqae_kv_cache * kv, int64_t i) {
+    const int64_t L = kv->cfg.n_layer;
+    for (int64_t l = 0; l < L; l++) {
+        layer_replace(kv, l, i, -1);
+    }
+    const size_t after = (size_t) (kv->n_chunks - i - 1);
+    memmove(&kv->chunks[i], &kv->chunks[i + 1], after * sizeof(struct chunk));
+    memmove(kv->codec + i * L, kv->codec + (i + 1) * L, after * (size_t) L);
+    memmove(kv->off + i * L, kv->off + (i + 1) * L, after * (size_t) L * sizeof(size_t));
+    kv->n_chunks--;
+}
+
+static void demote(struct moqae_kv_cache * kv, int64_t i) {
+    for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
+        const int c = rec_codec(kv, i, l);
+        if (c < MOQAE_KV_CODEC_Q2) {
+            layer_replace(kv, l, i, c + 1);
+        }
+    }
+}
+
 /* The oldest chunk that overflow may touch: not the sink, not allocated in this micro-batch
- * (index < n_old), and for demotion not already at the lowest codec. -1 if none. */
-static int64_t victim(const struct moqae_kv_cache * kv, int64_t n_old, bool demote) {
+ * (index < n_old), and for demotion not already at the lowest codec in every layer. -1 if none. */
+static int64_t victim(const struct moqae_kv_cache * kv, int64_t n_old, bool for_demotion) {
     for (int64_t i = 0; i < n_old; i++) {
-        const struct chunk * c = &kv->chunks[i];
-        if (kv->cfg.policy.sink && c->pos == 0) {
+        if (kv->cfg.policy.sink && kv->chunks[i].pos == 0) {
             continue;
         }
-        if (demote && c->codec >= MOQAE_KV_CODEC_Q2) {
-            continue;
+        if (for_demotion) {
+            bool lower = false;
+            for (int64_t l = 0; l < kv->cfg.n_layer && !lower; l++) {
+                lower = rec_codec(kv, i, l) < MOQAE_KV_CODEC_Q2;
+            }
+            if (!lower) {
+                continue;
+            }
         }
         return i;
     }
     return -1;
 }
 
-/* Chunks that a micro-batch of n_tok tokens completes. */
-static int64_t chunks_completed(const struct moqae_kv_cache * kv, int64_t n_tok) {
-    const int64_t C = kv->cfg.chunk;
-    return (kv->n_tokens + n_tok) / C - kv->n_tokens / C;
+/* Whether a chunk with these per-layer codecs fits now. */
+static bool fits(const struct moqae_kv_cache * kv, const uint8_t * codecs) {
+    if (kv->n_chunks == kv->cap_chunks) {
+        return false;
+    }
+    for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
+        if (kv->used[l] + chunk_bytes(kv, codecs[l]) > kv->layer_cap) {
+            return false;
+        }
+    }
+    return true;
 }
 
-int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok) {
-    const int64_t C     = kv->cfg.chunk;
-    const int64_t n_new = chunks_completed(kv, n_tok);
-    int64_t       n_old = kv->n_chunks; /* chunks stored before this micro-batch */
+static int budget_full(const struct moqae_kv_cache * kv, const char * what) {
+    return moqae_fail(MOQAE_ERR_CONTEXT_FULL, "context full: the KV budget (%.2f MiB) %s",
+                      (double) kv->layer_cap * (double) kv->cfg.n_layer / 1048576.0, what);
+}
+
+int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint8_t * votes) {
+    const int64_t C = kv->cfg.chunk, L = kv->cfg.n_layer, G = kv->cfg.n_group;
+    const int64_t n_new = (kv->n_tokens + n_tok) / C - kv->n_tokens / C; /* chunks this micro-batch completes */
+    int64_t       n_old = kv->n_chunks;                                   /* chunks stored before it        */
+    MOQAE_ASSERT(n_new <= kv->max_new && kv->n_tokens + n_tok - kv->stage_pos0 <= kv->stage_rows);
     if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR || kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE) {
         if (kv->n_tokens + n_tok > kv->cfg.n_ctx) {
             return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
@@ -254,63 +373,67 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok) {
                               (long long) kv->n_tokens, (long long) n_tok, (long long) kv->cfg.n_ctx);
         }
     }
+    if (votes) { /* rows past the committed tokens: rewritten by the next prepare if this one fails */
+        memcpy(kv->stage_votes + (size_t) (kv->n_tokens - kv->stage_pos0) * (size_t) G, votes,
+               (size_t) (n_tok * G));
+    }
+    for (int64_t i = 0; i < n_new; i++) {
+        decide(kv, kv->n_tokens / C + i, kv->new_codec + i * L);
+    }
     /* check first (error policy: nothing may change when it does not fit) */
     if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR) {
-        size_t need = kv->used;
-        for (int64_t i = 0; i < n_new; i++) {
-            need += chunk_bytes(kv, policy_codec(kv, kv->n_tokens / C + i));
-        }
-        if (need > kv->layer_cap || n_old + n_new > kv->cap_chunks) {
-            return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
-                              "context full: the KV budget (%.2f MiB) holds no more chunks; raise --kv-budget or use "
-                              "--kv-overflow shift|demote",
-                              (double) kv->layer_cap * (double) kv->cfg.n_layer / 1048576.0);
+        for (int64_t l = 0; l < L; l++) {
+            size_t need = kv->used[l];
+            for (int64_t i = 0; i < n_new; i++) {
+                need += chunk_bytes(kv, kv->new_codec[i * L + l]);
+            }
+            if (need > kv->layer_cap || n_old + n_new > kv->cap_chunks) {
+                return budget_full(kv, "holds no more chunks; raise --kv-budget or use --kv-overflow shift|demote");
+            }
         }
     }
     for (int64_t i = 0; i < n_new; i++) {
-        const int64_t index = kv->n_tokens / C + i;
-        const int     codec = policy_codec(kv, index);
-        const size_t  bytes = chunk_bytes(kv, codec);
-        while (kv->used + bytes > kv->layer_cap || kv->n_chunks == kv->cap_chunks) {
-            const bool    demote = kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE && kv->n_chunks < kv->cap_chunks;
-            const int64_t v      = victim(kv, n_old, demote);
+        const uint8_t * codecs = kv->new_codec + i * L;
+        while (!fits(kv, codecs)) {
+            const bool    dem = kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE && kv->n_chunks < kv->cap_chunks;
+            const int64_t v   = victim(kv, n_old, dem);
             if (v < 0 || kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR) {
-                return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
-                                  "context full: the KV budget (%.2f MiB) cannot hold the chunks of this micro-batch "
-                                  "even after %s; raise --kv-budget or lower -b",
-                                  (double) kv->layer_cap * (double) kv->cfg.n_layer / 1048576.0,
-                                  demote ? "demoting every older chunk to int2" : "evicting every older chunk");
+                return budget_full(kv, dem ? "cannot hold the chunks of this micro-batch even after demoting every "
+                                             "older chunk to int2; raise --kv-budget or lower -b"
+                                           : "cannot hold the chunks of this micro-batch even after evicting every "
+                                             "older chunk; raise --kv-budget or lower -b");
             }
-            if (demote) {
-                const int nc = kv->chunks[v].codec + 1;
-                arena_replace(kv, v, chunk_bytes(kv, nc), demote_fill, nc);
-                kv->chunks[v].codec = nc;
+            if (dem) {
+                demote(kv, v);
             } else {
-                arena_replace(kv, v, 0, NULL, 0);
-                memmove(&kv->chunks[v], &kv->chunks[v + 1], (size_t) (kv->n_chunks - v - 1) * sizeof(struct chunk));
-                kv->n_chunks--;
+                evict(kv, v);
                 n_old--;
             }
         }
-        kv->chunks[kv->n_chunks++] = (struct chunk){ index * C, codec, kv->used };
-        kv->used += bytes;
+        const int64_t j = kv->n_chunks++;
+        kv->chunks[j].pos = (kv->n_tokens / C + i) * C;
+        for (int64_t l = 0; l < L; l++) {
+            kv->codec[j * L + l] = codecs[l];
+            kv->off[j * L + l]   = kv->used[l];
+            kv->used[l] += chunk_bytes(kv, codecs[l]);
+        }
     }
     return MOQAE_OK;
 }
 
 /* ---- store, attend, commit --------------------------------------------------------------------- */
 
-/* The chunk-table entry of the chunk at position pos (it was allocated by prepare), or NULL. */
-static const struct chunk * find_chunk(const struct moqae_kv_cache * kv, int64_t pos) {
+/* The index of the stored chunk at position pos (it was allocated by prepare), or -1. */
+static int64_t find_chunk(const struct moqae_kv_cache * kv, int64_t pos) {
     for (int64_t i = kv->n_chunks - 1; i >= 0; i--) {
         if (kv->chunks[i].pos == pos) {
-            return &kv->chunks[i];
+            return i;
         }
         if (kv->chunks[i].pos < pos) {
             break;
         }
     }
-    return NULL;
+    return -1;
 }
 
 /* The residual window holds K/V at the model's KV precision, f16 (as llama.cpp's f16 cache), kept in
@@ -339,13 +462,12 @@ void moqae_kv_cache_store(struct moqae_kv_cache * kv, int64_t layer, int64_t n_t
             to_f16_precision(stage_row(kv->stage_v, kv, layer, h, p - kv->stage_pos0), v + (t * nkv + h) * D, D);
         }
         if (s1 == (c0 + seg + 1) * C) { /* the chunk is complete: encode it */
-            const struct chunk * c  = find_chunk(kv, (c0 + seg) * C);
-            const int64_t        r0 = (c0 + seg) * C - kv->stage_pos0;
-            MOQAE_ASSERT(c != NULL);
-            moqae_kv_encode_k((enum moqae_kv_codec) c->codec, &kv->shape, stage_row(kv->stage_k, kv, layer, h, r0), D,
-                              rec_k(kv, layer, c, h));
-            moqae_kv_encode_v((enum moqae_kv_codec) c->codec, &kv->shape, stage_row(kv->stage_v, kv, layer, h, r0), D,
-                              rec_v(kv, layer, c, h));
+            const int64_t i  = find_chunk(kv, (c0 + seg) * C);
+            const int64_t r0 = (c0 + seg) * C - kv->stage_pos0;
+            MOQAE_ASSERT(i >= 0);
+            const enum moqae_kv_codec codec = (enum moqae_kv_codec) rec_codec(kv, i, layer);
+            moqae_kv_encode_k(codec, &kv->shape, stage_row(kv->stage_k, kv, layer, h, r0), D, rec_k(kv, layer, i, h));
+            moqae_kv_encode_v(codec, &kv->shape, stage_row(kv->stage_v, kv, layer, h, r0), D, rec_v(kv, layer, i, h));
         }
     }
 }
@@ -375,8 +497,7 @@ void moqae_kv_cache_attend(const struct moqae_kv_cache * kv, const struct moqae_
             memset(s + g * ld_s, 0, (size_t) (nc * C) * sizeof(float));
         }
         for (int64_t i = 0; i < nc; i++, n += C) {
-            const struct chunk * c = &kv->chunks[i];
-            kv->KK->kq[c->codec](&kv->shape, NULL, rec_k(kv, layer, c, hk), group, qh, D, s + n, ld_s);
+            kv->KK->kq[rec_codec(kv, i, layer)](&kv->shape, NULL, rec_k(kv, layer, i, hk), group, qh, D, s + n, ld_s);
         }
         const int64_t r0 = own - kv->stage_pos0, r1 = p - kv->stage_pos0; /* own rows r0..r1 */
         for (int64_t g = 0; g < group; g++) {
@@ -407,14 +528,13 @@ void moqae_kv_cache_attend(const struct moqae_kv_cache * kv, const struct moqae_
             }
         }
         for (int64_t i = 0; i < nc; i++) {
-            const struct chunk * c = &kv->chunks[i];
-            kv->KK->pv[c->codec](&kv->shape, rec_v(kv, layer, c, hk), group, s + i * C, ld_s, oh, D);
+            kv->KK->pv[rec_codec(kv, i, layer)](&kv->shape, rec_v(kv, layer, i, hk), group, s + i * C, ld_s, oh, D);
         }
     }
 }
 
 void moqae_kv_cache_commit(struct moqae_kv_cache * kv, int64_t n_tok) {
-    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim;
+    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim, G = kv->cfg.n_group;
     kv->n_tokens += n_tok;
     const int64_t pos0 = kv->n_tokens / C * C; /* the new incomplete chunk starts here */
     const int64_t keep = kv->n_tokens - pos0, from = pos0 - kv->stage_pos0;
@@ -427,18 +547,25 @@ void moqae_kv_cache_commit(struct moqae_kv_cache * kv, int64_t n_tok) {
                         (size_t) (keep * D) * sizeof(float));
             }
         }
+        memmove(kv->stage_votes, kv->stage_votes + (size_t) (from * G), (size_t) (keep * G));
     }
     kv->stage_pos0 = pos0;
 }
 
 void moqae_kv_cache_stats(const struct moqae_kv_cache * kv, struct moqae_kv_stats * out) {
     memset(out, 0, sizeof(*out));
-    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim;
-    const double  per_token_elems = 2.0 * (double) (kv->cfg.n_layer * kv->cfg.n_head_kv * D);
-    double        code_bits = 0.0;
+    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim, L = kv->cfg.n_layer;
+    const double  per_token_elems = 2.0 * (double) (L * kv->cfg.n_head_kv * D);
+    double        code_bits = 0.0; /* per layer, summed over tokens */
     for (int64_t i = 0; i < kv->n_chunks; i++) {
-        out->n_chunks[kv->chunks[i].codec]++;
-        code_bits += (double) moqae_kv_codec_bits((enum moqae_kv_codec) kv->chunks[i].codec) * (double) C;
+        for (int64_t l = 0; l < L; l++) {
+            const int c = rec_codec(kv, i, l);
+            out->n_records[c]++;
+            code_bits += (double) moqae_kv_codec_bits((enum moqae_kv_codec) c) * (double) C / (double) L;
+        }
+    }
+    for (int e = 0; e < 4; e++) { /* chunk-equivalents: exact when every layer shares the decision */
+        out->n_chunks[e] = (out->n_records[e] + L / 2) / L;
     }
     const int64_t resid = kv->n_tokens - kv->stage_pos0; /* f32 residual window */
     const int64_t held  = kv->n_chunks * C + resid;
@@ -446,9 +573,13 @@ void moqae_kv_cache_stats(const struct moqae_kv_cache * kv, struct moqae_kv_stat
     out->n_tokens       = held;
     out->n_ctx          = kv->cfg.n_ctx;
     const double resid_bytes = (double) resid * per_token_elems * 4.0;
-    out->bytes_used     = (int64_t) ((double) kv->used * (double) kv->cfg.n_layer + resid_bytes);
-    out->bytes_reserved = (int64_t) ((double) kv->layer_cap * (double) kv->cfg.n_layer +
-                                     2.0 * (double) (kv->cfg.n_layer * kv->cfg.n_head_kv * kv->stage_rows * D) * 4.0);
+    double       used        = 0.0;
+    for (int64_t l = 0; l < L; l++) {
+        used += (double) kv->used[l];
+    }
+    out->bytes_used     = (int64_t) (used + resid_bytes);
+    out->bytes_reserved = (int64_t) ((double) kv->layer_cap * (double) L +
+                                     2.0 * (double) (L * kv->cfg.n_head_kv * kv->stage_rows * D) * 4.0);
     if (held > 0) {
         out->nominal_bits   = code_bits / (double) held;
         out->effective_bits = (double) out->bytes_used * 8.0 / ((double) held * per_token_elems);

@@ -85,8 +85,7 @@ int main(int argc, char ** argv) {
         tool_error("out of memory");
         goto done;
     }
-    if (moqae_context_new(model, &cp, &ctx)) {
-        tool_error("%s", moqae_last_error());
+    if (!tool_context_new(model, &cp, &ctx)) {
         goto done;
     }
     uint64_t x = 42;
@@ -137,12 +136,12 @@ int main(int argc, char ** argv) {
         const double med = reps % 2 ? ts[reps / 2] : 0.5 * (ts[reps / 2 - 1] + ts[reps / 2]);
         printf("| %s | %.2f MiB | %.2f M | %s | %lld | %s | %s | %.2f (min %.2f, max %.2f) |\n", info.name,
                (double) info.weight_bytes / 1048576.0, (double) info.n_params / 1e6, moqae_cpu_backend(),
-               (long long) (n_threads ? n_threads : 0), cp.kv ? cp.kv : "fp16", name, med, ts[0], ts[reps - 1]);
+               (long long) (n_threads ? n_threads : 0), cp.router ? "router" : cp.kv ? cp.kv : "fp16", name, med, ts[0], ts[reps - 1]);
         fflush(stdout);
     }
     rc = 0;
 done:
-    moqae_context_free(ctx);
+    tool_context_free(ctx);
     moqae_model_free(model);
     free(toks);
     free(ts);

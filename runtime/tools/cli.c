@@ -208,7 +208,10 @@ int main(int argc, char ** argv) {
     cp.n_ctx     = o.n_ctx >= 0 ? o.n_ctx : (info.n_ctx_train < 4096 ? info.n_ctx_train : 4096);
     cp.n_batch   = o.n_batch;
     cp.n_threads = (int32_t) o.n_threads;
-    if (moqae_context_new(model, &cp, &ctx) || moqae_sampler_new(&o.sp, &smpl)) {
+    if (!tool_context_new(model, &cp, &ctx)) {
+        goto done;
+    }
+    if (moqae_sampler_new(&o.sp, &smpl)) {
         tool_error("%s", moqae_last_error());
         goto done;
     }
@@ -264,7 +267,7 @@ int main(int argc, char ** argv) {
     rc = 0;
 done:
     moqae_sampler_free(smpl);
-    moqae_context_free(ctx);
+    tool_context_free(ctx);
     moqae_model_free(model);
     free(prompt);
     free(text);

@@ -103,8 +103,7 @@ int main(int argc, char ** argv) {
     cp.n_ctx     = n_ctx;
     cp.n_batch   = n_batch ? n_batch : n_ctx;
     cp.n_threads = (int32_t) n_threads;
-    if (moqae_context_new(model, &cp, &ctx)) {
-        tool_error("%s", moqae_last_error());
+    if (!tool_context_new(model, &cp, &ctx)) {
         goto done;
     }
     struct moqae_ppl_params pp = moqae_ppl_default_params();
@@ -132,7 +131,7 @@ int main(int argc, char ** argv) {
     printf("Final estimate: PPL = %.4f +/- %.5f\n", res.ppl, res.ppl_err);
     rc = 0;
 done:
-    moqae_context_free(ctx);
+    tool_context_free(ctx);
     moqae_model_free(model);
     free(tokens);
     free(text);

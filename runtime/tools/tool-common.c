@@ -163,7 +163,11 @@ const char * const TOOL_KV_USAGE =
     "  --kv POLICY       KV cache: fp16, int8, int4, int2, sink+int8, sink+int4, sink+int2 (default fp16)\n"
     "  --kv-budget BYTES bytes for the encoded KV chunks (suffixes K, M, G; default: sized from -c)\n"
     "  --kv-overflow P   when the KV cache is full: error, shift (drop oldest chunks), demote (fewer bits)\n"
-    "  --kv-chunk N      tokens per KV chunk: 32 (default) or 64\n";
+    "  --kv-chunk N      tokens per KV chunk: 32 (default) or 64\n"
+    "  --router R.gguf   a MoQAE router picks each chunk's expert (instead of --kv)\n";
+
+static const char *          g_router_path; /* --router */
+static struct moqae_router * g_router;
 
 bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * cp, bool * ok) {
     const char * a = argv[*i];
@@ -171,6 +175,8 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
     *ok            = true;
     if (!strcmp(a, "--kv")) {
         *ok = tool_arg_str(argc, argv, i, a, &cp->kv);
+    } else if (!strcmp(a, "--router")) {
+        *ok = tool_arg_str(argc, argv, i, a, &g_router_path);
     } else if (!strcmp(a, "--kv-chunk")) {
         *ok = tool_arg_i64(argc, argv, i, a, 32, 64, &v);
         if (*ok && v != 32 && v != 64) {
@@ -218,12 +224,37 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
     return true;
 }
 
+bool tool_context_new(struct moqae_model * model, struct moqae_context_params * cp, struct moqae_context ** ctx) {
+    if (g_router_path && !g_router) {
+        if (cp->kv) {
+            tool_error("give either --kv or --router, not both");
+            return false;
+        }
+        if (moqae_router_load(model, g_router_path, &g_router)) {
+            tool_error("%s", moqae_last_error());
+            return false;
+        }
+    }
+    cp->router = g_router;
+    if (moqae_context_new(model, cp, ctx)) {
+        tool_error("%s", moqae_last_error());
+        return false;
+    }
+    return true;
+}
+
+void tool_context_free(struct moqae_context * ctx) {
+    moqae_context_free(ctx);
+    moqae_router_free(g_router);
+    g_router = NULL;
+}
+
 void tool_print_kv_stats(const struct moqae_kv_stats * s, const struct moqae_context_params * cp) {
     const struct moqae_kv_stats ks = *s;
     fprintf(stderr,
             "kv cache:   %lld/%lld tokens, %s, chunks fp16 %lld int8 %lld int4 %lld int2 %lld, %.2f nominal / %.2f "
             "effective bits, %.2f MiB used, %.2f MiB reserved\n",
-            (long long) ks.n_tokens, (long long) ks.n_ctx, cp->kv ? cp->kv : "fp16", (long long) ks.n_chunks[0],
+            (long long) ks.n_tokens, (long long) ks.n_ctx, cp->router ? "router" : cp->kv ? cp->kv : "fp16", (long long) ks.n_chunks[0],
             (long long) ks.n_chunks[1], (long long) ks.n_chunks[2], (long long) ks.n_chunks[3], ks.nominal_bits,
             ks.effective_bits, (double) ks.bytes_used / 1048576.0, (double) ks.bytes_reserved / 1048576.0);
 }

@@ -22,9 +22,14 @@ bool tool_arg_f32(int argc, char ** argv, int * i, const char * opt, float lo, f
 bool tool_arg_str(int argc, char ** argv, int * i, const char * opt, const char ** out);
 
 /* If argv[*i] is a KV option (--kv POLICY, --kv-budget BYTES, --kv-overflow error|shift|demote,
- * --kv-chunk 32|64), parse it into cp and return true (*ok = false after printing an error on a bad
+ * --kv-chunk 32|64, --router R.gguf), parse it into cp and return true (*ok = false after printing an error on a bad
  * value); false if it is not a KV option. */
 bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * cp, bool * ok);
+
+/* Create the context, loading the --router file first if one was given (sets cp->router). false
+ * after printing an error. Free with tool_context_free (which frees the router too). */
+bool tool_context_new(struct moqae_model * model, struct moqae_context_params * cp, struct moqae_context ** ctx);
+void tool_context_free(struct moqae_context * ctx);
 
 /* Usage lines of the KV options. */
 extern const char * const TOOL_KV_USAGE;
