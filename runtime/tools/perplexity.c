@@ -22,11 +22,20 @@ struct progress_state {
     double                 t0;
     struct moqae_context * ctx;
     struct moqae_kv_stats  last; /* the KV cache after the last window */
+    double                 sum_nominal, sum_effective, sum_frac[4]; /* over the windows so far */
+    int64_t                n_windows;
 };
 
 static bool progress(int64_t chunk, int64_t n_chunks, double ppl, void * user) {
     struct progress_state * ps = user;
     moqae_context_kv_stats(ps->ctx, &ps->last);
+    ps->sum_nominal += ps->last.nominal_bits;
+    ps->sum_effective += ps->last.effective_bits;
+    const int64_t n_rec = ps->last.n_records[0] + ps->last.n_records[1] + ps->last.n_records[2] + ps->last.n_records[3];
+    for (int e = 0; e < 4 && n_rec > 0; e++) {
+        ps->sum_frac[e] += (double) ps->last.n_records[e] / (double) n_rec;
+    }
+    ps->n_windows++;
     if (chunk == 0) {
         const double per = tool_now() - ps->t0;
         fprintf(stderr, "perplexity: %.2f seconds per window, about %.1f minutes for %lld windows\n", per,
@@ -110,7 +119,7 @@ int main(int argc, char ** argv) {
     pp.n_ctx     = n_ctx;
     pp.n_chunks  = n_chunks;
     pp.progress  = progress;
-    struct progress_state ps = { tool_now(), ctx, { 0 } };
+    struct progress_state ps = { tool_now(), ctx, { 0 }, 0.0, 0.0, { 0.0 }, 0 };
     const double          t0 = ps.t0;
     pp.user_data             = &ps;
     struct moqae_ppl_result res;
@@ -128,6 +137,13 @@ int main(int argc, char ** argv) {
             (long long) res.n_chunks, (long long) res.n_scored, t1 - t0,
             (double) (res.n_chunks * n_ctx) / (t1 - t0));
     tool_print_kv_stats(&ps.last, &cp); /* as the last window left it */
+    if (ps.n_windows > 0) { /* the mean over windows, for tables (every window ends full) */
+        const double n = (double) ps.n_windows;
+        fprintf(stderr, "kv mean:    over %lld windows: %.3f nominal / %.3f effective bits; chunks fp16 %.1f%% int8 "
+                "%.1f%% int4 %.1f%% int2 %.1f%%\n", (long long) ps.n_windows, ps.sum_nominal / n,
+                ps.sum_effective / n, 100.0 * ps.sum_frac[0] / n, 100.0 * ps.sum_frac[1] / n,
+                100.0 * ps.sum_frac[2] / n, 100.0 * ps.sum_frac[3] / n);
+    }
     printf("Final estimate: PPL = %.4f +/- %.5f\n", res.ppl, res.ppl_err);
     rc = 0;
 done:

@@ -5,6 +5,7 @@
 - corpus-gguf/: small valid GGUFs for fuzz-gguf: tiny models in several weight types and vocabularies
   (models/make_tiny.py, the byte vocabulary, the smallest legal shapes), the two vocabulary files, a file with one key
   of every metadata type, an empty one, a v2 header and an unusual alignment.
+- corpus-router/: routers for fuzz-router, made for corpus-gguf/tiny-bytes-q4_0-tied (its default base model).
 - corpus-tokenizer/: inputs for fuzz-tokenizer (byte 0 = flags, see fuzz-tokenizer.c): prose, code,
   chat markup, many scripts, emoji, invalid UTF-8, whitespace runs, byte-token look-alikes, token ids.
 Every file is deterministic and a few KB, so the corpora stay small enough to commit. No file name ends
@@ -144,6 +145,32 @@ def tokenizer_corpus(d: Path) -> None:
     (d / "ids-invalid").write_bytes(bytes([8]) + struct.pack("<3I", 5, 0xFFFFFFFF, 0x80000000))
 
 
+def router_corpus(d: Path, base: Path) -> None:
+    """Routers for the tiny model `base` (the harness's default base model): shared, grouped and
+    per-layer, two to four experts, chunk 32 and 64, frozen or not (train/export_router.py writes them)."""
+    sys.path.insert(0, str(ROOT / "train"))
+    import torch
+    from export_router import write_router
+    from reference import model_fingerprint
+    from router import Router, RouterConfig
+
+    r = gguf.GGUFReader(str(base))
+    n_embd = int(r.fields["llama.embedding_length"].contents())
+    n_layer = int(r.fields["llama.block_count"].contents())
+    n_vocab = len(r.fields["tokenizer.ggml.tokens"].contents())
+    info = {"architecture": "llama", "n_embd": n_embd, "n_layer": n_layer, "n_vocab": n_vocab,
+            "fingerprint": model_fingerprint(str(base))}
+    for i, (experts, chunk, share, freeze) in enumerate([
+            (("fp16", "int4", "int2"), 32, "all", True), (("fp16", "int8", "int4", "int2"), 64, "none", False),
+            (("int4", "int2"), 32, "all", False), (("fp16", "int2"), 32, "none", True)]):
+        cfg = RouterConfig(n_embd=n_embd, n_layer=n_layer, experts=experts, chunk=chunk, hidden=4, share=share,
+                           freeze=freeze)
+        router = Router(cfg, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            router.w3.mul_(400.0)  # confident, varied votes
+        write_router(str(d / f"router-{i}"), router, info, 0.5, 4.0, calibration="seed")
+
+
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--vocab-only":
         vocab_only(Path(sys.argv[2]), Path(sys.argv[3]))
@@ -152,6 +179,7 @@ def main() -> int:
     tiny_vocab.write_vocab_gguf(HERE / "vocab-bpe", "bpe")
     gguf_corpus(_clean(HERE / "corpus-gguf"))
     tokenizer_corpus(_clean(HERE / "corpus-tokenizer"))
+    router_corpus(_clean(HERE / "corpus-router"), HERE / "corpus-gguf" / "tiny-bytes-q4_0-tied")
     total = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file() and f.suffix not in (".c", ".py"))
     print(f"tests/fuzz: {total / 1024:.0f} KiB of seeds and vocabularies")
     return 0
