@@ -106,6 +106,13 @@ static int alloc_scratch(struct moqae_context * c) {
     return MOQAE_OK;
 }
 
+/* Where the KV cache quantizes keys: before RoPE (docs/KV-CODECS.md measures why it is the default);
+ * MOQAE_KV_KEYS=post stores them after RoPE, for that measurement. */
+static bool keys_pre_rope(void) {
+    const char * e = getenv("MOQAE_KV_KEYS");
+    return !(e && !strcmp(e, "post"));
+}
+
 int moqae_context_new(struct moqae_model * model, const struct moqae_context_params * params,
                       struct moqae_context ** out) {
     if (!out) {
@@ -183,7 +190,8 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     c->router      = router;
     struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx, c->n_batch,
                                   router ? router->chunk : p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
-                                  (enum moqae_kv_overflow) p.kv_overflow, 0, { 0 }, 1, hp->n_layer, 0.0 };
+                                  (enum moqae_kv_overflow) p.kv_overflow, 0, { 0 }, 1, hp->n_layer, 0.0,
+                                  keys_pre_rope(), hp->n_rot, hp->rope_base };
     if (router) {
         kc.n_expert = router->n_expert;
         for (int64_t e = 0; e < router->n_expert; e++) {

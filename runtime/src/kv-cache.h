@@ -7,7 +7,8 @@
  * COMPLETED chunk of C tokens in its encoded form (FP16, INT8, INT4 or INT2 as the chunk's expert
  * says) and to the tokens of ITS OWN chunk, up to p, at the model's KV precision (values rounded to
  * f16, as an f16 cache holds them): the incomplete chunk is the residual window. Scores are q.k * scale, softmax in f32, output = sum_j p_j v_j.
- * Keys are stored after RoPE. Chunk records are kv-codec.h's. A chunk's expert is chosen when the
+ * Keys are stored before RoPE when keys_pre_rope (kv-codec.h's struct moqae_kv_rope rotates them in the
+ * score), else after RoPE. Chunk records are kv-codec.h's. A chunk's expert is chosen when the
  * chunk completes, by the fixed policy or by the router's votes (router.h): one decision for every
  * layer (routing sharing) or one per group of consecutive layers.
  * Implementation: kv-ring.c.
@@ -57,6 +58,12 @@ struct moqae_kv_config {
     int64_t                n_group;       /* decisions per chunk (>= 1; 1 = every layer shares one)   */
     int64_t                group_size;    /* consecutive layers per decision                         */
     double                 expected_bits; /* router's average nominal bits: sizes the ring (0: worst) */
+    /* Keys as they leave the K projection (store() then gets un-rotated keys and the cache applies
+     * the rotation of position p = angle p * theta_i to pair (2i, 2i+1), i < n_rot / 2); false: keys
+     * after RoPE. */
+    bool                   keys_pre_rope;
+    int64_t                n_rot;
+    float                  rope_base;
 };
 
 int  moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out);
@@ -74,7 +81,8 @@ int64_t moqae_kv_cache_n_ctx(const struct moqae_kv_cache * kv);
  * they cannot be stored. */
 int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint8_t * votes);
 
-/* Store the micro-batch's K/V for one layer (k, v: [n_tok][n_head_kv * head_dim] f32, keys after RoPE)
+/* Store the micro-batch's K/V for one layer (k, v: [n_tok][n_head_kv * head_dim] f32; keys before or
+ * after RoPE as cfg.keys_pre_rope says)
  * and encode the chunks it completes. Called by all nth threads. Ends with a barrier-free state: the
  * caller puts a barrier before attending. */
 void moqae_kv_cache_store(struct moqae_kv_cache * kv, int64_t layer, int64_t n_tok, const float * k, const float * v,

@@ -36,7 +36,11 @@ struct moqae_kv_cache {
     size_t *                              used;       /* [n_layer] bytes used in each layer's arena  */
     uint8_t *                             new_codec;  /* [max_new][n_layer] chunks of one micro-batch */
     int64_t                               max_new;
-    float *                               tmp;        /* [2][C][head_dim] for demotion               */
+    float *                               tmp;        /* [3][C][head_dim] for demotion               */
+    /* keys before RoPE: rotation tables (kv-codec.h's struct moqae_kv_rope layouts) */
+    float *                               theta;      /* [D/2] angle per position of each pair       */
+    float *                               cs_t;       /* [D/2][2][C] offsets within a chunk          */
+    float *                               cs_p0;      /* [cap_chunks][D/2][2] each stored chunk's P0 */
     uint8_t *                             tmp_rec;    /* one record                                  */
 };
 
@@ -98,6 +102,36 @@ static uint8_t * rec_v(const struct moqae_kv_cache * kv, int64_t layer, int64_t 
 static float * stage_row(float * base, const struct moqae_kv_cache * kv, int64_t layer, int64_t h, int64_t row) {
     return base + (((size_t) layer * (size_t) kv->cfg.n_head_kv + (size_t) h) * (size_t) kv->stage_rows +
                    (size_t) row) * (size_t) kv->cfg.head_dim;
+}
+
+/* ---- keys before RoPE ----------------------------------------------------------------------------
+ * The residual window and FP16 records hold keys after RoPE, rounded to f16 as an f16 cache holds them.
+ * A quantized record holds the chunk's keys turned back to the frame before RoPE, R(-(P0 + t)) k, with
+ * the cache's own tables (docs/KV-CODECS.md measures why): kq rotates them forward again with the same
+ * tables, so only the quantization differs from an FP16 record. */
+
+static bool rotated(const struct moqae_kv_cache * kv, int codec) {
+    return kv->cs_p0 != NULL && codec != MOQAE_KV_CODEC_F16;
+}
+
+/* dst = R(-a) src for the pairs (2i, 2i+1): cos a_i at cs[2i * stride], sin a_i at cs[(2i + 1) * stride] */
+static void unrotate(float * dst, const float * src, const float * cs, int64_t stride, int64_t D) {
+    for (int64_t i = 0; i < D / 2; i++) {
+        const float c = cs[2 * i * stride], sn = cs[(2 * i + 1) * stride];
+        const float x = src[2 * i], y = src[2 * i + 1];
+        dst[2 * i]     = x * c + y * sn;
+        dst[2 * i + 1] = y * c - x * sn;
+    }
+}
+
+/* The C keys of stored chunk i (rows ld apart, after RoPE) into dst [C][D], before RoPE. */
+static void unrotate_chunk(const struct moqae_kv_cache * kv, int64_t i, const float * rows, int64_t ld, float * dst) {
+    const int64_t C = kv->cfg.chunk, D = kv->cfg.head_dim;
+    float         tmp[256];
+    for (int64_t t = 0; t < C; t++) {
+        unrotate(tmp, rows + t * ld, kv->cs_p0 + i * D, 1, D);
+        unrotate(dst + t * D, tmp, kv->cs_t + t, C, D);
+    }
 }
 
 /* ---- life cycle -------------------------------------------------------------------------------- */
@@ -184,8 +218,23 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
     kv->off         = calloc(n_rec, sizeof(size_t));
     kv->used        = calloc((size_t) cfg->n_layer, sizeof(size_t));
     kv->new_codec   = calloc((size_t) kv->max_new * (size_t) cfg->n_layer, 1);
-    kv->tmp         = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * sizeof(float));
+    kv->tmp         = moqae_aligned_alloc(3 * (size_t) cfg->chunk * (size_t) cfg->head_dim * sizeof(float));
     kv->tmp_rec     = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64);
+    if (cfg->keys_pre_rope) {
+        const int64_t D = cfg->head_dim;
+        kv->theta   = calloc((size_t) D / 2, sizeof(float));
+        kv->cs_t    = malloc((size_t) (D * cfg->chunk) * sizeof(float));
+        kv->cs_p0   = malloc((size_t) (kv->cap_chunks * D) * sizeof(float));
+        if (!kv->theta || !kv->cs_t || !kv->cs_p0 || cfg->n_rot < 2 || cfg->n_rot > D || D > 256 ||
+            cfg->n_rot % 2 || !(cfg->rope_base > 0.0f)) {
+            moqae_kv_cache_free(kv);
+            return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV cache: bad RoPE shape or out of memory");
+        }
+        for (int64_t i = 0; i < cfg->n_rot / 2; i++) { /* the graph's angles: pos * base^(-2i / n_rot) */
+            kv->theta[i] = (float) pow((double) cfg->rope_base, -2.0 * (double) i / (double) cfg->n_rot);
+        }
+        moqae_kv_rope_fill(D, cfg->chunk, 0, kv->theta, kv->cs_t);
+    }
     if (!kv->stage_k || !kv->stage_v || !kv->stage_votes || !kv->arena || !kv->chunks || !kv->codec || !kv->off ||
         !kv->used || !kv->new_codec || !kv->tmp || !kv->tmp_rec) {
         moqae_kv_cache_free(kv);
@@ -211,6 +260,9 @@ void moqae_kv_cache_free(struct moqae_kv_cache * kv) {
     free(kv->new_codec);
     free(kv->tmp);
     free(kv->tmp_rec);
+    free(kv->theta);
+    free(kv->cs_t);
+    free(kv->cs_p0);
     free(kv);
 }
 
@@ -268,12 +320,16 @@ static void decide(const struct moqae_kv_cache * kv, int64_t index, uint8_t * co
 static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec) {
     const int64_t C   = kv->cfg.chunk, D = kv->cfg.head_dim;
     const int     old = rec_codec(kv, i, l);
-    float *       tk  = kv->tmp, *tv = kv->tmp + C * D;
+    float *       tk  = kv->tmp, *tv = kv->tmp + C * D, *tk2 = kv->tmp + 2 * C * D;
     uint8_t *     dst = rec_k(kv, l, i, 0);
     const size_t  nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
     for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
         moqae_kv_decode_k((enum moqae_kv_codec) old, &kv->shape, rec_k(kv, l, i, h), tk, D);
         moqae_kv_decode_v((enum moqae_kv_codec) old, &kv->shape, rec_v(kv, l, i, h), tv, D);
+        if (rotated(kv, new_codec) && !rotated(kv, old)) { /* FP16 keys are after RoPE */
+            unrotate_chunk(kv, i, tk, D, tk2);
+            memcpy(tk, tk2, (size_t) (C * D) * sizeof(float));
+        }
         /* head h's new records end before head h+1's old ones begin (new sizes are smaller), so
          * encoding through tmp_rec and copying is safe */
         moqae_kv_encode_k((enum moqae_kv_codec) new_codec, &kv->shape, tk, D, kv->tmp_rec);
@@ -310,6 +366,10 @@ static void evict(struct moqae_kv_cache * kv, int64_t i) {
     memmove(&kv->chunks[i], &kv->chunks[i + 1], after * sizeof(struct chunk));
     memmove(kv->codec + i * L, kv->codec + (i + 1) * L, after * (size_t) L);
     memmove(kv->off + i * L, kv->off + (i + 1) * L, after * (size_t) L * sizeof(size_t));
+    if (kv->cs_p0) {
+        const int64_t D = kv->cfg.head_dim;
+        memmove(kv->cs_p0 + i * D, kv->cs_p0 + (i + 1) * D, after * (size_t) D * sizeof(float));
+    }
     kv->n_chunks--;
 }
 
@@ -412,6 +472,9 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
         }
         const int64_t j = kv->n_chunks++;
         kv->chunks[j].pos = (kv->n_tokens / C + i) * C;
+        if (kv->cs_p0) {
+            moqae_kv_rope_fill(kv->cfg.head_dim, 1, kv->chunks[j].pos, kv->theta, kv->cs_p0 + j * kv->cfg.head_dim);
+        }
         for (int64_t l = 0; l < L; l++) {
             kv->codec[j * L + l] = codecs[l];
             kv->off[j * L + l]   = kv->used[l];
@@ -466,7 +529,14 @@ void moqae_kv_cache_store(struct moqae_kv_cache * kv, int64_t layer, int64_t n_t
             const int64_t r0 = (c0 + seg) * C - kv->stage_pos0;
             MOQAE_ASSERT(i >= 0);
             const enum moqae_kv_codec codec = (enum moqae_kv_codec) rec_codec(kv, i, layer);
-            moqae_kv_encode_k(codec, &kv->shape, stage_row(kv->stage_k, kv, layer, h, r0), D, rec_k(kv, layer, i, h));
+            const float *             keys  = stage_row(kv->stage_k, kv, layer, h, r0);
+            if (rotated(kv, codec)) {
+                float pre[64 * 256]; /* C x D <= 64 x 256 (moqae_kv_cache_new checks) */
+                unrotate_chunk(kv, i, keys, D, pre);
+                moqae_kv_encode_k(codec, &kv->shape, pre, D, rec_k(kv, layer, i, h));
+            } else {
+                moqae_kv_encode_k(codec, &kv->shape, keys, D, rec_k(kv, layer, i, h));
+            }
             moqae_kv_encode_v(codec, &kv->shape, stage_row(kv->stage_v, kv, layer, h, r0), D, rec_v(kv, layer, i, h));
         }
     }
@@ -497,7 +567,10 @@ void moqae_kv_cache_attend(const struct moqae_kv_cache * kv, const struct moqae_
             memset(s + g * ld_s, 0, (size_t) (nc * C) * sizeof(float));
         }
         for (int64_t i = 0; i < nc; i++, n += C) {
-            kv->KK->kq[rec_codec(kv, i, layer)](&kv->shape, NULL, rec_k(kv, layer, i, hk), group, qh, D, s + n, ld_s);
+            const int                  codec = rec_codec(kv, i, layer);
+            const struct moqae_kv_rope rope  = { 1, kv->cs_t, kv->cs_p0 ? kv->cs_p0 + i * D : NULL };
+            kv->KK->kq[codec](&kv->shape, rotated(kv, codec) ? &rope : NULL, rec_k(kv, layer, i, hk), group, qh, D,
+                              s + n, ld_s);
         }
         const int64_t r0 = own - kv->stage_pos0, r1 = p - kv->stage_pos0; /* own rows r0..r1 */
         for (int64_t g = 0; g < group; g++) {
