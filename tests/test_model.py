@@ -1,13 +1,14 @@
-"""The forward pass against the NumPy reference (train/llama_ref.py) on tiny synthetic models of
-every weight type, and the greedy decode reproducing the reference's token ids. Uses the Python
-package's llama-cpp-python-style API (eval + scores)."""
+"""The forward pass against the PyTorch reference (train/reference.py in float64, with an exact KV cache
+and f32 activations) on tiny synthetic models of every weight type, and the greedy decode reproducing
+the reference's token ids. Uses the Python package's llama-cpp-python-style API (eval + scores)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from llama_ref import LlamaRef
 from make_tiny import make_tiny
+from reference import LlamaModel
 
 moqae_cpp = pytest.importorskip("moqae_cpp", reason="the moqae_cpp package is not installed (pip install .)")
 
@@ -33,10 +34,10 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("n_batch", [7, 64])
 def test_logits_match_reference(tiny_models, wtype, n_batch):
     path = tiny_models[wtype]
-    ref = LlamaRef(path)
+    ref = LlamaModel(path, dtype=torch.float64, act_quant=False)
     rng = np.random.default_rng(3)
     toks = rng.integers(0, ref.hp.n_vocab, size=40).tolist()
-    want = ref.forward(toks)
+    want = ref.forward(toks).numpy()
     with moqae_cpp.Llama(path, n_ctx=64, n_batch=n_batch, n_threads=2, logits_all=True) as llm:
         llm.eval(toks)
         got = np.asarray(llm.scores[:len(toks)], dtype=np.float64)
@@ -46,7 +47,7 @@ def test_logits_match_reference(tiny_models, wtype, n_batch):
 
 def test_greedy_decode_reproduces_reference(tiny_models):
     path = tiny_models["f32"]
-    ref = LlamaRef(path)
+    ref = LlamaModel(path, dtype=torch.float64, act_quant=False)
     toks = [5, 17, 42, 99]
     ref_toks = list(toks)
     for _ in range(12):

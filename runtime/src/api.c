@@ -3,6 +3,7 @@
  * logits, KV statistics, tokenizer wrappers, perplexity, version and backend queries. Checks every
  * argument, since this is where callers' mistakes arrive.
  */
+#include "backend-cuda.h"
 #include "common.h"
 #include "context.h"
 
@@ -18,7 +19,7 @@ const char * moqae_version(void) {
 }
 
 bool moqae_has_cuda(void) {
-    return false; /* TODO(issue 7): CUDA backend */
+    return moqae_cuda_available(); /* false without MOQAE_CUDA (backend-cuda-stub.c) or without a device */
 }
 
 const char * moqae_cpu_backend(void) {
@@ -208,9 +209,16 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
             return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for the router's scratch");
         }
     }
-    st = moqae_kv_cache_new(&kc, &c->kv);
-    if (!st) {
-        st = alloc_scratch(c);
+    if (model->cuda) { /* issue 7: ring and scratch on the GPU; only the logits stay here */
+        st = moqae_cuda_context_new(model, &kc, &c->cuda);
+        c->logits_cap = 1;
+        c->logits     = st ? NULL : moqae_aligned_alloc((size_t) hp->n_vocab * sizeof(float));
+        st            = st ? st : c->logits ? MOQAE_OK : moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for logits");
+    } else {
+        st = moqae_kv_cache_new(&kc, &c->kv);
+        if (!st) {
+            st = alloc_scratch(c);
+        }
     }
     if (!st) {
         st = moqae_threadpool_new(n_threads, &c->tp);
@@ -229,6 +237,7 @@ void moqae_context_free(struct moqae_context * c) {
     }
     moqae_threadpool_free(c->tp);
     moqae_kv_cache_free(c->kv);
+    moqae_cuda_context_free(c->cuda);
     float * bufs[] = { c->x, c->xn, c->tmp, c->q, c->k, c->v, c->att, c->gate, c->up, c->rope_cs, c->attn_scratch,
                        c->logits };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
@@ -245,13 +254,17 @@ int moqae_context_reset(struct moqae_context * c) {
     if (!c) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "moqae_context_reset: ctx is NULL");
     }
-    moqae_kv_cache_clear(c->kv);
+    if (c->cuda) {
+        moqae_cuda_context_clear(c->cuda);
+    } else {
+        moqae_kv_cache_clear(c->kv);
+    }
     c->n_logits = 0;
     return MOQAE_OK;
 }
 
 int64_t moqae_context_n_past(const struct moqae_context * c) {
-    return c ? moqae_kv_cache_n_tokens(c->kv) : 0;
+    return !c ? 0 : c->cuda ? moqae_cuda_n_tokens(c->cuda) : moqae_kv_cache_n_tokens(c->kv);
 }
 
 int64_t moqae_context_n_ctx(const struct moqae_context * c) {
@@ -280,7 +293,7 @@ int moqae_decode(struct moqae_context * c, const int32_t * tokens, int64_t n_tok
                               (long long) i, (long long) n_tokens, tokens[i], (long long) n_vocab);
         }
     }
-    const int64_t n_past = moqae_kv_cache_n_tokens(c->kv);
+    const int64_t n_past = moqae_context_n_past(c);
     if (n_past + n_tokens > c->n_ctx && c->kv_overflow != MOQAE_KV_OVERFLOW_POLICY_SHIFT) {
         return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
                           "context full: %lld tokens already in the context + %lld new > n_ctx %lld", (long long) n_past,
@@ -306,10 +319,11 @@ int moqae_decode(struct moqae_context * c, const int32_t * tokens, int64_t n_tok
         const int64_t out = i0 + n > first_out ? i0 + n - (first_out > i0 ? first_out : i0) : 0;
         c->job_tokens     = tokens + i0;
         c->job_n          = n;
-        c->job_pos0       = moqae_kv_cache_n_tokens(c->kv);
+        c->job_pos0       = moqae_context_n_past(c);
         c->job_n_out      = out;
         c->job_logits     = c->logits + c->n_logits * n_vocab;
-        const int st      = moqae_graph_forward(c);
+        const struct moqae_cuda_job job = { c->job_tokens, n, out, c->job_logits };
+        const int st = c->cuda ? moqae_cuda_forward(c->cuda, &job) : moqae_graph_forward(c);
         if (st) {
             return st;
         }
@@ -335,7 +349,11 @@ int moqae_context_kv_stats(const struct moqae_context * c, struct moqae_kv_stats
     if (!c || !out) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "moqae_context_kv_stats: NULL argument");
     }
-    moqae_kv_cache_stats(c->kv, out);
+    if (c->cuda) {
+        moqae_cuda_kv_stats(c->cuda, out);
+    } else {
+        moqae_kv_cache_stats(c->kv, out);
+    }
     return MOQAE_OK;
 }
 

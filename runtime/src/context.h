@@ -15,8 +15,12 @@
 
 #include <stdatomic.h>
 
+struct moqae_cuda_context;
+
 struct moqae_context {
     struct moqae_model *             model;
+    struct moqae_cuda_context *      cuda; /* the GPU ring and scratch (model->cuda): then kv and the
+                                              CPU scratch below are NULL and decode runs on the GPU */
     const struct moqae_cpu_kernels * K;
     struct moqae_threadpool *        tp;
     struct moqae_kv_cache *          kv;

@@ -5,6 +5,7 @@
  */
 #include "model.h"
 
+#include "backend-cuda.h"
 #include "common.h"
 #include "cpu/kernels.h"
 
@@ -269,6 +270,9 @@ int moqae_model_load(const char * path, const struct moqae_model_params * params
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory loading %s", path);
     }
     int st = model_load(path, m);
+    if (!st && p.n_gpu_layers > 0 && moqae_has_cuda()) {
+        st = moqae_cuda_model_new(m, p.n_gpu_layers, &m->cuda); /* issue 7: weights uploaded once */
+    }
     if (st) {
         moqae_model_free(m);
         /* I/O messages already name the path */
@@ -285,6 +289,7 @@ void moqae_model_free(struct moqae_model * m) {
     if (!m) {
         return;
     }
+    moqae_cuda_model_free(m->cuda);
     moqae_tokenizer_free(m->tok);
     moqae_gguf_close(m->gguf);
     free(m->layers);

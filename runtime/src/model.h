@@ -48,6 +48,8 @@ struct moqae_layer {
     struct moqae_weight w_down;    /* [n_embd][n_ff]                    */
 };
 
+struct moqae_cuda_model; /* backend-cuda.h */
+
 struct moqae_model {
     struct moqae_gguf *      gguf;
     struct moqae_tokenizer * tok;
@@ -57,6 +59,8 @@ struct moqae_model {
     struct moqae_weight      output;      /* [n_vocab][n_embd]; tok_embd when tied    */
     struct moqae_layer *     layers;      /* [n_layer]                                */
     struct moqae_model_info  info;
+    struct moqae_cuda_model * cuda;       /* the weights on the GPU (n_gpu_layers > 0 and a CUDA device;
+                                             backend-cuda.h), else NULL                 */
 };
 
 #endif /* MOQAE_MODEL_H */

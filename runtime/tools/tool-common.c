@@ -128,12 +128,16 @@ bool tool_tokenize(const struct moqae_model * m, const char * text, size_t len, 
     return true;
 }
 
+int32_t tool_n_gpu_layers = 0;
+
 bool tool_load_model(const char * path, struct moqae_model ** out) {
     if (!path) {
         tool_error("no model given: use -m MODEL.gguf");
         return false;
     }
-    int st = moqae_model_load(path, NULL, out);
+    struct moqae_model_params mp = moqae_model_default_params();
+    mp.n_gpu_layers              = tool_n_gpu_layers;
+    int st = moqae_model_load(path, &mp, out);
     if (st) {
         tool_error("%s", moqae_last_error());
         return false;
@@ -164,7 +168,8 @@ const char * const TOOL_KV_USAGE =
     "  --kv-budget BYTES bytes for the encoded KV chunks (suffixes K, M, G; default: sized from -c)\n"
     "  --kv-overflow P   when the KV cache is full: error, shift (drop oldest chunks), demote (fewer bits)\n"
     "  --kv-chunk N      tokens per KV chunk: 32 (default) or 64\n"
-    "  --router R.gguf   a MoQAE router picks each chunk's expert (instead of --kv)\n";
+    "  --router R.gguf   a MoQAE router picks each chunk's expert (instead of --kv)\n"
+    "  -ngl N            layers to offload to CUDA (0 = CPU, default; 99 = all; partial offload is not supported yet)\n";
 
 static const char *          g_router_path; /* --router */
 static struct moqae_router * g_router;
@@ -177,6 +182,9 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
         *ok = tool_arg_str(argc, argv, i, a, &cp->kv);
     } else if (!strcmp(a, "--router")) {
         *ok = tool_arg_str(argc, argv, i, a, &g_router_path);
+    } else if (!strcmp(a, "-ngl") || !strcmp(a, "--n-gpu-layers")) {
+        *ok = tool_arg_i64(argc, argv, i, a, 0, 100000, &v);
+        tool_n_gpu_layers = (int32_t) v;
     } else if (!strcmp(a, "--kv-chunk")) {
         *ok = tool_arg_i64(argc, argv, i, a, 32, 64, &v);
         if (*ok && v != 32 && v != 64) {

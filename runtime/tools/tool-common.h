@@ -22,8 +22,8 @@ bool tool_arg_f32(int argc, char ** argv, int * i, const char * opt, float lo, f
 bool tool_arg_str(int argc, char ** argv, int * i, const char * opt, const char ** out);
 
 /* If argv[*i] is a KV option (--kv POLICY, --kv-budget BYTES, --kv-overflow error|shift|demote,
- * --kv-chunk 32|64, --router R.gguf), parse it into cp and return true (*ok = false after printing an error on a bad
- * value); false if it is not a KV option. */
+ * --kv-chunk 32|64, --router R.gguf) or -ngl N (into tool_n_gpu_layers), parse it into cp and return true
+ * (*ok = false after printing an error on a bad value); false if it is not a KV option. */
 bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * cp, bool * ok);
 
 /* Create the context, loading the --router file first if one was given (sets cp->router). false
@@ -44,7 +44,10 @@ char * tool_read_file(const char * path, size_t * len);
 bool tool_tokenize(const struct moqae_model * m, const char * text, size_t len, bool add_special, bool parse_special,
                    int32_t ** tokens, int64_t * n);
 
-/* Load a model; false after printing "error: <message>". */
+/* Layers to offload to CUDA (-ngl), read by tool_load_model; 0 = CPU only. */
+extern int32_t tool_n_gpu_layers;
+
+/* Load a model (offloading tool_n_gpu_layers); false after printing "error: <message>". */
 bool tool_load_model(const char * path, struct moqae_model ** out);
 
 /* Seconds from a monotonic clock. */

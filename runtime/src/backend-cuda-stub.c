@@ -1,0 +1,64 @@
+/*
+ * backend-cuda-stub.c — backend-cuda.h for builds without MOQAE_CUDA: no device, every entry point
+ * says so. With MOQAE_CUDA=ON this file compiles to nothing and cuda/backend.cu provides them.
+ */
+#include "backend-cuda.h"
+
+#ifndef MOQAE_CUDA
+#    include "common.h"
+
+bool moqae_cuda_available(void) {
+    return false;
+}
+
+int moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct moqae_cuda_model ** out) {
+    (void) m;
+    (void) n_gpu_layers;
+    *out = NULL;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend (configure with -DMOQAE_CUDA=ON)");
+}
+
+void moqae_cuda_model_free(struct moqae_cuda_model * cm) {
+    (void) cm;
+}
+
+int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_config * cfg,
+                           struct moqae_cuda_context ** out) {
+    (void) m;
+    (void) cfg;
+    *out = NULL;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+
+void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
+    (void) cc;
+}
+
+void moqae_cuda_context_clear(struct moqae_cuda_context * cc) {
+    (void) cc;
+}
+
+int64_t moqae_cuda_n_tokens(const struct moqae_cuda_context * cc) {
+    (void) cc;
+    return 0;
+}
+
+void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_stats * out) {
+    (void) cc;
+    memset(out, 0, sizeof(*out));
+}
+
+int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, const float * v,
+                            uint8_t * krec, uint8_t * vrec) {
+    (void) c, (void) s, (void) k, (void) v, (void) krec, (void) vrec;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+
+int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_job * job) {
+    (void) cc;
+    (void) job;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+#else
+typedef int moqae_backend_cuda_stub_unused; /* ISO C forbids an empty translation unit */
+#endif

@@ -1,0 +1,69 @@
+/*
+ * backend-cuda.h — the CUDA backend as the C side sees it (issue 7): upload a model's weights once,
+ * make a GPU context (the mixed-bit KV ring in device memory, scratch, one stream), run one
+ * micro-batch of the llama forward on the device. Implemented in cuda/backend.cu when the library
+ * is built with MOQAE_CUDA=ON; backend-cuda-stub.c answers "no CUDA" otherwise. The CPU path
+ * (graph.c, kv-ring.c) is the reference: the GPU computes the same attention rule (kv-cache.h)
+ * with the same codec bytes (kv-codec.h). Not here: partial offload (n_gpu_layers < n_layer is
+ * MOQAE_ERR_UNSUPPORTED for now), the overflow policies shift/demote on the GPU, the router.
+ */
+#ifndef MOQAE_BACKEND_CUDA_H
+#define MOQAE_BACKEND_CUDA_H
+
+#include "kv-cache.h"
+#include "moqae.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct moqae_model;
+struct moqae_cuda_model;   /* the model's weights in device memory          */
+struct moqae_cuda_context; /* ring, staging, scratch, stream of one context  */
+
+/* Whether this build has CUDA and a device answers (computed once). */
+bool moqae_cuda_available(void);
+
+/* Upload every weight of m (n_gpu_layers >= n_layer: all of them; fewer is MOQAE_ERR_UNSUPPORTED).
+ * MOQAE_ERR_OUT_OF_MEMORY with the bytes asked and free when the weights do not fit. */
+int  moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct moqae_cuda_model ** out);
+void moqae_cuda_model_free(struct moqae_cuda_model * cm);
+
+/* A device context on model m (which has a cuda model, m->cuda): the KV ring sized from cfg (as
+ * kv-ring.c sizes it), the f16 staging window, scratch for cfg->n_batch tokens.
+ * MOQAE_ERR_OUT_OF_MEMORY naming the bytes when it does not fit; MOQAE_ERR_UNSUPPORTED for what the
+ * GPU path lacks (kv_chunk 64, overflow shift/demote). */
+int  moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_config * cfg,
+                            struct moqae_cuda_context ** out);
+void moqae_cuda_context_free(struct moqae_cuda_context * cc);
+void moqae_cuda_context_clear(struct moqae_cuda_context * cc);
+int64_t moqae_cuda_n_tokens(const struct moqae_cuda_context * cc);
+void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_stats * out);
+
+/* One micro-batch (as context.h's job_* fields for moqae_graph_forward). */
+struct moqae_cuda_job {
+    const int32_t * tokens; /* [n] ids, checked by the caller                       */
+    int64_t         n;      /* tokens, 1 .. n_batch                                  */
+    int64_t         n_out;  /* logits rows: the last n_out tokens                    */
+    float *         logits; /* [n_out][n_vocab] host memory                          */
+};
+
+/* Run one micro-batch after the tokens already in cc. MOQAE_ERR_CONTEXT_FULL (nothing changed) when
+ * the ring cannot take the micro-batch's chunks; MOQAE_ERR_INTERNAL naming the CUDA call on a device
+ * error. */
+int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_job * job);
+
+/* Test hook: encode one chunk of one KV head with the GPU encoder. k, v: [C][D] f32 whose values
+ * are f16-representable (as the staging window holds them); krec, vrec get moqae_kv_k_bytes /
+ * moqae_kv_v_bytes bytes, to compare with moqae_kv_encode_k/_v. */
+int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, const float * v,
+                            uint8_t * krec, uint8_t * vrec);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOQAE_BACKEND_CUDA_H */

@@ -1,0 +1,78 @@
+/*
+ * cuda/common.cuh — what every CUDA file of libmoqae shares: the check macro (every CUDA call goes
+ * through MOQAE_CUDA_CHECK, which records "expr failed: reason (file:line)" and returns
+ * MOQAE_ERR_INTERNAL, as ggml's CUDA_CHECK but returning a status instead of aborting), the
+ * per-micro-batch dynamic state that kernels read from device memory (so that one captured CUDA
+ * graph serves every decode step), the GPU chunk table entry, and f16 helpers that match common.h
+ * bit for bit. .cuh files export host launchers only; kernels are static in their .cu.
+ */
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "../common.h"
+}
+
+#define MOQAE_CUDA_CHECK(expr)                                                                             \
+    do {                                                                                                   \
+        cudaError_t err_ = (expr);                                                                         \
+        if (err_ != cudaSuccess) {                                                                         \
+            return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA: %s failed: %s (%s:%d)", #expr,                    \
+                              cudaGetErrorString(err_), __FILE__, __LINE__);                               \
+        }                                                                                                  \
+    } while (0)
+
+/* After a kernel launch: the launch's own error (bad configuration), as a status. */
+#define MOQAE_CUDA_LAUNCH_CHECK() MOQAE_CUDA_CHECK(cudaGetLastError())
+
+/* Propagate a status. */
+#define MOQAE_TRY(expr)                                                                                    \
+    do {                                                                                                   \
+        int st_ = (expr);                                                                                  \
+        if (st_) {                                                                                         \
+            return st_;                                                                                    \
+        }                                                                                                  \
+    } while (0)
+
+/* Dynamic state of the micro-batch being computed, written by the host before the launches (one
+ * small copy), read by the kernels whose work depends on the position: RoPE, the KV store, the
+ * encoder and attention. Shapes that do not change (n_tok for the decode graph) stay arguments. */
+struct moqae_cuda_dyn {
+    long long n_past;    /* position of the micro-batch's first token                        */
+    int       n_tok;     /* tokens in the micro-batch                                        */
+    int       n_chunks;  /* entries of the chunk table, including the ones this batch completes */
+    int       enc_first; /* table index of the first chunk this micro-batch completes        */
+    int       n_enc;     /* chunks it completes (encoded after the store)                    */
+};
+
+/* One completed chunk of the GPU ring (same meaning as kv-ring.c's struct chunk). Its records sit at
+ * `off` in every layer's arena: per KV head a key record then a value record, each padded to 16
+ * bytes on the GPU so that kernels can use 16-byte loads (the record bytes themselves are the CPU
+ * codec's, byte for byte). */
+struct moqae_cuda_chunk {
+    long long pos;   /* position of the chunk's first token */
+    long long off;   /* byte offset in each layer's arena   */
+    int       codec; /* enum moqae_kv_codec                 */
+    int       pad;
+};
+
+#define MOQAE_CUDA_REC_ALIGN 16
+
+static inline size_t moqae_cuda_align(size_t n) {
+    return (n + MOQAE_CUDA_REC_ALIGN - 1) / MOQAE_CUDA_REC_ALIGN * MOQAE_CUDA_REC_ALIGN;
+}
+
+/* ---- device helpers -------------------------------------------------------------------------- */
+
+static __device__ __forceinline__ float moqae_dev_f16_to_f32(uint16_t h) {
+    return __half2float(__ushort_as_half(h));
+}
+
+/* Round to nearest even (common.h's moqae_f32_to_f16, which __float2half_rn equals for finite and
+ * infinite inputs; NaN keeps a quiet NaN as there). */
+static __device__ __forceinline__ uint16_t moqae_dev_f32_to_f16(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+}
