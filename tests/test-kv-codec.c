@@ -1,8 +1,9 @@
 /*
- * test-kv-codec.c — KV codec tests (CTest): record sizes and shape checks; round trips of every codec
- * within half a quantization step per element and within named RMSE bounds on Gaussian data; the
- * scalar reference primitives (q.K^T, p.V on a record) against double-precision arithmetic on the
- * decoded chunk; then every SIMD table this CPU can run against the reference on awkward shapes
+ * test-kv-codec.c — KV codec tests (CTest): record sizes, shape checks and the rotation; round trips of
+ * every codec (in the rotated space: each element within half a quantization step inside its group's
+ * decodable range, at the range's end outside it; the keys' outlier token within half its own step)
+ * and within named RMSE bounds on Gaussian data; the scalar reference primitives (q.K^T, p.V on a
+ * record) against double-precision arithmetic on the decoded chunk; then every SIMD table this CPU can run against the reference on awkward shapes
  * (C = 16, 32, 64; D = 48, 64, 128, and 50 for FP16; several queries; strided rows). Only completed
  * chunks are ever encoded, so partial chunks are not a case. Failures print the case, the first
  * mismatches and the max error; main returns 1. `test-kv-codec --bench` times the primitives instead.
@@ -90,20 +91,25 @@ static void make_chunk(float * x, int64_t C, int64_t D, int64_t ld, int gaussian
 /* ---- sizes and shapes ------------------------------------------------------------------------------ */
 
 static void test_sizes(void) {
-    const struct moqae_kv_shape s = {32, 64, 32};
-    /* codes + zero codes + scale codes + 3 f16 bases */
-    const size_t k4 = 64 * 32 / 2 + 64 + 64 / MOQAE_KV_K_SCALE_SHARE + 6;
-    const size_t v4 = 32 * 64 / 2 + 64 + 32 + 6; /* values: one scale code per token */
+    const struct moqae_kv_shape s = {32, 64, MOQAE_KV_V_GROUP};
+    /* codes + keys: the outlier's high-bits row + zero codes + scale codes + 3 f16 bases (+ keys: the
+     * outlier's f16 zero and scale and its u8 index) */
+    const size_t k4 = 64 * 32 / 2 + 64 / 2 + 64 + 64 / MOQAE_KV_K_SCALE_SHARE + 6 + 5;
+    const size_t v4 = 32 * 64 / 2 + 32 * (64 / MOQAE_KV_V_GROUP) + 32 + 6; /* values: one scale code per token */
     if (moqae_kv_k_bytes(MOQAE_KV_CODEC_Q4, &s) != k4 || moqae_kv_v_bytes(MOQAE_KV_CODEC_Q4, &s) != v4) {
         fail("int4 record sizes %zu %zu, expected %zu %zu", moqae_kv_k_bytes(MOQAE_KV_CODEC_Q4, &s),
              moqae_kv_v_bytes(MOQAE_KV_CODEC_Q4, &s), k4, v4);
     }
-    if (moqae_kv_k_bytes(MOQAE_KV_CODEC_F16, &s) != 4096 || moqae_kv_v_bytes(MOQAE_KV_CODEC_Q2, &s) != 512 + 102) {
+    if (moqae_kv_k_bytes(MOQAE_KV_CODEC_F16, &s) != 4096 || moqae_kv_v_bytes(MOQAE_KV_CODEC_Q2, &s) != 512 + 70 ||
+        moqae_kv_k_bytes(MOQAE_KV_CODEC_Q2, &s) != 512 + 16 + 128 + 11) {
         fail("fp16 / int2 record sizes");
     }
     const double e4 = moqae_kv_effective_bits(MOQAE_KV_CODEC_Q4, &s);
     if (e4 > 4.5 || fabs(e4 - (double) (k4 + v4) * 8 / 4096) > 1e-12) {
         fail("int4 effective bits %.4f (target <= 4.5)", e4);
+    }
+    if (moqae_kv_effective_bits(MOQAE_KV_CODEC_Q2, &s) > 2.6) {
+        fail("int2 effective bits %.4f (target <= 2.6)", moqae_kv_effective_bits(MOQAE_KV_CODEC_Q2, &s));
     }
     struct {
         struct moqae_kv_shape s;
@@ -124,17 +130,42 @@ static void test_sizes(void) {
                  (long long) cases[i].s.head_dim, (long long) cases[i].s.v_group, (int) cases[i].c, ok);
         }
     }
+    /* the rotation: rotate then unrotate is the identity up to rounding, and the block is a power of two */
+    float x[64], y[64];
+    for (int i = 0; i < 64; i++) {
+        x[i] = y[i] = rnd_f();
+    }
+    moqae_kv_rotate(y, 64, 64);
+    moqae_kv_unrotate(y, 64, 64);
+    for (int i = 0; i < 64; i++) {
+        if (fabs(y[i] - x[i]) > 1e-6) {
+            fail("rotate/unrotate: [%d] %g -> %g", i, (double) x[i], (double) y[i]);
+        }
+    }
+    if (moqae_kv_rot_block(48) != 16 || moqae_kv_rot_block(64) != 64 || moqae_kv_rot_block(96) != 32) {
+        fail("moqae_kv_rot_block");
+    }
 }
 
 /* ---- round trips ------------------------------------------------------------------------------------ */
 
+/* rows [C][ld] rotated in place like the encoder does (keys: blocks of rot_block(D); values: of rot_block(G)) */
+static void rotate_rows(float * x, int64_t C, int64_t D, int64_t ld, int64_t n) {
+    for (int64_t j = 0; j < C; j++) {
+        moqae_kv_rotate(x + j * ld, D, n);
+    }
+}
+
+/* Every rotated element decodes within half its group's step when it lies inside the group's decodable
+ * range [zero, zero + qmax * scale] (the search may clip), or to the nearest end of it when outside; the
+ * keys' outlier token within half the step of its own 2b-bit codes. */
 static void test_roundtrip(enum moqae_kv_codec c, const struct moqae_kv_shape * s, int gaussian) {
     const int64_t C = s->chunk, D = s->head_dim, G = s->v_group, ld = D + 3;
     const double  qmax = (double) ((1 << moqae_kv_codec_bits(c)) - 1);
     float *       x    = malloc(sizeof(float) * (size_t) (C * ld));
     float *       y    = malloc(sizeof(float) * (size_t) (C * ld));
     uint8_t *     rec  = malloc(moqae_kv_v_bytes(c, s) + moqae_kv_k_bytes(c, s));
-    float         sc[4096], zr[4096];
+    float         sc[4096], zr[4096], yx[256];
     for (int kind = 0; kind < 2; kind++) {
         make_chunk(x, C, D, ld, gaussian);
         if (kind == 0) {
@@ -144,35 +175,72 @@ static void test_roundtrip(enum moqae_kv_codec c, const struct moqae_kv_shape * 
             moqae_kv_encode_v(c, s, x, ld, rec);
             moqae_kv_decode_v(c, s, rec, y, ld);
         }
-        if (c != MOQAE_KV_CODEC_F16) {
-            (kind == 0 ? moqae_kv_meta_k : moqae_kv_meta_v)(c, s, rec, sc, zr);
-        }
-        double se = 0.0, sx = 0.0, worst = 0.0;
-        int    bad = 0;
+        double se = 0.0, sx = 0.0;
         for (int64_t j = 0; j < C; j++) {
             for (int64_t d = 0; d < D; d++) {
-                const double xv = x[j * ld + d], err = fabs((double) y[j * ld + d] - xv);
+                const double err = (double) y[j * ld + d] - (double) x[j * ld + d];
                 se += err * err;
-                sx += xv * xv;
-                double bound;
-                if (c == MOQAE_KV_CODEC_F16) {
-                    bound = fabs(xv) / 2048.0 + 1.0 / 33554432.0; /* half an ulp, or of the subnormal step */
-                } else {
-                    const int64_t g = kind == 0 ? d : j * (D / G) + d / G;
-                    bound = sc[g] * 0.5 + TOL_STEP_ULPS * (fabs(xv) + fabs(zr[g]) + sc[g] * qmax);
-                }
-                worst = err / bound > worst ? err / bound : worst;
-                if (err > bound && bad++ < 4) {
-                    fail("%s %s C=%lld D=%lld G=%lld: element [%lld][%lld] = %g decodes to %g (bound %g)",
-                         kind ? "V" : "K", moqae_kv_codec_name(c), (long long) C, (long long) D, (long long) G,
-                         (long long) j, (long long) d, xv, (double) y[j * ld + d], bound);
-                }
+                sx += (double) x[j * ld + d] * (double) x[j * ld + d];
             }
         }
         const double nrmse = sqrt(se / sx);
         if (gaussian && nrmse > MAX_NRMSE[c]) {
             fail("%s %s C=%lld D=%lld: NRMSE %.4f > %.4f", kind ? "V" : "K", moqae_kv_codec_name(c), (long long) C,
                  (long long) D, nrmse, MAX_NRMSE[c]);
+        }
+        int64_t xi = -1;
+        if (c == MOQAE_KV_CODEC_F16) {
+            for (int64_t j = 0; j < C; j++) {
+                for (int64_t d = 0; d < D; d++) {
+                    const double xv = x[j * ld + d], err = fabs((double) y[j * ld + d] - xv);
+                    if (err > fabs(xv) / 2048.0 + 1.0 / 33554432.0) { /* half an ulp, or of the subnormal step */
+                        fail("fp16 %s: element [%lld][%lld] = %g decodes to %g", kind ? "V" : "K", (long long) j,
+                             (long long) d, xv, (double) y[j * ld + d]);
+                    }
+                }
+            }
+            continue;
+        }
+        const int64_t n = kind == 0 ? moqae_kv_rot_block(D) : moqae_kv_rot_block(G);
+        rotate_rows(x, C, D, ld, n);
+        rotate_rows(y, C, D, ld, n);
+        if (kind == 0) {
+            moqae_kv_meta_k(c, s, rec, sc, zr);
+            xi = moqae_kv_outlier_k(c, s, rec, yx);
+        } else {
+            moqae_kv_meta_v(c, s, rec, sc, zr);
+        }
+        int bad = 0;
+        for (int64_t j = 0; j < C; j++) {
+            double rmax = 0.0; /* the row's magnitude: rotating back and forth rounds relative to it */
+            for (int64_t d = 0; d < D; d++) {
+                rmax = fabs(x[j * ld + d]) > rmax ? fabs(x[j * ld + d]) : rmax;
+            }
+            for (int64_t d = 0; d < D; d++) {
+                const double xv = x[j * ld + d], yv = y[j * ld + d];
+                double       want, half;
+                if (j == xi) { /* the outlier: 2b-bit codes over its own row's range */
+                    double lo = x[j * ld], hi = lo;
+                    for (int64_t e = 1; e < D; e++) {
+                        lo = x[j * ld + e] < lo ? x[j * ld + e] : lo;
+                        hi = x[j * ld + e] > hi ? x[j * ld + e] : hi;
+                    }
+                    const double q2 = (double) ((1u << (2 * moqae_kv_codec_bits(c))) - 1u);
+                    want = xv;
+                    half = (hi - lo) / q2 * (1.0 + 1.0 / 512) * 0.5;
+                } else {
+                    const int64_t g = kind == 0 ? d : j * (D / G) + d / G;
+                    const double  lo = zr[g], hi = zr[g] + sc[g] * qmax;
+                    want = xv < lo ? lo : xv > hi ? hi : xv;
+                    half = sc[g] * 0.5;
+                }
+                const double tol = half + TOL_STEP_ULPS * 64.0 * (rmax + fabs(want) + half * qmax);
+                if (!(fabs(yv - want) <= tol) && bad++ < 4) {
+                    fail("%s %s C=%lld D=%lld G=%lld: rotated element [%lld][%lld] = %g decodes to %g, want %g +- %g",
+                         kind ? "V" : "K", moqae_kv_codec_name(c), (long long) C, (long long) D, (long long) G,
+                         (long long) j, (long long) d, xv, yv, want, tol);
+                }
+            }
         }
     }
     free(x);

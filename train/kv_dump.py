@@ -1,13 +1,10 @@
-"""Real K/V from a llama GGUF and the KV-codec measurements of docs/KV-CODECS.md: a float32 PyTorch
-forward (weights dequantized with the `gguf` package, same maths as train/llama_ref.py) that returns,
-per layer, the queries (after RoPE), the keys before and after RoPE and the values, and that can run
-with a KV transform applied under DESIGN.md's attention rule (earlier complete chunks as the codec
-decodes them, the token's own chunk exact) to measure perplexity per codec variant. The variants are
-train/kv_codec.py's codecs plus the metadata alternatives that were measured against them (f16 scale and
-zero, a value group of 64, a scale code per value group instead of per token, a key scale code shared
-by a channel pair).
-Not the training forward (that is the lead's train/ reference); tokenization goes through the
-runtime's own tokenizer (build/tokenize-dump).
+"""The KV-codec measurements of docs/KV-CODECS.md on real K/V: dump per-layer queries, keys (before and
+after RoPE) and values of a text, the round-trip and score-error tables, and perplexities under codec
+*variants* (train/kv_codec.py's codecs plus the metadata alternatives measured against them: f16 scale
+and zero, a value group of 64, a scale code per value group, a key scale shared by a channel pair).
+The forward is train/reference.py's (the one reference): `LlamaTorch` below only keeps this script's
+older call style (a kv_fn callback; the own chunk exact f32, the comparison being against the exact
+model), which train/codec_study.py also uses. Tokenization goes through the runtime's tokenizer.
 
   python train/kv_dump.py -m MODEL.gguf --text wiki.valid.raw -n 512 -o kv.npz        # dump K/V
   python train/kv_dump.py -m MODEL.gguf --text wiki.valid.raw -n 512 --measure        # error tables
@@ -16,208 +13,37 @@ runtime's own tokenizer (build/tokenize-dump).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import subprocess
-import tempfile
 
 import numpy as np
 import torch
-from gguf.quants import dequantize
 
 import kv_codec
+from reference import FnKV, LlamaModel, nll, tokenize  # noqa: F401  (nll, tokenize: used by codec_study.py)
 
 
-@dataclasses.dataclass
-class HParams:
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_rot: int
-    rope_base: float
-    rms_eps: float
+class LlamaTorch(LlamaModel):
+    """reference.LlamaModel with this script's call style: forward(tokens, kv_fn, chunk, capture) on one
+    sequence, rope(x, pos) on [T][heads][head_dim] with contiguous positions; f32 activations (no 8-bit
+    activation simulation) unless act_quant=True, as the measurements of docs/KV-CODECS.md were taken."""
 
+    def __init__(self, path: str, n_layer: int | None = None, token_ids=None, act_quant: bool = False, **kw):
+        super().__init__(path, n_layer=n_layer, token_ids=token_ids, act_quant=act_quant, **kw)
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf(path: str):
-    """A quick GGUF reader (gguf-py's GGUFReader takes ~10 s on SmolLM2's vocabulary): returns
-    (metadata {key: scalar, string, or array length}, tensors {name: (raw uint8 rows, type, shape outermost
-    first)}). Arrays are skipped, only their length kept."""
-    import struct
-
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    mv = memoryview(buf)
-    if bytes(mv[:4]) != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mv, 4)
-    off = 24
-
-    def read_str(o):
-        (n,) = struct.unpack_from("<Q", mv, o)
-        return bytes(mv[o + 8:o + 8 + n]).decode("utf-8", "replace"), o + 8 + n
-
-    def read_val(t, o):
-        if t in _SCALAR:
-            (v,) = struct.unpack_from(_SCALAR[t], mv, o)
-            return v, o + struct.calcsize(_SCALAR[t])
-        if t == 8:
-            return read_str(o)
-        if t == 9:
-            et, n = struct.unpack_from("<IQ", mv, o)
-            o += 12
-            if et in _SCALAR:
-                return n, o + n * struct.calcsize(_SCALAR[et])
-            for _ in range(n):
-                _, o = read_val(et, o)
-            return n, o
-        raise ValueError(f"{path}: bad GGUF value type {t}")
-
-    meta = {}
-    for _ in range(n_kv):
-        key, off = read_str(off)
-        (t,) = struct.unpack_from("<I", mv, off)
-        meta[key], off = read_val(t, off + 4)
-    infos = []
-    for _ in range(n_tensors):
-        name, off = read_str(off)
-        (nd,) = struct.unpack_from("<I", mv, off)
-        dims = struct.unpack_from(f"<{nd}Q", mv, off + 4)
-        t, o = struct.unpack_from("<IQ", mv, off + 4 + 8 * nd)
-        off += 4 + 8 * nd + 12
-        infos.append((name, dims, t, o))
-    align = int(meta.get("general.alignment", 32))
-    base = (off + align - 1) // align * align
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    tensors = {}
-    for name, dims, t, o in infos:
-        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
-        row_bytes = dims[0] // bs * ts
-        rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-        raw = buf[base + o:base + o + rows * row_bytes].reshape(rows, row_bytes)
-        tensors[name] = (raw, GGMLQuantizationType(t), tuple(int(x) for x in reversed(dims)))
-    return meta, tensors
-
-
-class LlamaTorch:
-    """float32 llama forward; rope on adjacent pairs (GGUF's llama layout), GQA, SwiGLU, RMSNorm."""
-
-    def __init__(self, path: str, n_layer: int | None = None, token_ids=None):
-        """n_layer: load and run only the first n_layer blocks (the logits are then meaningless);
-        token_ids: dequantize only these rows of the embedding (quick tests)."""
-        meta, tensors = read_gguf(path)
-        assert meta.get("general.architecture") == "llama", meta.get("general.architecture")
-        n_embd = int(meta["llama.embedding_length"])
-        n_head = int(meta["llama.attention.head_count"])
-        self.hp = HParams(
-            n_vocab=int(meta["tokenizer.ggml.tokens"]), n_embd=n_embd,
-            n_layer=int(meta["llama.block_count"]), n_head=n_head,
-            n_head_kv=int(meta.get("llama.attention.head_count_kv", n_head)), head_dim=n_embd // n_head,
-            n_ff=int(meta["llama.feed_forward_length"]),
-            n_rot=int(meta.get("llama.rope.dimension_count", n_embd // n_head)),
-            rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
-            rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)))
-        if n_layer is not None:
-            self.hp.n_layer = min(n_layer, self.hp.n_layer)
-        self.w = {}
-        for name, (raw, ttype, shape) in tensors.items():
-            if name.startswith("blk.") and int(name.split(".")[1]) >= self.hp.n_layer:
-                continue
-            if n_layer is not None and name in ("output.weight", "output_norm.weight"):
-                continue
-            if token_ids is not None and name == "token_embd.weight":
-                ids = np.unique(np.asarray(token_ids))
-                rows = np.asarray(dequantize(np.asarray(raw[ids]), ttype), dtype=np.float32).reshape(len(ids), -1)
-                full = torch.zeros(shape)
-                full[torch.from_numpy(ids)] = torch.from_numpy(rows)
-                self.w[name] = full
-                continue
-            a = np.asarray(dequantize(np.asarray(raw), ttype), dtype=np.float32)
-            self.w[name] = torch.from_numpy(a.reshape(shape).copy())
-
-    def _norm(self, x, w):
-        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.hp.rms_eps) * w
-
-    def rope(self, x, pos):
-        """x: [T][heads][head_dim]; rotates pairs (2i, 2i+1) of the first n_rot dims by pos*theta_i."""
-        hp = self.hp
-        half = hp.n_rot // 2
-        inv = hp.rope_base ** (-2.0 * np.arange(half) / hp.n_rot)
-        ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
-        c = torch.from_numpy(np.cos(ang).astype(np.float32))[:, None, :]
-        s = torch.from_numpy(np.sin(ang).astype(np.float32))[:, None, :]
-        y = x.clone()
-        x0, x1 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
-        y[..., 0:2 * half:2] = x0 * c - x1 * s
-        y[..., 1:2 * half:2] = x0 * s + x1 * c
-        return y
+    def rope(self, x, pos_or_cs):
+        if isinstance(pos_or_cs, tuple):  # reference.LlamaModel's own call
+            return super().rope(x, pos_or_cs)
+        pos = np.asarray(pos_or_cs)
+        return super().rope(x, self.rope_table(len(pos), int(pos[0]) if len(pos) else 0))
 
     @torch.no_grad()
-    def forward(self, tokens, kv_fn=None, chunk: int = 32, capture: bool = False):
+    def forward(self, tokens, kv_fn=None, chunk: int = 32, capture: bool = False, kv=None, logits_rows=None):
         """Logits [T][n_vocab]. kv_fn(layer, k_pre, k_post, v) -> (k_used, v_used), all [T][n_head_kv][head_dim]:
         what a query sees for keys/values of earlier complete chunks (its own chunk stays exact).
         capture: also return per-layer dicts q, k_pre, k_post, v."""
-        hp = self.hp
-        T = len(tokens)
-        pos = np.arange(T)
-        x = self.w["token_embd.weight"][torch.as_tensor(np.asarray(tokens))]
-        qi = torch.arange(T)[:, None]
-        kj = torch.arange(T)[None, :]
-        causal = kj <= qi
-        same = (kj // chunk) == (qi // chunk)
-        group = hp.n_head // hp.n_head_kv
-        caps = []
-        for il in range(hp.n_layer):
-            p = f"blk.{il}."
-            xn = self._norm(x, self.w[p + "attn_norm.weight"])
-            q = (xn @ self.w[p + "attn_q.weight"].T).reshape(T, hp.n_head, hp.head_dim)
-            k_pre = (xn @ self.w[p + "attn_k.weight"].T).reshape(T, hp.n_head_kv, hp.head_dim)
-            v = (xn @ self.w[p + "attn_v.weight"].T).reshape(T, hp.n_head_kv, hp.head_dim)
-            q, k = self.rope(q, pos), self.rope(k_pre, pos)
-            if capture:
-                caps.append({"q": q.clone(), "k_pre": k_pre.clone(), "k_post": k.clone(), "v": v.clone()})
-            kq, vq = (k, v) if kv_fn is None else kv_fn(il, k_pre, k, v)
-            hk = torch.arange(hp.n_head) // group
-            qh = q.permute(1, 0, 2)  # [H][T][D]
-            s_ex = qh @ k[:, hk, :].permute(1, 2, 0)
-            s_q = qh @ kq[:, hk, :].permute(1, 2, 0)
-            s = torch.where(same, s_ex, s_q) / np.sqrt(hp.head_dim)
-            s = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-            o = (s * same) @ v[:, hk, :].permute(1, 0, 2) + (s * ~same) @ vq[:, hk, :].permute(1, 0, 2)
-            x = x + o.permute(1, 0, 2).reshape(T, -1) @ self.w[p + "attn_output.weight"].T
-            xn = self._norm(x, self.w[p + "ffn_norm.weight"])
-            g = xn @ self.w[p + "ffn_gate.weight"].T
-            u = xn @ self.w[p + "ffn_up.weight"].T
-            x = x + (torch.nn.functional.silu(g) * u) @ self.w[p + "ffn_down.weight"].T
-        if "output_norm.weight" not in self.w:  # a truncated model (n_layer): no logits
-            return (None, caps) if capture else None
-        xn = self._norm(x, self.w["output_norm.weight"])
-        logits = xn @ self.w.get("output.weight", self.w["token_embd.weight"]).T
-        return (logits, caps) if capture else logits
-
-
-def tokenize(model: str, text: bytes, tool: str) -> list:
-    with tempfile.NamedTemporaryFile(delete=False) as f:
-        f.write(text)
-    try:
-        out = subprocess.run([tool, model, f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    return [int(t) for t in out.split()]
-
-
-def nll(logits, tokens, first: int = 0) -> tuple:
-    """Sum of -log p(token[t+1]) for t >= first, and the count."""
-    lp = torch.log_softmax(logits[:-1].double(), dim=-1)
-    tgt = torch.as_tensor(np.asarray(tokens[1:]))
-    v = -lp[torch.arange(len(tokens) - 1), tgt][first:]
-    return float(v.sum()), int(v.numel())
+        if kv is None and kv_fn is not None:
+            kv = FnKV(chunk=chunk, fn=kv_fn)
+        return super().forward(tokens, kv=kv, logits_rows=logits_rows, capture=capture)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,7 +87,7 @@ def variant_v(x: torch.Tensor, spec: str, C: int = 32) -> torch.Tensor:
     (group 64), ':grp' (a scale code per group, not one per token), combinable as ':grp:g64'."""
     T, H, D = x.shape
     codec, *alts = spec.split(":")
-    G = 64 if "g64" in alts else kv_codec.V_GROUP
+    G = 64 if "g64" in alts else kv_codec.V_GROUP if not alts else 32  # the alternatives were measured at G 32
     g = x.reshape(T // C, C, H, D).permute(0, 2, 1, 3).reshape(-1, C, D)
     if codec == "fp16" or set(alts) <= {"g64"}:
         y = kv_codec.roundtrip_v(g, codec, G)
@@ -277,14 +103,17 @@ def variant_bits(kspec: str, vspec: str, C: int = 32, D: int = 64) -> float:
         codec, *alts = spec.split(":")
         if codec == "fp16":
             return 16 * C * D
+        if not alts:  # the shipped codec (rotation, outlier token, search): its exact record size
+            nbytes = kv_codec.k_bytes(codec, C, D) if kind == "k" else kv_codec.v_bytes(codec, C, D)
+            return 8 * nbytes
         b = kv_codec.CODEC_BITS[codec] * C * D
         if "f16" in alts:
             return b + 32 * n_groups
-        G = 64 if "g64" in alts else kv_codec.V_GROUP
+        G = 64 if "g64" in alts else 32
         share = 2 if "pair" in alts else 1 if kind == "k" or "grp" in alts else D // G
         return b + 8 * n_groups + 8 * n_groups // share + 48
     kb = meta_bits(kspec.replace("-pre", ""), D, "k")
-    G = 64 if "g64" in vspec else kv_codec.V_GROUP
+    G = 64 if "g64" in vspec else 32
     vb = meta_bits(vspec, C * D // G, "v")
     return (kb + vb) / (2 * C * D)
 

@@ -1,8 +1,9 @@
 /*
  * kv-codec.c — the KV codecs of kv-codec.h in plain scalar C: encoding (the only encoder: it runs once
- * per completed chunk, so it stays scalar and is bit-identical on every CPU), decoding, the metadata
- * decoder the SIMD kernels use, and the reference attention primitives (decode each element, accumulate
- * in double), which are the oracle for cpu/kv-codec-avx2.c and cpu/kv-codec-avx512.c.
+ * per completed chunk, so it stays scalar and is bit-identical on every CPU: rotation, outlier token,
+ * the search of scale and zero codes), decoding, the metadata decoder the SIMD kernels use, and the
+ * reference attention primitives (decode the chunk, accumulate in double), which are the oracle for
+ * cpu/kv-codec-avx2.c and cpu/kv-codec-avx512.c.
  * The PyTorch twin is train/kv_codec.py: every f32 operation here has its counterpart there, in the
  * same order, with no fused multiply-add (mul_rn below; build this file with -ffp-contract=off too).
  * Not here: the ring, softmax, threads.
@@ -85,26 +86,29 @@ int moqae_kv_shape_check(enum moqae_kv_codec c, const struct moqae_kv_shape * s)
     return MOQAE_OK;
 }
 
-static struct moqae_kv_geom geom(int64_t n_groups, int64_t n_elems, int64_t share, int64_t bits) {
+static struct moqae_kv_geom geom(int64_t n_groups, int64_t n_elems, int64_t share, int64_t bits, int outlier) {
     struct moqae_kv_geom g;
     g.n_groups    = n_groups;
     g.n_elems     = n_elems;
     g.share       = share;
     g.bits        = bits;
+    g.outlier     = outlier;
     g.codes_bytes = (size_t) (n_groups * n_elems * bits / 8);
+    g.xrow_bytes  = outlier ? (size_t) (n_groups * bits / 8) : 0;
     g.zcode_bytes = (size_t) n_groups;
     g.scode_bytes = (size_t) (n_groups / share);
-    g.total       = g.codes_bytes + g.zcode_bytes + g.scode_bytes + 6;
+    g.total       = g.codes_bytes + g.xrow_bytes + g.zcode_bytes + g.scode_bytes + 6 + (outlier ? 5 : 0);
     return g;
 }
 
 struct moqae_kv_geom moqae_kv_geom_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
-    return geom(s->head_dim, s->chunk, MOQAE_KV_K_SCALE_SHARE, moqae_kv_codec_bits(c));
+    return geom(s->head_dim, s->chunk, MOQAE_KV_K_SCALE_SHARE, moqae_kv_codec_bits(c), 1);
 }
 
 struct moqae_kv_geom moqae_kv_geom_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
     /* one scale code per token, shared by its D / G groups */
-    return geom(s->chunk * (s->head_dim / s->v_group), s->v_group, s->head_dim / s->v_group, moqae_kv_codec_bits(c));
+    return geom(s->chunk * (s->head_dim / s->v_group), s->v_group, s->head_dim / s->v_group, moqae_kv_codec_bits(c),
+                0);
 }
 
 size_t moqae_kv_k_bytes(enum moqae_kv_codec c, const struct moqae_kv_shape * s) {
@@ -184,8 +188,12 @@ struct bases {
     float zl, zs, sb;
 };
 
+static inline const uint8_t * zcodes(const struct moqae_kv_geom * g, const uint8_t * rec) {
+    return rec + g->codes_bytes + g->xrow_bytes;
+}
+
 static struct bases read_bases(const struct moqae_kv_geom * g, const uint8_t * rec) {
-    const uint8_t * p = rec + g->codes_bytes + g->zcode_bytes + g->scode_bytes;
+    const uint8_t * p = zcodes(g, rec) + g->zcode_bytes + g->scode_bytes;
     struct bases    b = {moqae_f16_to_f32(rd16(p)), moqae_f16_to_f32(rd16(p + 2)), moqae_f16_to_f32(rd16(p + 4))};
     return b;
 }
@@ -215,7 +223,7 @@ static inline float zero_of(const struct bases * b, unsigned zcode) {
 /* Group i's scale and zero. */
 static inline void group_meta(const struct moqae_kv_geom * g, const uint8_t * rec, const struct bases * b,
                               int64_t i, float * scale, float * zero) {
-    const uint8_t * zc = rec + g->codes_bytes;
+    const uint8_t * zc = zcodes(g, rec);
     const uint8_t * sc = zc + g->zcode_bytes;
     *scale             = scale_of(b->sb, sc[i / g->share]);
     *zero              = zero_of(b, zc[i]);
@@ -240,36 +248,178 @@ void moqae_kv_meta_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, con
     meta_all(&g, rec, scale, zero);
 }
 
+/* The outlier's fields, after the bases: xz, xs (f16), xi (u8). */
+static inline const uint8_t * outlier_fields(const struct moqae_kv_geom * g, const uint8_t * rec) {
+    return zcodes(g, rec) + g->zcode_bytes + g->scode_bytes + 6;
+}
+
+int64_t moqae_kv_outlier_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * y) {
+    const struct moqae_kv_geom g  = moqae_kv_geom_k(c, s);
+    const uint8_t *            of = outlier_fields(&g, rec);
+    const float                xz = moqae_f16_to_f32(rd16(of)), xs = moqae_f16_to_f32(rd16(of + 2));
+    const int64_t              xi = of[4], C = s->chunk;
+    const uint8_t *            xhi = rec + g.codes_bytes;
+    for (int64_t d = 0; d < s->head_dim; d++) {
+        const unsigned lo = get_code(rec + (size_t) (d * C * g.bits / 8), xi, g.bits);
+        const unsigned q  = get_code(xhi, d, g.bits) << g.bits | lo;
+        y[d]              = mul_rn(xs, (float) q) + xz;
+    }
+    return xi;
+}
+
+/* ================================================================================================
+ * The rotation (kv-codec.h: blocks of Walsh-Hadamard butterflies, exact power-of-two scalings)
+ * ================================================================================================ */
+
+int64_t moqae_kv_rot_block(int64_t n) {
+    return n & -n;
+}
+
+static void fwht(float * x, int64_t len, int64_t n, float f) {
+    for (int64_t b = 0; b < len; b += n) {
+        float * y = x + b;
+        for (int64_t h = 1; h < n; h *= 2) {
+            for (int64_t i = 0; i < n; i += 2 * h) {
+                for (int64_t j = i; j < i + h; j++) {
+                    const float a = y[j], c = y[j + h];
+                    y[j]          = a + c;
+                    y[j + h]      = a - c;
+                }
+            }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            y[i] *= f;
+        }
+    }
+}
+
+/* n = 2^m: 2^-floor(m/2) forward, 2^-ceil(m/2) back */
+float moqae_kv_rot_factor(int64_t n, int inverse) {
+    int m = 0;
+    while (((int64_t) 1 << m) < n) {
+        m++;
+    }
+    return ldexpf(1.0f, -(inverse ? (m + 1) / 2 : m / 2));
+}
+
+void moqae_kv_rotate(float * x, int64_t len, int64_t n) {
+    fwht(x, len, n, moqae_kv_rot_factor(n, 0));
+}
+
+void moqae_kv_unrotate(float * x, int64_t len, int64_t n) {
+    fwht(x, len, n, moqae_kv_rot_factor(n, 1));
+}
+
 /* ================================================================================================
  * Encoding
  * ================================================================================================ */
 
-/* Where the groups of a record live in the caller's [C][ld] f32 chunk: element e of group i is at
+/* Where the groups of a record live in an f32 [C][ld] chunk: element e of group i is at
  * x[goff(i) + e * estride]. Keys: group d = column d (estride = ld); values: group (j, g) = the G
- * floats at row j, column g*G (estride = 1). */
+ * floats at row j, column g*G (estride = 1). skip: an element index left out of every group (the keys'
+ * outlier token), or -1. */
 struct src {
     const float * x;
-    int64_t       ld, estride, groups_per_row, group_len;
+    int64_t       ld, estride, groups_per_row, group_len, skip;
 };
 
 static inline int64_t goff(const struct src * s, int64_t i) {
     return (i / s->groups_per_row) * s->ld + (i % s->groups_per_row) * s->group_len;
 }
 
+static inline float quant_code(float x, float zero, float scale, float qmax) {
+    if (!(scale > 0.0f)) {
+        return 0.0f;
+    }
+    const float t = floorf((x - zero) / scale + 0.5f);
+    return t > 0.0f ? (t < qmax ? t : qmax) : 0.0f;
+}
+
+/* sum over group i's elements (but the skipped one) of min(floor(e^2 * 2^K), 2^48), e = x - decoded */
+static int64_t group_err(const struct src * s, int64_t i, int64_t m, float zero, float scale, float qmax, int K) {
+    const float * x   = s->x + goff(s, i);
+    int64_t       acc = 0;
+    for (int64_t e = 0; e < m; e++) {
+        if (e == s->skip) {
+            continue;
+        }
+        const float  v  = x[e * s->estride];
+        const float  d  = v - (mul_rn(scale, quant_code(v, zero, scale, qmax)) + zero);
+        const double t  = ldexp((double) d * (double) d, K);
+        acc += t < 0x1p48 ? (int64_t) floor(t) : ((int64_t) 1 << 48);
+    }
+    return acc;
+}
+
+/* The search of kv-codec.h for the run r of groups r*share .. r*share+share-1: returns the scale code,
+ * writes each group's zero code to zc. */
+static unsigned search_run(const struct moqae_kv_geom * g, const struct src * s, const struct bases * b, int64_t r,
+                           unsigned a0, const float * lo, const float * hi, uint8_t * zc) {
+    const float   qmax = (float) ((1 << g->bits) - 1);
+    const int64_t i0 = r * g->share, m = g->n_elems;
+    int           E;
+    (void) frexpf(mul_rn(scale_of(b->sb, a0), qmax), &E);
+    const int K      = MOQAE_KV_ERR_BITS - 2 * E;
+    int64_t   best   = -1;
+    unsigned  best_a = a0;
+    uint8_t   zbest[MAX_GROUPS], ztry[MAX_GROUPS];
+    for (int t = 0; t < MOQAE_KV_SEARCH_SCALES(g->bits); t++) {
+        const unsigned a   = a0 + (unsigned) t < 255u ? a0 + (unsigned) t : 255u;
+        const float    sc  = scale_of(b->sb, a);
+        int64_t        sum = 0;
+        for (int64_t i = i0; i < i0 + g->share; i++) {
+            float cand[2 + 2 * MOQAE_KV_SEARCH_ZEROS];
+            int   nc     = 0;
+            cand[nc++]   = (float) zc[i]; /* zc0: no clipping at the bottom */
+            const float cen = b->zs > 0.0f
+                                  ? floorf((((lo[i] + hi[i]) * 0.5f - mul_rn(sc, qmax) * 0.5f) - b->zl) / b->zs + 0.5f)
+                                  : 0.0f;
+            for (int u = -MOQAE_KV_SEARCH_ZEROS; u <= MOQAE_KV_SEARCH_ZEROS; u++) {
+                cand[nc++] = cen + (float) u;
+            }
+            int64_t gbest = -1;
+            for (int k = 0; k < nc; k++) {
+                float z = b->zs > 0.0f ? cand[k] : 0.0f;
+                z       = z > 0.0f ? (z < 255.0f ? z : 255.0f) : 0.0f; /* NaN -> 0 */
+                const int64_t e = group_err(s, i, m, zero_of(b, (unsigned) z), sc, qmax, K);
+                if (gbest < 0 || e < gbest) {
+                    gbest   = e;
+                    ztry[i] = (uint8_t) z;
+                }
+            }
+            sum += gbest;
+        }
+        if (best < 0 || sum < best) {
+            best   = sum;
+            best_a = a;
+            for (int64_t i = i0; i < i0 + g->share; i++) {
+                zbest[i] = ztry[i];
+            }
+        }
+    }
+    for (int64_t i = i0; i < i0 + g->share; i++) {
+        zc[i] = zbest[i];
+    }
+    return best_a;
+}
+
 static void encode_q(const struct moqae_kv_geom * g, const struct src * s, uint8_t * rec) {
     const float qmax = (float) ((1 << g->bits) - 1);
     const int64_t n = g->n_groups, m = g->n_elems;
-    uint8_t *     zc = rec + g->codes_bytes;
+    uint8_t *     zc = rec + g->codes_bytes + g->xrow_bytes;
     uint8_t *     sc = zc + g->zcode_bytes;
     uint8_t *     bp = sc + g->scode_bytes;
     float lo[MAX_GROUPS], hi[MAX_GROUPS], need[MAX_GROUPS];
 
-    /* per-group ranges and the zero base */
+    /* per-group ranges (without the skipped element) and the zero base */
     float lo_min = INFINITY, lo_max = -INFINITY;
     for (int64_t i = 0; i < n; i++) {
         const float * x = s->x + goff(s, i);
-        float         a = x[0], b = x[0];
-        for (int64_t e = 1; e < m; e++) {
+        float         a = INFINITY, b = -INFINITY;
+        for (int64_t e = 0; e < m; e++) {
+            if (e == s->skip) {
+                continue;
+            }
             const float v = x[e * s->estride];
             a             = v < a ? v : a;
             b             = v > b ? v : b;
@@ -302,29 +452,30 @@ static void encode_q(const struct moqae_kv_geom * g, const struct src * s, uint8
     }
     const moqae_f16 sbase16 = f16_up(need_max); /* so that scale(0) covers every run */
     const float     sb      = moqae_f16_to_f32(sbase16);
+    const struct bases base = {zl, zs, sb};
 
-    /* scale codes: the largest a whose scale still covers the run (binary search over decreasing scales) */
+    /* scale codes: the largest a whose scale still covers the run (binary search over decreasing
+     * scales), then the search of kv-codec.h from there */
     for (int64_t r = 0; r < n / g->share; r++) {
-        if (!(scale_of(sb, 0) >= need[r])) {
-            sc[r] = 0;
-            continue;
-        }
-        unsigned a = 0, b = 256; /* scale(a) >= need, and every code >= b has a smaller scale */
-        while (b - a > 1) {
-            const unsigned mid = (a + b) / 2;
-            if (scale_of(sb, mid) >= need[r]) {
-                a = mid;
-            } else {
-                b = mid;
+        unsigned a = 0;
+        if (scale_of(sb, 0) >= need[r]) {
+            unsigned b = 256; /* scale(a) >= need, and every code >= b has a smaller scale */
+            while (b - a > 1) {
+                const unsigned mid = (a + b) / 2;
+                if (scale_of(sb, mid) >= need[r]) {
+                    a = mid;
+                } else {
+                    b = mid;
+                }
             }
         }
-        sc[r] = (uint8_t) a;
+        sc[r] = (uint8_t) search_run(g, s, &base, r, a, lo, hi, zc);
     }
     wr16(bp, zlo16);
     wr16(bp + 2, zstep16);
     wr16(bp + 4, sbase16);
 
-    /* codes */
+    /* codes (the skipped element's are 0 here) */
     const struct bases b = read_bases(g, rec);
     memset(rec, 0, g->codes_bytes);
     for (int64_t i = 0; i < n; i++) {
@@ -334,14 +485,37 @@ static void encode_q(const struct moqae_kv_geom * g, const struct src * s, uint8
         /* group i's codes start at byte i * m * bits / 8: keys, row i; values, row j at column g * G */
         uint8_t *     row = rec + (size_t) (i * m * g->bits / 8);
         for (int64_t e = 0; e < m; e++) {
-            unsigned q = 0;
-            if (scale > 0.0f) {
-                const float t = floorf((x[e * s->estride] - zero) / scale + 0.5f);
-                q             = t > 0.0f ? (t < qmax ? (unsigned) t : (unsigned) qmax) : 0u;
+            if (e != s->skip) {
+                put_code(row, e, g->bits, (unsigned) quant_code(x[e * s->estride], zero, scale, qmax));
             }
-            put_code(row, e, g->bits, q);
         }
     }
+}
+
+/* The keys' outlier token: the farthest from the chunk's mean key (kv-codec.h). */
+static int64_t outlier_index(const float * k, int64_t ld, int64_t C, int64_t D) {
+    float mean[MAX_HEAD_DIM];
+    for (int64_t d = 0; d < D; d++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < C; j++) {
+            acc = acc + k[j * ld + d];
+        }
+        mean[d] = acc / (float) C;
+    }
+    int64_t best = 0;
+    float   bd   = 0.0f;
+    for (int64_t j = 0; j < C; j++) {
+        float dist = 0.0f;
+        for (int64_t d = 0; d < D; d++) {
+            const float t = k[j * ld + d] - mean[d];
+            dist          = dist + mul_rn(t, t);
+        }
+        if (j == 0 || dist > bd) {
+            best = j;
+            bd   = dist;
+        }
+    }
+    return best;
 }
 
 void moqae_kv_encode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, int64_t ld,
@@ -355,9 +529,40 @@ void moqae_kv_encode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, c
         }
         return;
     }
-    const struct moqae_kv_geom g   = moqae_kv_geom_k(c, s);
-    const struct src           src = {k, ld, ld, D, 1};
+    const struct moqae_kv_geom g  = moqae_kv_geom_k(c, s);
+    const int64_t              xi = outlier_index(k, ld, C, D);
+    float                      y[MAX_CHUNK * MAX_HEAD_DIM]; /* [C][D] rotated rows */
+    for (int64_t j = 0; j < C; j++) {
+        memcpy(y + j * D, k + j * ld, sizeof(float) * (size_t) D);
+        moqae_kv_rotate(y + j * D, D, moqae_kv_rot_block(D));
+    }
+    const struct src src = {y, D, D, D, 1, xi};
     encode_q(&g, &src, rec);
+
+    /* the outlier's row: 2b-bit codes, low bits in its column, high bits in the xhi row */
+    const float * yx   = y + xi * D;
+    float         xmin = yx[0], xmax = yx[0];
+    for (int64_t d = 1; d < D; d++) {
+        xmin = yx[d] < xmin ? yx[d] : xmin;
+        xmax = yx[d] > xmax ? yx[d] : xmax;
+    }
+    const float     qmax2 = (float) ((1u << (2 * g.bits)) - 1u);
+    const moqae_f16 xz16  = f16_down(xmin);
+    const float     xz    = moqae_f16_to_f32(xz16);
+    const moqae_f16 xs16  = f16_up((xmax - xz) / qmax2);
+    const float     xs    = moqae_f16_to_f32(xs16);
+    uint8_t *       xhi   = rec + g.codes_bytes;
+    memset(xhi, 0, g.xrow_bytes);
+    const unsigned low = (1u << g.bits) - 1u;
+    for (int64_t d = 0; d < D; d++) {
+        const unsigned q = (unsigned) quant_code(yx[d], xz, xs, qmax2);
+        put_code(rec + (size_t) (d * C * g.bits / 8), xi, g.bits, q & low);
+        put_code(xhi, d, g.bits, q >> g.bits);
+    }
+    uint8_t * of = rec + g.codes_bytes + g.xrow_bytes + g.zcode_bytes + g.scode_bytes + 6;
+    wr16(of, xz16);
+    wr16(of + 2, xs16);
+    of[4] = (uint8_t) xi;
 }
 
 void moqae_kv_encode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * v, int64_t ld,
@@ -371,8 +576,13 @@ void moqae_kv_encode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, c
         }
         return;
     }
-    const struct moqae_kv_geom g   = moqae_kv_geom_v(c, s);
-    const struct src           src = {v, ld, 1, D / s->v_group, s->v_group};
+    const struct moqae_kv_geom g = moqae_kv_geom_v(c, s);
+    float                      y[MAX_CHUNK * MAX_HEAD_DIM]; /* [C][D] rows rotated in blocks */
+    for (int64_t j = 0; j < C; j++) {
+        memcpy(y + j * D, v + j * ld, sizeof(float) * (size_t) D);
+        moqae_kv_rotate(y + j * D, D, moqae_kv_rot_block(s->v_group));
+    }
+    const struct src src = {y, D, 1, D / s->v_group, s->v_group, -1};
     encode_q(&g, &src, rec);
 }
 
@@ -407,6 +617,12 @@ void moqae_kv_decode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s, c
             k[j * ld + d] = elem(&g, rec, d, j, scale, zero);
         }
     }
+    float         yx[MAX_HEAD_DIM];
+    const int64_t xi = moqae_kv_outlier_k(c, s, rec, yx);
+    memcpy(k + xi * ld, yx, sizeof(float) * (size_t) D);
+    for (int64_t j = 0; j < C; j++) {
+        moqae_kv_unrotate(k + j * ld, D, moqae_kv_rot_block(D));
+    }
 }
 
 void moqae_kv_decode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, float * v,
@@ -430,25 +646,14 @@ void moqae_kv_decode_v(enum moqae_kv_codec c, const struct moqae_kv_shape * s, c
             v[j * ld + d0 + e] = elem(&g, rec, i, e, scale, zero);
         }
     }
+    for (int64_t j = 0; j < C; j++) {
+        moqae_kv_unrotate(v + j * ld, D, moqae_kv_rot_block(G));
+    }
 }
 
 /* ================================================================================================
- * Reference attention primitives: decode each element exactly, accumulate in double
+ * Reference attention primitives: decode the chunk (moqae_kv_decode_*), accumulate in double
  * ================================================================================================ */
-
-static void pv_f16_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q, const float * p,
-                       int64_t ld_p, float * out, int64_t ld_o) {
-    const int64_t C = s->chunk, D = s->head_dim;
-    for (int64_t i = 0; i < n_q; i++) {
-        for (int64_t d = 0; d < D; d++) {
-            double acc = 0.0;
-            for (int64_t j = 0; j < C; j++) {
-                acc += (double) p[i * ld_p + j] * (double) moqae_f16_to_f32(rd16(rec + 2 * (j * D + d)));
-            }
-            out[i * ld_o + d] += (float) acc;
-        }
-    }
-}
 
 void moqae_kv_rope_fill(int64_t head_dim, int64_t n, int64_t pos0, const float * theta, float * cs) {
     for (int64_t i = 0; i < head_dim / 2; i++) {
@@ -460,17 +665,14 @@ void moqae_kv_rope_fill(int64_t head_dim, int64_t n, int64_t pos0, const float *
     }
 }
 
-/* The reference q.K^T: decode each key element, rotate (rope) and accumulate in double. */
+/* The reference q.K^T: the decoded chunk, rotated (rope) and accumulated in double. */
 static void kq_ref_any(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const struct moqae_kv_rope * rope,
                        const uint8_t * rec, int64_t n_q, const float * q, int64_t ld_q, float * scores,
                        int64_t ld_s) {
-    const int64_t              C = s->chunk, D = s->head_dim, H = D / 2;
-    const struct moqae_kv_geom g = moqae_kv_geom_k(c, s);
-    float                      scale[MAX_HEAD_DIM], zero[MAX_HEAD_DIM], k[MAX_HEAD_DIM];
-    double                     qr[MAX_HEAD_DIM];
-    if (c != MOQAE_KV_CODEC_F16) {
-        meta_all(&g, rec, scale, zero);
-    }
+    const int64_t C = s->chunk, D = s->head_dim, H = D / 2;
+    float         kd[MAX_CHUNK * MAX_HEAD_DIM]; /* [C][D] */
+    double        qr[MAX_HEAD_DIM];
+    moqae_kv_decode_k(c, s, rec, kd, D);
     for (int64_t i = 0; i < n_q; i++) {
         const float * qi = q + i * ld_q;
         for (int64_t d = 0; d < D; d++) {
@@ -483,11 +685,8 @@ static void kq_ref_any(enum moqae_kv_codec c, const struct moqae_kv_shape * s, c
             qr[w]            = (double) qi[w] * c0 - (double) qi[u] * s0;
         }
         for (int64_t j = 0; j < C; j++) {
-            for (int64_t d = 0; d < D; d++) {
-                k[d] = c == MOQAE_KV_CODEC_F16 ? moqae_f16_to_f32(rd16(rec + 2 * (d * C + j)))
-                                               : elem(&g, rec, d, j, scale[d], zero[d]);
-            }
-            double acc = 0.0;
+            const float * k   = kd + j * D;
+            double        acc = 0.0;
             if (!rope) {
                 for (int64_t d = 0; d < D; d++) {
                     acc += qr[d] * (double) k[d];
@@ -503,18 +702,16 @@ static void kq_ref_any(enum moqae_kv_codec c, const struct moqae_kv_shape * s, c
     }
 }
 
-static void pv_q_ref(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
-                     const float * p, int64_t ld_p, float * out, int64_t ld_o) {
-    const int64_t              C = s->chunk, D = s->head_dim, G = s->v_group;
-    const struct moqae_kv_geom g = moqae_kv_geom_v(c, s);
-    float                      scale[MAX_GROUPS], zero[MAX_GROUPS];
-    meta_all(&g, rec, scale, zero);
+static void pv_ref_any(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
+                       const float * p, int64_t ld_p, float * out, int64_t ld_o) {
+    const int64_t C = s->chunk, D = s->head_dim;
+    float         vd[MAX_CHUNK * MAX_HEAD_DIM]; /* [C][D] */
+    moqae_kv_decode_v(c, s, rec, vd, D);
     for (int64_t i = 0; i < n_q; i++) {
         for (int64_t d = 0; d < D; d++) {
             double acc = 0.0;
             for (int64_t j = 0; j < C; j++) {
-                const int64_t gi = j * (D / G) + d / G;
-                acc += (double) p[i * ld_p + j] * (double) elem(&g, rec, gi, d % G, scale[gi], zero[gi]);
+                acc += (double) p[i * ld_p + j] * (double) vd[j * D + d];
             }
             out[i * ld_o + d] += (float) acc;
         }
@@ -529,12 +726,9 @@ static void pv_q_ref(enum moqae_kv_codec c, const struct moqae_kv_shape * s, con
     }                                                                                                           \
     static void pv_##NAME##_ref(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,              \
                                 const float * p, int64_t ld_p, float * out, int64_t ld_o) {                     \
-        pv_q_ref(CODEC, s, rec, n_q, p, ld_p, out, ld_o);                                                       \
+        pv_ref_any(CODEC, s, rec, n_q, p, ld_p, out, ld_o);                                                     \
     }
-static void kq_f16_ref(const struct moqae_kv_shape * s, const struct moqae_kv_rope * rope, const uint8_t * rec,
-                       int64_t n_q, const float * q, int64_t ld_q, float * scores, int64_t ld_s) {
-    kq_ref_any(MOQAE_KV_CODEC_F16, s, rope, rec, n_q, q, ld_q, scores, ld_s);
-}
+REF_PAIR(f16, MOQAE_KV_CODEC_F16)
 REF_PAIR(q8, MOQAE_KV_CODEC_Q8)
 REF_PAIR(q4, MOQAE_KV_CODEC_Q4)
 REF_PAIR(q2, MOQAE_KV_CODEC_Q2)

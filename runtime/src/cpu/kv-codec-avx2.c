@@ -6,7 +6,11 @@
  * before RoPE: each pair of channels is decoded, rotated by the tokens' offsets and dotted; values:
  * out_d += sum_j (p_j * s_jg) * code_jd + sum_j p_j * z_jg, one token at a time across 16 columns. A tile
  * serves up to QB queries at once so the unpacking is shared. Same results as the scalar reference in
- * kv-codec.c up to f32 rounding (tests/test-kv-codec.c). Not here: encoding (scalar only), ISA checks.
+ * kv-codec.c up to f32 rounding (tests/test-kv-codec.c). Quantized records hold Hadamard-rotated data
+ * (kv-codec.h): keys after RoPE score against the query unrotated once (q . H y = (H q) . y), keys before
+ * RoPE are decoded and rotated back into a small f32 tile first, values accumulate in the rotated space
+ * and the D-vector is rotated back once per query; the keys' outlier token is scored on its own.
+ * Not here: encoding (scalar only), ISA checks.
  */
 #include "../common.h"
 #include "../kv-codec.h"
@@ -66,7 +70,7 @@ INLINE float scale_query(int64_t n, const float * q, const float * scale, const 
 static void meta(const struct moqae_kv_geom * g, const uint8_t * rec, float * scale, float * zero) {
     float zl, zs, sb;
     moqae_kv_bases(g, rec, &zl, &zs, &sb);
-    const uint8_t * zc = rec + g->codes_bytes;
+    const uint8_t * zc = rec + g->codes_bytes + g->xrow_bytes;
     const uint8_t * sc = zc + g->zcode_bytes;
     const int64_t   nz = g->n_groups, ns = g->n_groups / g->share;
     const __m256    vsb = _mm256_set1_ps(sb);
@@ -138,12 +142,17 @@ INLINE void kq_tile_rope(const int bits, const int NB, const uint8_t * rec, size
     for (int i = 0; i < NB; i++) {
         acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     }
-    const size_t  blk = (size_t) (t0 / 16) * (size_t) (bits == 16 ? 32 : 2 * bits);
+    const size_t  blk = (size_t) (t0 / 16) * (size_t) (2 * bits);
     const int64_t ps  = rope->pair_stride;
     for (int64_t pr = 0; pr < D / 2; pr++) {
         const int64_t u = ps == 1 ? 2 * pr : pr, w = u + ps;
         __m256        ku[2], kw[2];
-        if (bits == 16) {
+        if (bits == 32) { /* a decoded f32 tile */
+            const float * fu = (const float *) (rec + u * row_bytes + blk);
+            const float * fw = (const float *) (rec + w * row_bytes + blk);
+            ku[0] = _mm256_loadu_ps(fu), ku[1] = _mm256_loadu_ps(fu + 8);
+            kw[0] = _mm256_loadu_ps(fw), kw[1] = _mm256_loadu_ps(fw + 8);
+        } else if (bits == 16) {
             load16_f16(rec + u * row_bytes + blk, &ku[0], &ku[1]);
             load16_f16(rec + w * row_bytes + blk, &kw[0], &kw[1]);
         } else {
@@ -177,21 +186,155 @@ INLINE void kq_tile_rope(const int bits, const int NB, const uint8_t * rec, size
     }
 }
 
+/* ---- the inverse rotation (kv-codec.h), vectorised: the same adds and subtracts as kv-codec.c ------ */
+
+/* One in-register butterfly stage of distance h < 8: lanes without bit h get a + b, lanes with it a - b. */
+#    define FWHT_STAGE(v, partner, with_h)                                                                     \
+        do {                                                                                                    \
+            const __m256 y_ = _mm256_permutevar8x32_ps(v, partner);                                            \
+            v               = _mm256_blend_ps(_mm256_add_ps(v, y_), _mm256_sub_ps(y_, v), with_h);               \
+        } while (0)
+
+INLINE __m256 fwht8(__m256 v) {
+    FWHT_STAGE(v, _mm256_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6), 0xAA);
+    FWHT_STAGE(v, _mm256_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5), 0xCC);
+    FWHT_STAGE(v, _mm256_setr_epi32(4, 5, 6, 7, 0, 1, 2, 3), 0xF0);
+    return v;
+}
+
+/* The butterflies of distance h >= from between rows of `step` floats: rows j and j + h of each block of n
+ * rows, `w` floats each (w a multiple of 8). */
+static void fwht_rows(float * x, int64_t n_rows, int64_t n, int64_t from, int64_t w, int64_t step) {
+    for (int64_t b = 0; b < n_rows; b += n) {
+        for (int64_t h = from; h < n; h *= 2) {
+            for (int64_t i = 0; i < n; i += 2 * h) {
+                for (int64_t j = b + i; j < b + i + h; j++) {
+                    for (int64_t t = 0; t < w; t += 8) {
+                        const __m256 p = _mm256_loadu_ps(x + j * step + t), q = _mm256_loadu_ps(x + (j + h) * step + t);
+                        _mm256_storeu_ps(x + j * step + t, _mm256_add_ps(p, q));
+                        _mm256_storeu_ps(x + (j + h) * step + t, _mm256_sub_ps(p, q));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* moqae_kv_unrotate(x, len, n) for n >= 8: stages 1..4 inside each vector, the rest between vectors,
+ * then the factor. */
+static void unrotate8n(float * x, int64_t len, int64_t n) {
+    for (int64_t i = 0; i < len; i += 8) {
+        _mm256_storeu_ps(x + i, fwht8(_mm256_loadu_ps(x + i)));
+    }
+    for (int64_t b = 0; b < len; b += n) {
+        for (int64_t h = 8; h < n; h *= 2) {
+            for (int64_t i = 0; i < n; i += 2 * h) {
+                for (int64_t j = b + i; j < b + i + h; j += 8) {
+                    const __m256 p = _mm256_loadu_ps(x + j), q = _mm256_loadu_ps(x + j + h);
+                    _mm256_storeu_ps(x + j, _mm256_add_ps(p, q));
+                    _mm256_storeu_ps(x + j + h, _mm256_sub_ps(p, q));
+                }
+            }
+        }
+    }
+    const __m256 f = _mm256_set1_ps(moqae_kv_rot_factor(n, 1));
+    for (int64_t i = 0; i < len; i += 8) {
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), f));
+    }
+}
+
+/* Keys before RoPE, quantized: the chunk decoded and rotated back, WITHOUT the inverse factor (the
+ * caller folds it into the query), into kt [D][C] f32 (rows = channels, each a vector of tokens):
+ * 8 rows x 8 tokens at a time are decoded (scale * code + zero, the outlier's column from yx) and put
+ * through the butterflies of distance 1..4 in registers, the longer distances follow row by row. */
+static void decode_k_tile(const struct moqae_kv_geom * g, const uint8_t * rec, int64_t C, int64_t D,
+                          const float * scale, const float * zero, int64_t xi, const float * yx, float * kt) {
+    const size_t row_bytes = (size_t) (C * g->bits / 8);
+    for (int64_t t0 = 0; t0 < C; t0 += 16) {
+        const size_t blk = (size_t) (t0 / 16) * (size_t) (2 * g->bits);
+        for (int64_t r0 = 0; r0 < D; r0 += 8) {
+            __m256 v[2][8];
+            for (int r = 0; r < 8; r++) {
+                const int64_t d = r0 + r;
+                __m256        a, b;
+                unpack16(rec + d * row_bytes + blk, (int) g->bits, &a, &b);
+                v[0][r] = _mm256_fmadd_ps(a, _mm256_set1_ps(scale[d]), _mm256_set1_ps(zero[d]));
+                v[1][r] = _mm256_fmadd_ps(b, _mm256_set1_ps(scale[d]), _mm256_set1_ps(zero[d]));
+            }
+            for (int half = 0; half < 2; half++) {
+                if (xi >= t0 + 8 * half && xi < t0 + 8 * half + 8) { /* the outlier's column */
+                    float tmp[8];
+                    for (int r = 0; r < 8; r++) {
+                        _mm256_storeu_ps(tmp, v[half][r]);
+                        tmp[xi - t0 - 8 * half] = yx[r0 + r];
+                        v[half][r]              = _mm256_loadu_ps(tmp);
+                    }
+                }
+                for (int h = 1; h < 8; h *= 2) {
+                    for (int i = 0; i < 8; i += 2 * h) {
+                        for (int j = i; j < i + h; j++) {
+                            const __m256 p = v[half][j], q = v[half][j + h];
+                            v[half][j]         = _mm256_add_ps(p, q);
+                            v[half][j + h]     = _mm256_sub_ps(p, q);
+                        }
+                    }
+                }
+                for (int r = 0; r < 8; r++) {
+                    _mm256_storeu_ps(kt + (r0 + r) * C + t0 + 8 * half, v[half][r]);
+                }
+            }
+        }
+    }
+    fwht_rows(kt, D, moqae_kv_rot_block(D), 8, C, C);
+}
+
 INLINE void kq_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_shape * s,
                    const struct moqae_kv_rope * rope, const uint8_t * rec, int64_t n_q, const float * q, int64_t ld_q,
                    float * scores, int64_t ld_s) {
     const int64_t C = s->chunk, D = s->head_dim;
-    float         scale[256], zero[256], w[QB * 256], bias[QB];
+    float         scale[256], zero[256], w[QB * 256], bias[QB], yx[256], xs[QB], saved[QB];
+    int64_t       xi = 0;
     if (bits != 16) {
         const struct moqae_kv_geom g = moqae_kv_geom_k(c, s);
         meta(&g, rec, scale, zero);
+        xi = moqae_kv_outlier_k(c, s, rec, yx);
+        if (rope) { /* decode and rotate back, then score as f32 rows */
+            float kt[C * D]; /* C x D floats: a VLA, so that only those pages are touched */
+            decode_k_tile(&g, rec, C, D, scale, zero, xi, yx, kt);
+            for (int64_t i0 = 0; i0 < n_q; i0 += QB) {
+                const int nb = (int) (n_q - i0 < QB ? n_q - i0 : QB);
+                const float f = moqae_kv_rot_factor(moqae_kv_rot_block(D), 1); /* kt lacks it */
+                for (int i = 0; i < nb; i++) {
+                    const float * qi = q + (i0 + i) * ld_q;
+                    for (int64_t pr = 0; pr < D / 2; pr++) { /* w = f R(-P0) q */
+                        const int64_t u = rope->pair_stride == 1 ? 2 * pr : pr, v = u + rope->pair_stride;
+                        const float   c0 = rope->cs_p0[2 * pr], s0 = rope->cs_p0[2 * pr + 1];
+                        w[i * D + u]     = (qi[u] * c0 + qi[v] * s0) * f;
+                        w[i * D + v]     = (qi[v] * c0 - qi[u] * s0) * f;
+                    }
+                }
+                float * so = scores + i0 * ld_s;
+                for (int64_t t0 = 0; t0 < C; t0 += 16) {
+                    switch (nb) {
+#    define KQR_CASE(N)                                                                                           \
+    case N: kq_tile_rope(32, N, (const uint8_t *) kt, (size_t) C * 4, D, C, t0, rope, scale, zero, w, so, ld_s); break;
+                        KQR_CASE(1)
+                        KQR_CASE(2)
+                        KQR_CASE(3)
+                        default: KQR_CASE(4)
+#    undef KQR_CASE
+                    }
+                }
+            }
+            return;
+        }
     }
     const size_t row_bytes = (size_t) (C * (bits == 16 ? 16 : bits) / 8);
     for (int64_t i0 = 0; i0 < n_q; i0 += QB) {
         const int nb = (int) (n_q - i0 < QB ? n_q - i0 : QB);
         for (int i = 0; i < nb; i++) {
             const float * qi = q + (i0 + i) * ld_q;
-            if (rope) { /* w = R(-P0) q */
+            if (rope) { /* f16 records: w = R(-P0) q */
                 for (int64_t pr = 0; pr < D / 2; pr++) {
                     const int64_t u = rope->pair_stride == 1 ? 2 * pr : pr, v = u + rope->pair_stride;
                     const float   c0 = rope->cs_p0[2 * pr], s0 = rope->cs_p0[2 * pr + 1];
@@ -203,8 +346,13 @@ INLINE void kq_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
             if (bits == 16) {
                 memcpy(w + i * D, qi, sizeof(float) * (size_t) D);
                 bias[i] = 0.0f;
-            } else { /* w = q * scale, bias = q . zero (D is a multiple of 16) */
-                bias[i] = scale_query(D, qi, scale, zero, w + i * D);
+            } else { /* u = H q (unrotated once), w = u * scale, bias = u . zero, the outlier's score u . yx */
+                float u[256];
+                memcpy(u, qi, sizeof(float) * (size_t) D);
+                unrotate8n(u, D, moqae_kv_rot_block(D));
+                bias[i]  = scale_query(D, u, scale, zero, w + i * D);
+                xs[i]    = dot8n(D, u, yx);
+                saved[i] = scores[(i0 + i) * ld_s + xi];
             }
         }
         float * so = scores + i0 * ld_s;
@@ -224,6 +372,11 @@ INLINE void kq_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
                 default: KQ_CASE(4)
             }
 #    undef KQ_CASE
+        }
+        if (bits != 16) { /* the outlier's column: its own score instead of its low bits' */
+            for (int i = 0; i < nb; i++) {
+                so[i * ld_s + xi] = saved[i] + xs[i];
+            }
         }
     }
 }
@@ -267,6 +420,7 @@ INLINE void pv_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
                    int64_t n_q, const float * p, int64_t ld_p, float * out, int64_t ld_o) {
     const int64_t C = s->chunk, D = s->head_dim, G = bits == 16 ? 16 : s->v_group, ng = D / G;
     float         scale[256], zero[4096], zt[4096], bias[QB]; /* scale: one per token (kv-codec.h) */
+    float         acc[QB * 256];                             /* quantized: sums in the rotated space */
     if (bits != 16) {
         const struct moqae_kv_geom g = moqae_kv_geom_v(c, s);
         meta(&g, rec, scale, zero);
@@ -279,30 +433,45 @@ INLINE void pv_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
     const size_t  row_bytes = (size_t) (D * (bits == 16 ? 16 : bits) / 8);
     const int64_t D16       = D / 16 * 16; /* f16 rows may end in a partial block */
     for (int64_t i0 = 0; i0 < n_q; i0 += QB) {
-        const int     nb = (int) (n_q - i0 < QB ? n_q - i0 : QB);
-        const float * pb = p + i0 * ld_p;
-        float *       ob = out + i0 * ld_o;
+        const int     nb   = (int) (n_q - i0 < QB ? n_q - i0 : QB);
+        const float * pb   = p + i0 * ld_p;
+        float *       ob   = bits == 16 ? out + i0 * ld_o : acc;
+        const int64_t ld_b = bits == 16 ? ld_o : D;
+        if (bits != 16) {
+            memset(acc, 0, sizeof(float) * (size_t) (nb * D));
+        }
         for (int64_t d0 = 0; d0 < D16; d0 += 16) {
             const int64_t g = d0 / G;
             for (int i = 0; i < nb; i++) { /* sum_j p[i][j] * zero[j][g] (C is a multiple of 16) */
                 bias[i] = bits == 16 ? 0.0f : dot8n(C, pb + i * ld_p, zt + g * C);
             }
             switch (nb) {
-                case 1: pv_tile(bits, 1, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
-                case 2: pv_tile(bits, 2, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
-                case 3: pv_tile(bits, 3, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
-                default: pv_tile(bits, 4, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_o, bias); break;
+                case 1: pv_tile(bits, 1, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_b, bias); break;
+                case 2: pv_tile(bits, 2, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_b, bias); break;
+                case 3: pv_tile(bits, 3, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_b, bias); break;
+                default: pv_tile(bits, 4, rec, row_bytes, C, d0, scale, 1, pb, ld_p, ob, ld_b, bias); break;
             }
+        }
+        if (bits != 16) { /* back from the rotated space, once per query */
+            const int64_t n = moqae_kv_rot_block(G);
+            for (int i = 0; i < nb; i++) {
+                unrotate8n(acc + i * D, D, n);
+                float * o = out + (i0 + i) * ld_o;
+                for (int64_t d = 0; d < D; d += 8) {
+                    _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_loadu_ps(o + d), _mm256_loadu_ps(acc + i * D + d)));
+                }
+            }
+            continue;
         }
         for (int64_t d = D16; d < D; d++) { /* scalar tail: f16 only (quantized D is a multiple of 16) */
             for (int i = 0; i < nb; i++) {
-                float acc = 0.0f;
+                float a = 0.0f;
                 for (int64_t j = 0; j < C; j++) {
                     moqae_f16 h;
                     memcpy(&h, rec + j * row_bytes + 2 * d, 2);
-                    acc += pb[i * ld_p + j] * moqae_f16_to_f32(h);
+                    a += pb[i * ld_p + j] * moqae_f16_to_f32(h);
                 }
-                ob[i * ld_o + d] += acc;
+                ob[i * ld_o + d] += a;
             }
         }
     }
