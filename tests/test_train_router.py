@@ -3,6 +3,11 @@ docs/ROUTER-FORMAT.md (keys, types, shapes, the model's fingerprint), that train
 runtime load, and training is deterministic for a seed."""
 from __future__ import annotations
 
+import os
+
+# sleeping OpenMP threads (train/reference.py says why); effective when this module imports torch first
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import hashlib
 
 import numpy as np

@@ -20,6 +20,11 @@ import os
 import sys
 import time
 
+# Before torch is imported: OpenMP threads that sleep when idle instead of spinning. With active waiting
+# (libgomp's default) every op of a 2-thread run stalls whenever another process holds a core: 6-10x
+# slower on this shared 2-core machine (docs/TRAINING.md, "Cost").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 

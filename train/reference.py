@@ -36,6 +36,11 @@ import struct
 import subprocess
 import tempfile
 
+# Before torch is imported: OpenMP threads that sleep when idle instead of spinning. With active waiting
+# (libgomp's default) every op of a 2-thread run stalls whenever another process holds a core: 6-10x
+# slower on this shared 2-core machine (docs/TRAINING.md, "Cost").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -135,10 +140,13 @@ def model_fingerprint(path: str) -> str:
 ACT_MODES = {"Q4_0": "q8_0", "Q8_0": "q8_0", "Q4_1": "q8_1", "F16": "f16", "BF16": "bf16", "F32": "none"}
 
 
-def _round_away(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf: halves away from zero (exact: the fraction x - trunc(x) is exact in floating point)."""
-    t = torch.trunc(x)
-    return torch.where((x - t).abs() == 0.5, t + torch.sign(x), torch.round(x))
+def _round_away(y: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero), exactly: floor(|y| + 0.5) is exact in f32 for every |y| >= 0.5
+    (the sum stays in |y|'s binade or the next, whose grid holds it), and below 0.5 the answer is 0 (the
+    f32 sum 0.49999997 + 0.5 would round up to 1)."""
+    a = y.abs()
+    r = (a + 0.5).floor_()
+    return r.masked_fill_(a < 0.5, 0.0).copysign_(y)
 
 
 def act_quant(x: torch.Tensor, mode: str):
@@ -155,7 +163,7 @@ def act_quant(x: torch.Tensor, mode: str):
         if mode in ("f16", "bf16"):
             y = x.to(torch.float16 if mode == "f16" else torch.bfloat16).to(x.dtype)
         else:
-            xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+            xb = (x if x.dtype == torch.float32 else x.float()).reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
             d = xb.abs().amax(-1, keepdim=True) / 127.0
             inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
             q = _round_away(xb * inv)
