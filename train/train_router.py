@@ -74,6 +74,8 @@ class TrainConfig:
     codec: str | None = None  # 'torch' (kv_codec.py) or 'c' (build/kv-codec-dump); None: c when built
     pool: int = 0  # > 0: train on this many windows (a seeded choice) and cache their codec noise
     noise_cache: str | None = None  # with pool: a file that keeps the cache between runs (same model/pool/seed)
+    objective: str = "mixture"  # 'mixture' (the soft mixture in the forward) or 'linear' (sensitivity.py)
+    sens_cache: str | None = None  # linear: a file that keeps the measured sensitivities between runs
 
 
 def windows_of(tokens: list, T: int, bos) -> torch.Tensor:
@@ -141,6 +143,8 @@ def train(tc: TrainConfig, log=print) -> tuple:
         f"{rcfg.n_router} router(s) of {rcfg.group_size} layer(s), R {tc.hidden}, lambda {tc.lam}, "
         f"freeze {tc.freeze}, batch {tc.batch}, {tc.steps} steps, seed {tc.seed}, codec {codec}")
     ids = torch.arange(len(wins))
+    if tc.objective == "linear":
+        return train_linear(tc, log, model, wins, rcfg, router, opt, codec, t_start=time.time())
     cache = None
     if tc.pool > 0:  # a fixed pool of windows whose codec noise is computed once (docs/TRAINING.md)
         ids = torch.randperm(len(wins), generator=torch.Generator().manual_seed(tc.seed))[:tc.pool].sort().values
@@ -187,7 +191,12 @@ def train(tc: TrainConfig, log=print) -> tuple:
         torch.save({"key": (os.path.basename(tc.model), tc.seq_len, tc.chunk_size, tuple(ids.tolist())),
                     "cache": cache}, tc.noise_cache)
         log(f"train_router: saved {len(cache)} noise records to {tc.noise_cache}")
-    # expected_bits: hard decisions over the whole calibration text
+    return finish(tc, log, model, wins, router, experts, history, t_start)
+
+
+def finish(tc, log, model, wins, router, experts, history, t_start):
+    """expected_bits over the whole calibration text, the export; (router, info)."""
+    T = tc.seq_len
     eb, ehist, n = 0.0, {c: 0 for c in experts}, 0
     with torch.no_grad():
         for i in range(0, len(wins), 64):
@@ -204,6 +213,65 @@ def train(tc: TrainConfig, log=print) -> tuple:
         write_router(tc.out, router, base_info(model), tc.lam, eb, calibration=calib)
         log(f"train_router: wrote {tc.out}")
     return router, {"expected_bits": eb, "hist": ehist, "history": history}
+
+
+def train_linear(tc, log, model, wins, rcfg, router, opt, codec, t_start):
+    """The linear objective (docs/TRAINING.md): L_model is the NLL predicted from each pooled window's measured
+    per-chunk sensitivities S (sensitivity.py), L_model = mean over windows of (NLL_ref + Σ_{g,c,j} q·S_g)
+    / n_scored, with q the 1/B_j-weighted probabilities as in the mixture objective and S_g the sum of S over
+    the layers of group g; L_mem as in the mixture objective. The model's forward runs only to measure S
+    (two forwards and backwards per window); training steps then cost milliseconds."""
+    from sensitivity import load_or_measure
+    C, T = tc.chunk_size, tc.seq_len
+    experts = rcfg.experts
+    n_pool = tc.pool if tc.pool > 0 else len(wins)
+    ids = torch.randperm(len(wins), generator=torch.Generator().manual_seed(tc.seed))[:n_pool].sort().values.tolist()
+    key = (os.path.basename(tc.model), T, C, tuple(experts), tc.freeze, tuple(ids))
+    sens = load_or_measure(tc.sens_cache, key, model, wins, ids, experts, C, tc.freeze, codec, log)
+    S = sens["S"]  # [N][n_layer][n_c][E]
+    G, gs = rcfg.n_router, rcfg.group_size
+    Sg = torch.stack([S[:, g * gs:(g + 1) * gs].sum(1) for g in range(G)], 1).to(tc.device)  # [N][G][n_c][E]
+    nll_ref = sens["nll"][:, 0].to(tc.device)  # at the first non-FP16 point
+    ref_j = next(j for j, c in enumerate(experts) if c != "fp16")
+    n_scored = sens["n_scored"]
+    dS_all = Sg - Sg[..., ref_j:ref_j + 1]  # sensitivities relative to the reference point's expert
+    x_all = model.embed(wins[ids].to(tc.device)).detach()
+    bits = torch.tensor(rcfg.bits, dtype=torch.float32, device=tc.device)
+    penalty = 16.0 / bits
+    lw = layer_weights(rcfg).to(tc.device)
+    sel = routed_chunks(T // C, T, C, tc.freeze)
+    gen = torch.Generator().manual_seed(tc.seed + 1)
+    history = []
+    B = min(tc.batch, len(ids))
+    for step in range(1, tc.steps + 1):
+        t0 = time.time()
+        b = torch.randperm(len(ids), generator=gen)[:B].to(tc.device)
+        x = x_all[b]
+        p = router.chunk_probs(x)  # [B][G][n_c][E]
+        q = p * penalty
+        q = q / q.sum(-1, keepdim=True)
+        # predicted NLL: the measured NLL at the reference point, moved by the chunks' sensitivities
+        # relative to that point's expert
+        dS = dS_all[b]
+        pred = nll_ref[b] + (q[:, :, sel] * dS[:, :, sel]).sum((1, 2, 3))
+        l_model = (pred / n_scored).mean()
+        l_mem = ((p[:, :, sel] * bits / 16.0).sum(-1) * lw[None, :, None]).sum(1).mean()
+        loss = tc.lam * l_model + (1.0 - tc.lam) * l_mem
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % tc.log_every == 0 or step == tc.steps:
+            with torch.no_grad():
+                dec = router.decisions(x_all)  # [N][G][n_c] hard decisions on the whole pool
+                hard = nll_ref + torch.gather(dS_all, -1, dec[..., None]).squeeze(-1)[:, :, sel].sum((1, 2))
+            avg, hist = hard_bits(router, x_all, T)
+            rec = {"step": step, "l_model": l_model.item(), "l_mem": l_mem.item(), "loss": loss.item(), "bits": avg,
+                   "hist": hist, "pred_nll": float((hard / n_scored).mean()), "s": time.time() - t0}
+            history.append(rec)
+            h = " ".join(f"{c} {n}" for c, n in hist.items())
+            log(f"step {step:4d}  L {rec['loss']:.4f}  L_model {rec['l_model']:.4f}  L_mem {rec['l_mem']:.4f}  "
+                f"pool: bits {avg:.3f}  predicted NLL {rec['pred_nll']:.4f}  [{h}]")
+    return finish(tc, log, model, wins, router, experts, history, t_start)
 
 
 def main(argv=None):
@@ -231,6 +299,10 @@ def main(argv=None):
                     help="train on this many calibration windows and compute each one's codec noise once (0: all "
                          "windows, noise every step)")
     ap.add_argument("--noise-cache", default=None, help="with --pool: keep the noise in this file between runs")
+    ap.add_argument("--objective", choices=("linear", "mixture"), default="linear",
+                    help="linear: measured per-chunk sensitivities (sensitivity.py), fast steps; mixture: the soft "
+                         "mixture of the experts' KV in every step's forward (docs/TRAINING.md)")
+    ap.add_argument("--sens-cache", default=None, help="linear: keep the measured sensitivities in this file")
     ap.add_argument("--codec", choices=("torch", "c"), default=None,
                     help="who codes the chunks: c (build/kv-codec-dump, the runtime's encoder; the default when "
                          "built) or torch (train/kv_codec.py): the same bytes")
@@ -241,7 +313,7 @@ def main(argv=None):
                      freeze=not a.no_freeze, share=a.share, steps=a.steps, seq_len=a.seq_len, batch=a.batch,
                      seed=a.seed, device=a.device, hidden=a.hidden, lr=a.lr, threads=a.threads,
                      act_quant=not a.no_act_quant, tokenizer=a.tokenizer, log_every=a.log_every, codec=a.codec,
-                     pool=a.pool, noise_cache=a.noise_cache)
+                     pool=a.pool, noise_cache=a.noise_cache, objective=a.objective, sens_cache=a.sens_cache)
     train(tc, log=lambda s: print(s, flush=True))
 
 
