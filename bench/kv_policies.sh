@@ -10,7 +10,7 @@ echo "| --- | --- | ---: | ---: | ---: |"
 for kv in fp16 int8 int4 sink+int4 int2 sink+int2; do
     out=$(build/moqae-perplexity -m "$model" -f "$text" -c "$ctx" --chunks "$chunks" -t "$threads" --kv "$kv" 2>&1)
     ppl=$(grep -o "PPL = [0-9.]* +/- [0-9.]*" <<<"$out" | cut -c7-)
-    bits=$(grep -o "[0-9.]* nominal / [0-9.]* effective" <<<"$out")
+    bits=$(grep -m1 -o "[0-9.]* nominal / [0-9.]* effective" <<<"$out")
     echo "| moqae | $kv | $ppl | $(cut -d' ' -f1 <<<"$bits") | $(cut -d' ' -f4 <<<"$bits") |"
 done
 for kv in f16 q8_0 q4_0 q4_1; do
