@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("--calib", required=True, help="the text the sensitivities were measured on")
     ap.add_argument("--sens", required=True)
+    ap.add_argument("--layers", default="",
+                    help="also try deeper inputs: the chunk-mean of the attention queries at these layers (comma list)")
     a = ap.parse_args(argv)
     s = torch.load(a.sens)
     experts, C, T, ids = s["experts"], s["chunk"], s["seq_len"], s["ids"]
@@ -56,8 +58,22 @@ def main(argv=None):
         w = windows_of(tokenize(a.model, f.read()), T, bos)[ids]
     x = LlamaModel(a.model, n_layer=0).embed(w).float()
     xh = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5)
-    X = xh.reshape(len(ids), T // C, C, -1).mean(2)[:, sel].reshape(len(y), -1).numpy()
+    inputs = {"layer 0 input (version 1)": xh}
+    layers = [int(v) for v in a.layers.split(",") if v]
+    if layers:
+        model = LlamaModel(a.model, n_layer=max(layers) + 1)
+        with torch.no_grad():
+            caps = [model.forward(w[i:i + 4], capture=True)[1] for i in range(0, len(w), 4)]
+        for il in layers:
+            q = torch.cat([c[il]["q"] for c in caps]).flatten(2)
+            inputs[f"layer {il} queries"] = q
     fold = np.repeat(np.arange(len(ids)), n_r) % 4
+    for name, feat in inputs.items():
+        X = feat.reshape(len(ids), T // C, C, -1).mean(2)[:, sel].reshape(len(y), -1).numpy()
+        ridge(name, X, y, fold)
+
+
+def ridge(name, X, y, fold):
     for lam in (10.0, 100.0, 1000.0):
         pred = np.zeros_like(y)
         for f in range(4):
@@ -66,7 +82,7 @@ def main(argv=None):
             A = X[tr] - mu
             wgt = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ (y[tr] - ym))
             pred[~tr] = (X[~tr] - mu) @ wgt + ym
-        print(f"ridge {lam:g} on the chunk-mean router input: cross-validated correlation {np.corrcoef(pred, y)[0, 1]:.3f}")
+        print(f"ridge {lam:g} on the chunk-mean of {name}: cross-validated correlation {np.corrcoef(pred, y)[0, 1]:.3f}")
 
 
 if __name__ == "__main__":
