@@ -30,15 +30,41 @@ def parity_tool() -> Path:
     return tool
 
 
-@pytest.mark.xfail(strict=False, reason="issue 7, open: the GPU codecs implement kv-codec.h before the rotated/"
-                   "outlier codec landed (codec bytes differ for int8/int4/int2), and fp16-KV logits differ from the "
-                   "CPU's by nrmse 0.10 on SmolLM2 (greedy 26/13/47 of 64 tokens): docs/RESULTS.md, Issue 7")
-def test_gpu_matches_cpu_on_smollm2(parity_tool: Path, smollm2: str) -> None:
-    r = run_tool([parity_tool, smollm2], timeout=900)
+def test_gpu_encoder_emulated_matches_cpu_codec() -> None:
+    """The GPU encoder's phases, run on the CPU, give kv-codec.c's bytes (no device needed)."""
+    tool = _cuda_bin() / "cuda-parity"
+    if not tool.exists():
+        pytest.skip(f"no CUDA build at {tool.parent} (cmake -DMOQAE_CUDA=ON -B build-cuda)")
+    r = run_tool([tool, "--emulate"], timeout=300)
     no_crash(r)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "codec bytes: identical" in r.stdout
-    assert r.stdout.strip().endswith("PASS")
+    assert r.returncode == 0 and "identical" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def smollm2_parity(parity_tool: Path, smollm2: str) -> str:
+    router = ROOT / "models" / "smollm2-135m-moqae-balanced.gguf"
+    r = run_tool([parity_tool, smollm2, "--router", str(router)], timeout=900)
+    no_crash(r)
+    return r.stdout
+
+
+def test_gpu_codecs_attention_router_match_cpu(smollm2_parity: str) -> None:
+    out = smollm2_parity
+    assert "codec bytes: identical" in out, out[-4000:]
+    attention = [line for line in out.splitlines() if line.startswith("attention ")]
+    assert len(attention) == 16 and all(line.endswith("ok") for line in attention), "\n".join(attention)
+    assert "router decisions:" in out and "0 differ" in out, out[-4000:]
+    for kv in ("fp16", "int8", "int4", "sink+int4", "router"):
+        line = next(line for line in out.splitlines() if line.startswith(f"kv {kv:<9}:"))
+        assert line.endswith("ok"), line
+
+
+@pytest.mark.xfail(strict=False, reason="issue 7: greedy output is not identical for 64 tokens (SmolLM2 fp16 KV: 5/13/47 "
+                   "tokens), and int2 logits differ by nrmse 0.07-0.08. The CPU's own ISA variants disagree as much "
+                   "(scalar vs AVX-512 logits nrmse 0.040, greedy diverging within a few tokens): 8-bit activations "
+                   "turn 1-ulp summation-order differences into whole quantization steps. docs/RESULTS.md, Issue 7")
+def test_gpu_matches_cpu_on_smollm2(smollm2_parity: str) -> None:
+    assert smollm2_parity.strip().endswith("PASS"), smollm2_parity[-4000:]
 
 
 def test_partial_offload_is_a_clear_error(smollm2: str) -> None:

@@ -224,7 +224,7 @@ def train_linear(tc, log, model, wins, rcfg, router, opt, codec, t_start):
     from sensitivity import load_or_measure
     C, T = tc.chunk_size, tc.seq_len
     experts = rcfg.experts
-    n_pool = tc.pool if tc.pool > 0 else len(wins)
+    n_pool = tc.pool if tc.pool > 0 else min(32, len(wins))  # measuring costs ~20 s per window on 2 cores
     ids = torch.randperm(len(wins), generator=torch.Generator().manual_seed(tc.seed))[:n_pool].sort().values.tolist()
     key = (os.path.basename(tc.model), T, C, tuple(experts), tc.freeze, tuple(ids))
     sens = load_or_measure(tc.sens_cache, key, model, wins, ids, experts, C, tc.freeze, codec, log)
@@ -296,8 +296,8 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default=None, help="tokenize-dump (default: build/tokenize-dump)")
     ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--pool", type=int, default=0,
-                    help="train on this many calibration windows and compute each one's codec noise once (0: all "
-                         "windows, noise every step)")
+                    help="train on this many calibration windows (a seeded choice) and compute each one's codec noise "
+                         "(mixture) or sensitivities (linear) once; 0: mixture all windows, linear 32")
     ap.add_argument("--noise-cache", default=None, help="with --pool: keep the noise in this file between runs")
     ap.add_argument("--objective", choices=("linear", "mixture"), default="linear",
                     help="linear: measured per-chunk sensitivities (sensitivity.py), fast steps; mixture: the soft "

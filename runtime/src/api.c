@@ -322,7 +322,10 @@ int moqae_decode(struct moqae_context * c, const int32_t * tokens, int64_t n_tok
         c->job_pos0       = moqae_context_n_past(c);
         c->job_n_out      = out;
         c->job_logits     = c->logits + c->n_logits * n_vocab;
-        const struct moqae_cuda_job job = { c->job_tokens, n, out, c->job_logits };
+        const struct moqae_cuda_job job = { c->job_tokens, n, out, c->job_logits, c->router ? c->votes : NULL };
+        if (c->cuda) {
+            moqae_graph_votes(c); /* the GPU ring takes the chunk decisions from the host's votes */
+        }
         const int st = c->cuda ? moqae_cuda_forward(c->cuda, &job) : moqae_graph_forward(c);
         if (st) {
             return st;

@@ -49,8 +49,26 @@ void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_s
 }
 
 int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, const float * v,
-                            uint8_t * krec, uint8_t * vrec) {
-    (void) c, (void) s, (void) k, (void) v, (void) krec, (void) vrec;
+                            const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec) {
+    (void) c, (void) s, (void) k, (void) v, (void) cs_t, (void) cs_p0, (void) krec, (void) vrec;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+
+int moqae_cuda_codec_encode_emulated(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k,
+                                     const float * v, const float * cs_t, const float * cs_p0, uint8_t * krec,
+                                     uint8_t * vrec) {
+    (void) c, (void) s, (void) k, (void) v, (void) cs_t, (void) cs_p0, (void) krec, (void) vrec;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+
+int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out) {
+    (void) tc, (void) out;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+
+int moqae_cuda_chunk_codecs(const struct moqae_cuda_context * cc, uint8_t * codecs, int64_t cap, int64_t * n) {
+    (void) cc, (void) codecs, (void) cap;
+    *n = 0;
     return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
 }
 

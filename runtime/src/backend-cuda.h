@@ -4,8 +4,10 @@
  * micro-batch of the llama forward on the device. Implemented in cuda/backend.cu when the library
  * is built with MOQAE_CUDA=ON; backend-cuda-stub.c answers "no CUDA" otherwise. The CPU path
  * (graph.c, kv-ring.c) is the reference: the GPU computes the same attention rule (kv-cache.h)
- * with the same codec bytes (kv-codec.h). Not here: partial offload (n_gpu_layers < n_layer is
- * MOQAE_ERR_UNSUPPORTED for now), the overflow policies shift/demote on the GPU, the router.
+ * with the same codec bytes (kv-codec.h) and the same chunk decisions (the router votes on the host,
+ * from the token embeddings, as graph.c does; the chunk's codec is an input of the GPU ring). Not
+ * here: partial offload (n_gpu_layers < n_layer is MOQAE_ERR_UNSUPPORTED for now), the overflow
+ * policies shift/demote on the GPU, routers with a decision per group of layers.
  */
 #ifndef MOQAE_BACKEND_CUDA_H
 #define MOQAE_BACKEND_CUDA_H
@@ -49,6 +51,7 @@ struct moqae_cuda_job {
     int64_t         n;      /* tokens, 1 .. n_batch                                  */
     int64_t         n_out;  /* logits rows: the last n_out tokens                    */
     float *         logits; /* [n_out][n_vocab] host memory                          */
+    const uint8_t * votes;  /* [n] the router's expert index per token (cfg->n_expert > 0), else NULL */
 };
 
 /* Run one micro-batch after the tokens already in cc. MOQAE_ERR_CONTEXT_FULL (nothing changed) when
@@ -56,11 +59,39 @@ struct moqae_cuda_job {
  * error. */
 int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_job * job);
 
-/* Test hook: encode one chunk of one KV head with the GPU encoder. k, v: [C][D] f32 whose values
- * are f16-representable (as the staging window holds them); krec, vrec get moqae_kv_k_bytes /
- * moqae_kv_v_bytes bytes, to compare with moqae_kv_encode_k/_v. */
+/* The codec of every chunk stored so far, in position order, into codecs[cap] (*n: how many);
+ * MOQAE_ERR_BUFFER_TOO_SMALL when cap is short. (Tests: the GPU's chunk decisions against the CPU's.) */
+int moqae_cuda_chunk_codecs(const struct moqae_cuda_context * cc, uint8_t * codecs, int64_t cap, int64_t * n);
+
+/* ---- test hooks (tests/tools/cuda-parity.c) ---- */
+
+/* Encode one chunk of one KV head with the GPU encoder. k, v: [C][D] f32 whose values are
+ * f16-representable (as the staging window holds them); keys before RoPE: cs_t [D/2][2][C] and
+ * cs_p0 [D/2][2] (kv-codec.h's tables of the chunk), else both NULL. krec, vrec get moqae_kv_k_bytes /
+ * moqae_kv_v_bytes bytes, to compare with kv-ring.c's path (unrotate, then moqae_kv_encode_k/_v). */
 int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, const float * v,
-                            uint8_t * krec, uint8_t * vrec);
+                            const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec);
+/* The same phases of the GPU encoder run on the CPU (no device needed): the device code's logic
+ * against kv-codec.c where there is no GPU. */
+int moqae_cuda_codec_encode_emulated(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k,
+                                     const float * v, const float * cs_t, const float * cs_p0, uint8_t * krec,
+                                     uint8_t * vrec);
+
+/* One attention call on the GPU over a hand-made ring: n_chunks completed chunks (positions 0, C, ...)
+ * whose records are given, then n_stage rows of the staging window (positions n_chunks * C ...); the
+ * n_tok queries are those of the last n_tok staged positions. */
+struct moqae_cuda_attn_case {
+    int64_t         head_dim, n_head, n_head_kv, n_chunks, n_stage, n_tok;
+    const int *     codecs;   /* [n_chunks] enum moqae_kv_codec                                       */
+    const uint8_t * records;  /* per chunk, per KV head: key record then value record (unpadded)       */
+    const float *   stage_k;  /* [n_head_kv][n_stage][head_dim] f16-representable, keys after RoPE     */
+    const float *   stage_v;
+    const float *   q;        /* [n_tok][n_head][head_dim] after RoPE                                  */
+    const float *   theta;    /* [head_dim/2] the ring's angles (keys stored before RoPE), or NULL     */
+    int             n_split;  /* flash-decoding splits                                                  */
+    int             kernel;   /* 0: the library's choice; else an enum moqae_cuda_attn_kernel value     */
+};
+int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out /* [n_tok][n_head][head_dim] */);
 
 #ifdef __cplusplus
 }

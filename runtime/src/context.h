@@ -67,5 +67,8 @@ struct moqae_context {
  * Stores its K/V in the cache and commits them. MOQAE_ERR_CONTEXT_FULL (nothing changed) when the
  * cache cannot take the micro-batch's chunks. */
 int moqae_graph_forward(struct moqae_context * ctx);
+/* The router's votes of the micro-batch ctx->job_* into ctx->votes (no router: nothing); the CUDA
+ * path routes on the host with it (issue 7). */
+void moqae_graph_votes(struct moqae_context * ctx);
 
 #endif /* MOQAE_CONTEXT_H */

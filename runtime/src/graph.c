@@ -240,10 +240,14 @@ static void vote_worker(void * arg, int ith, int nth) {
     }
 }
 
-int moqae_graph_forward(struct moqae_context * ctx) {
+void moqae_graph_votes(struct moqae_context * ctx) {
     if (ctx->router) {
         moqae_threadpool_run(ctx->tp, vote_worker, ctx);
     }
+}
+
+int moqae_graph_forward(struct moqae_context * ctx) {
+    moqae_graph_votes(ctx);
     int st = moqae_kv_cache_prepare(ctx->kv, ctx->job_n, ctx->router ? ctx->votes : NULL);
     if (st) {
         return st;

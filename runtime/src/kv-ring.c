@@ -155,8 +155,14 @@ static uint64_t sized_capacity(const struct moqae_kv_cache * kv) {
     }
     uint64_t per_chunk = worst;
     if (cfg->expected_bits > 0.0) {
-        const double b = 1.25 * cfg->expected_bits * per_bit;
-        per_chunk      = b < (double) worst ? (uint64_t) b : worst;
+        double b = 1.25 * cfg->expected_bits * per_bit;
+        // Routers that decide per layer (or group) keep one layer at a higher expert than the average says
+        // (e.g. every chunk INT4 at one layer, INT2 at another); each layer's region is sized alike, so it
+        // holds at least every chunk at the second expert.
+        if (cfg->n_group > 1 && cfg->n_expert > 1 && b < (double) chunk_bytes(kv, cfg->expert[1])) {
+            b = (double) chunk_bytes(kv, cfg->expert[1]);
+        }
+        per_chunk = b < (double) worst ? (uint64_t) b : worst;
     }
     return sink + (uint64_t) (n_full - n_sink) * per_chunk;
 }

@@ -1,96 +1,94 @@
 /*
- * cuda/attention.cu — see attention.cuh. Per key tile (32 keys: one ring chunk, or 32 positions of
- * the staging window) a block: decodes K and V into shared memory as f16 (quantized codes:
- * scale * code + zero in f32 as kv-codec.c decodes, then rounded to f16 for the tensor cores),
- * S = Q K^T (WMMA), masks by the attention rule, updates the running max / sum per row, rescales its
- * output rows and adds P V (WMMA). Reference: kv-ring.c moqae_kv_cache_attend (f32 and double).
+ * cuda/attention.cu — see attention.cuh. Two kernels over the same tile walk (ring chunks visible to
+ * the rows, then the staging window's tiles), a merge kernel for flash-decoding splits, and the
+ * choice between them. Record layouts: kv-codec.h (kv-layout.cuh reads them); keys of quantized
+ * records are rotated (Hadamard over D) and, unless MOQAE_KV_KEYS=post, turned back to before RoPE:
+ *   score(q, key at P0 + t) = q . R(P0 + t) k = (R(-t) R(-P0) q) . k,   k = f_D * H_D * y
+ * with y = scale * code + zero the record's rotated row and f_D = 2^-ceil(log2(D)/2); values are
+ * y = H_G-rotated groups, so sum_j p_j v_j = f_G H_G (sum_j p_j y_j): they are summed rotated and
+ * turned back once. Reference: kv-ring.c moqae_kv_cache_attend with kv-codec.c's primitives.
  */
 #include "attention.cuh"
+#include "kv-layout.cuh"
 
+#include <algorithm>
 #include <mma.h>
 
 #define ATT_THREADS 128
 #define ATT_TILE    32 /* keys per tile = the chunk size C */
 
-static __constant__ float a_frac[16] = {
-    0x1.000000p+0f, 0x1.ea4afap-1f, 0x1.d5818ep-1f, 0x1.c199bep-1f, 0x1.ae89fap-1f, 0x1.9c4918p-1f,
-    0x1.8ace54p-1f, 0x1.7a1148p-1f, 0x1.6a09e6p-1f, 0x1.5ab07ep-1f, 0x1.4bfdaep-1f, 0x1.3dea64p-1f,
-    0x1.306fe0p-1f, 0x1.2387a6p-1f, 0x1.172b84p-1f, 0x1.0b5586p-1f,
-};
+/* ================================================================================================
+ * Shared pieces
+ * ================================================================================================ */
 
-struct bases {
+struct rec_bases {
     float zl, zs, sb;
 };
 
-static __device__ __forceinline__ bases read_bases(const uint8_t * p) {
-    bases b;
-    b.zl = moqae_dev_f16_to_f32((uint16_t) (p[0] | (p[1] << 8)));
-    b.zs = moqae_dev_f16_to_f32((uint16_t) (p[2] | (p[3] << 8)));
-    b.sb = moqae_dev_f16_to_f32((uint16_t) (p[4] | (p[5] << 8)));
-    return b;
+static __device__ __forceinline__ rec_bases read_bases(const uint8_t * p) {
+    return { xf16_to_f32(kvl_rd16(p)), xf16_to_f32(kvl_rd16(p + 2)), xf16_to_f32(kvl_rd16(p + 4)) };
 }
 
-static __device__ __forceinline__ float scale_of(float sb, unsigned a) {
-    return ldexpf(__fmul_rn(sb, a_frac[a & 15u]), -(int) (a >> 4));
-}
-
-/* The 2b bytes of one 16-code block as words (b = 2: 1 word, 4: 2, 8: 4), 2b-byte aligned. */
-template <int BITS> static __device__ __forceinline__ void load_block(const uint8_t * p, uint32_t * w) {
-    if constexpr (BITS == 2) {
-        w[0] = *(const uint32_t *) p;
-    } else if constexpr (BITS == 4) {
-        const uint2 v = *(const uint2 *) p;
-        w[0] = v.x, w[1] = v.y;
-    } else {
-        const uint4 v = *(const uint4 *) p;
-        w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-    }
-}
-
-/* Code e (< 16) of a block: byte e % 2b, bits b * (e / 2b) (kv-codec.h). */
-template <int BITS> static __device__ __forceinline__ unsigned block_code(const uint32_t * w, int e) {
-    const int byte = e % (2 * BITS), shift = BITS * (e / (2 * BITS));
-    return ((w[byte / 4] >> (8 * (byte % 4))) >> shift) & ((1u << BITS) - 1u);
-}
-
-/* Keys of a quantized record -> ks[j][d] (ld halves per row). */
-template <int BITS, int D>
-static __device__ void decode_k_q(const uint8_t * __restrict__ rec, half * ks, int ld) {
-    constexpr int   C = ATT_TILE, row_bytes = C * BITS / 8, codes = D * row_bytes;
-    const uint8_t * zc = rec + codes, *sc = zc + D;
-    const bases     b  = read_bases(sc + D);
-    for (int idx = threadIdx.x; idx < D * (C / 16); idx += ATT_THREADS) {
-        const int d = idx % D, kb = idx / D;
-        uint32_t  w[4];
-        load_block<BITS>(rec + d * row_bytes + kb * 2 * BITS, w);
-        const float scale = scale_of(b.sb, sc[d]);
-        const float zero  = __fadd_rn(b.zl, __fmul_rn(b.zs, (float) zc[d]));
+/* Walsh-Hadamard butterflies over blocks of n elements (a power of two >= E) of a row spread over the
+ * warp, E consecutive elements per lane; unnormalized. */
+template <int E> static __device__ __forceinline__ void warp_fwht(float (&v)[E], int n) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
-        for (int e = 0; e < 16; e++) {
-            ks[(kb * 16 + e) * ld + d] = __float2half(__fadd_rn(__fmul_rn(scale, (float) block_code<BITS>(w, e)), zero));
+    for (int h = 1; h < E; h *= 2) {
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            if ((e & h) == 0) {
+                const float x = v[e], y = v[e + h];
+                v[e]          = x + y;
+                v[e + h]      = x - y;
+            }
+        }
+    }
+    for (int h = E; h < n; h *= 2) {
+        const int m = h / E;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
+            v[e]          = (lane & m) ? o - v[e] : v[e] + o;
         }
     }
 }
 
-/* Values of a quantized record -> vs[j][d]. Groups of G along d; one scale code per token. */
-template <int BITS, int D>
-static __device__ void decode_v_q(const uint8_t * __restrict__ rec, int G, half * vs, int ld) {
-    constexpr int   C = ATT_TILE, row_bytes = D * BITS / 8, codes = C * row_bytes;
-    const int       n_groups = C * (D / G);
-    const uint8_t * zc = rec + codes, *sc = zc + n_groups;
-    const bases     b  = read_bases(sc + C);
-    for (int idx = threadIdx.x; idx < C * (D / 16); idx += ATT_THREADS) {
-        const int j = idx / (D / 16), kb = idx % (D / 16);
-        uint32_t  w[4];
-        load_block<BITS>(rec + j * row_bytes + kb * 2 * BITS, w);
-        const float scale = scale_of(b.sb, sc[j]);
-        const float zero  = __fadd_rn(b.zl, __fmul_rn(b.zs, (float) zc[j * (D / G) + kb * 16 / G]));
+static __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-        for (int e = 0; e < 16; e++) {
-            vs[j * ld + kb * 16 + e] = __float2half(__fadd_rn(__fmul_rn(scale, (float) block_code<BITS>(w, e)), zero));
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+
+/* The ring chunks visible to a query whose own chunk starts at own_last: pos < own_last (the table
+ * is in position order). */
+static __device__ __forceinline__ int visible_chunks(const struct moqae_cuda_chunk * table, int n_chunks,
+                                                     long long own_last) {
+    int lo = 0, hi = n_chunks;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (table[mid].pos < own_last) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
         }
     }
+    return lo;
 }
+
+/* ================================================================================================
+ * Generic kernel: a tile decoded into shared memory (f16), WMMA for S = Q K^T and O += P V
+ * ================================================================================================ */
 
 /* Rows of f16 [32][D] from `src` (row j at src + row_of(j) * D), zero for rows >= n_valid. */
 template <int D>
@@ -106,26 +104,103 @@ static __device__ void copy_rows_f16(const uint16_t * __restrict__ src, long lon
     }
 }
 
+/* Keys of a quantized record -> ks[j][d] f16, after RoPE: one warp per key row, E channels per lane:
+ * decode (as kv-codec.c: the outlier row from its 2b-bit codes), inverse Hadamard over D, then R(t)
+ * and R(P0) (keys before RoPE; cs_t NULL: stored after RoPE). */
 template <int D>
-static __device__ void decode_chunk(const struct moqae_cuda_ring_geom & g, const uint8_t * rk, int codec, half * ks,
-                                    half * vs, int ld) {
-    const uint8_t * rv = rk + g.k_pad[codec];
-    switch (codec) {
-        case 0: {
-            /* keys transposed f16 [D][C]: pairs of tokens per 4-byte word */
-            for (int idx = threadIdx.x; idx < D * (ATT_TILE / 2); idx += ATT_THREADS) {
-                const int      d = idx % D, jj = idx / D;
-                const uint32_t v = *(const uint32_t *) (rk + 2 * (d * ATT_TILE + 2 * jj));
-                ks[(2 * jj) * ld + d]     = __ushort_as_half((unsigned short) (v & 0xffffu));
-                ks[(2 * jj + 1) * ld + d] = __ushort_as_half((unsigned short) (v >> 16));
-            }
-            copy_rows_f16<D>((const uint16_t *) rv, 0, 1LL << 40, ATT_TILE, vs, ld);
-            break;
-        }
-        case 1: decode_k_q<8, D>(rk, ks, ld); decode_v_q<8, D>(rv, g.v_group, vs, ld); break;
-        case 2: decode_k_q<4, D>(rk, ks, ld); decode_v_q<4, D>(rv, g.v_group, vs, ld); break;
-        default: decode_k_q<2, D>(rk, ks, ld); decode_v_q<2, D>(rv, g.v_group, vs, ld); break;
+static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, const float * __restrict__ cs_t,
+                                    const float * __restrict__ cs_p0c, half * ks, int ld) {
+    constexpr int  C = ATT_TILE, E = D / 32;
+    const kvl_geom g = kvl_geom_k(codec, C, D);
+    const int      bits = g.bits, RB = C * bits / 8, lane = threadIdx.x & 31;
+    const rec_bases b  = read_bases(rk + g.off_bases);
+    const float     xz = xf16_to_f32(kvl_rd16(rk + g.off_x)), xs = xf16_to_f32(kvl_rd16(rk + g.off_x + 2));
+    const int       xi = rk[g.off_x + 4];
+    const float     f  = kvl_rot_factor(D, true);
+    float           sc[E], zr[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        const int d = lane * E + e;
+        sc[e]       = kvl_scale(b.sb, rk[g.off_sc + d]);
+        zr[e]       = kvl_zero(b.zl, b.zs, rk[g.off_zc + d]);
     }
+    for (int j = threadIdx.x / 32; j < C; j += ATT_THREADS / 32) {
+        float v[E];
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const int      d    = lane * E + e;
+            const unsigned code = kvl_get_code(rk + d * RB, j, bits);
+            if (j == xi) {
+                const unsigned hi = kvl_get_code(rk + g.off_xhi, d, bits);
+                v[e]              = xadd(xmul(xs, (float) ((hi << bits) | code)), xz);
+            } else {
+                v[e] = xadd(xmul(sc[e], (float) code), zr[e]);
+            }
+        }
+        warp_fwht<E>(v, D);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            v[e] *= f;
+        }
+        if (cs_t) {
+#pragma unroll
+            for (int p = 0; p < E / 2; p++) {
+                const int   i = lane * (E / 2) + p;
+                const float c1 = cs_t[(2 * i) * C + j], s1 = cs_t[(2 * i + 1) * C + j];
+                const float c0 = cs_p0c[2 * i], s0 = cs_p0c[2 * i + 1];
+                const float x1 = v[2 * p] * c1 - v[2 * p + 1] * s1, y1 = v[2 * p] * s1 + v[2 * p + 1] * c1;
+                v[2 * p]       = x1 * c0 - y1 * s0;
+                v[2 * p + 1]   = x1 * s0 + y1 * c0;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            ks[j * ld + lane * E + e] = __float2half(v[e]);
+        }
+    }
+}
+
+/* Values of a quantized record -> vs[j][d] f16: decode, inverse Hadamard per block of rot_block(G). */
+template <int D>
+static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, int G, half * vs, int ld) {
+    constexpr int   C = ATT_TILE, E = D / 32;
+    const kvl_geom  g = kvl_geom_v(codec, C, D, G);
+    const int       bits = g.bits, RB = D * bits / 8, lane = threadIdx.x & 31, NG = D / G;
+    const rec_bases b = read_bases(rv + g.off_bases);
+    const int       n = kvl_rot_block(G);
+    const float     f = kvl_rot_factor(n, true);
+    for (int j = threadIdx.x / 32; j < C; j += ATT_THREADS / 32) {
+        const float scale = kvl_scale(b.sb, rv[g.off_sc + j]);
+        float       v[E];
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const int d = lane * E + e;
+            v[e] = xadd(xmul(scale, (float) kvl_get_code(rv + j * RB, d, bits)), kvl_zero(b.zl, b.zs, rv[g.off_zc + j * NG + d / G]));
+        }
+        warp_fwht<E>(v, n);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            vs[j * ld + lane * E + e] = __float2half(v[e] * f);
+        }
+    }
+}
+
+template <int D>
+static __device__ void gen_decode_chunk(const struct moqae_cuda_ring_geom & g, const uint8_t * rk, int codec,
+                                        const float * cs_t, const float * cs_p0c, half * ks, half * vs, int ld) {
+    const uint8_t * rv = rk + g.k_pad[codec];
+    if (codec == 0) { /* keys transposed f16 [D][C] (after RoPE): pairs of tokens per 4-byte word */
+        for (int idx = threadIdx.x; idx < D * (ATT_TILE / 2); idx += ATT_THREADS) {
+            const int      d = idx % D, jj = idx / D;
+            const uint32_t v = *(const uint32_t *) (rk + 2 * (d * ATT_TILE + 2 * jj));
+            ks[(2 * jj) * ld + d]     = __ushort_as_half((unsigned short) (v & 0xffffu));
+            ks[(2 * jj + 1) * ld + d] = __ushort_as_half((unsigned short) (v >> 16));
+        }
+        copy_rows_f16<D>((const uint16_t *) rv, 0, 1LL << 40, ATT_TILE, vs, ld);
+        return;
+    }
+    gen_decode_k<D>(rk, codec, cs_t, cs_p0c, ks, ld);
+    gen_decode_v<D>(rv, codec, g.v_group, vs, ld);
 }
 
 /* Shared memory of one block (offsets in bytes, each 128-aligned). */
@@ -137,7 +212,8 @@ template <int D, int ROWS> struct att_layout {
     static constexpr int v   = k + ((ATT_TILE * LDH * 2 + 127) / 128) * 128;
     static constexpr int s   = v + ((ATT_TILE * LDH * 2 + 127) / 128) * 128;
     static constexpr int p   = s + ((ROWS * LDS * 4 + 127) / 128) * 128;
-    static constexpr int o   = p + ((ROWS * LDP * 2 + 127) / 128) * 128;
+    static constexpr int pl  = p + ((ROWS * LDP * 2 + 127) / 128) * 128; /* P - f16(P) */
+    static constexpr int o   = pl + ((ROWS * LDP * 2 + 127) / 128) * 128;
     static constexpr int ml  = o + ((ROWS * LDO * 4 + 127) / 128) * 128;
     static constexpr int bytes = ml + 3 * ROWS * 4;
 };
@@ -154,6 +230,7 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
     half *  vs = (half *) (sm + L::v);
     float * ss = (float *) (sm + L::s);
     half *  ps = (half *) (sm + L::p);
+    half *  psl = (half *) (sm + L::pl);
     float * os = (float *) (sm + L::o);
     float * mrow = (float *) (sm + L::ml), *lrow = mrow + ROWS, *crow = lrow + ROWS;
 
@@ -164,17 +241,8 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
     const int       t_first = qt * tpb, t_last = min(a.n_tok, t_first + tpb) - 1;
     const long long p_last = n_past + t_last, own_first = (n_past + t_first) / C * C, own_last = p_last / C * C;
 
-    /* ring chunks visible to some row: pos < own_last (the table is in position order) */
-    int lo = 0, hi = a.dyn->n_chunks;
-    while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (a.table[mid].pos < own_last) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    const int n_vis = lo, n_st = (int) ((p_last - own_first) / C) + 1, total = n_vis + n_st;
+    const int n_vis = visible_chunks(a.table, a.dyn->n_chunks, own_last);
+    const int n_st = (int) ((p_last - own_first) / C) + 1, total = n_vis + n_st;
     const int per = (total + a.n_split - 1) / a.n_split;
     const int s0 = min(total, split * per), s1 = min(total, s0 + per);
 
@@ -184,8 +252,7 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
         if (r < tpb * group && t <= t_last) {
             v = a.q[((long long) t * a.n_head + hk * group + r % group) * D + d];
         }
-        /* Q as a sum of two f16 (hi + lo): the scores keep ~22 bits of Q, as the CPU's f32 dot products
-         * (one f16 Q moved SmolLM2's large attention logits by up to ~0.1) */
+        /* Q as a sum of two f16 (hi + lo): the scores keep ~22 bits of Q, as the CPU's f32 dot products */
         const half hi      = __float2half(v);
         qs[r * L::LDH + d]  = hi;
         qsl[r * L::LDH + d] = __float2half(v - __half2float(hi));
@@ -202,8 +269,8 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
         if (ring) {
             const moqae_cuda_chunk ch = a.table[it];
             tile_pos                  = ch.pos;
-            decode_chunk<D>(g, a.arena + ch.off + (long long) hk * (g.k_pad[ch.codec] + g.v_pad[ch.codec]), ch.codec,
-                            ks, vs, L::LDH);
+            gen_decode_chunk<D>(g, a.arena + ch.off + (long long) hk * (g.k_pad[ch.codec] + g.v_pad[ch.codec]), ch.codec,
+                                a.cs_t, a.cs_t ? a.cs_p0 + (long long) it * D : nullptr, ks, vs, L::LDH);
         } else {
             tile_pos         = own_first + (long long) (it - n_vis) * C;
             const int nvalid = (int) min((long long) C, p_last - tile_pos + 1);
@@ -249,14 +316,17 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
 #pragma unroll
                 for (int j = 0; j < ATT_TILE; j++) {
                     const float pj = sv[j] == -INFINITY ? 0.0f : expf(sv[j] - mx);
+                    const half  ph = __float2half(pj);
                     sum += pj;
-                    ps[r * L::LDP + j] = __float2half(pj);
+                    ps[r * L::LDP + j]  = ph;
+                    psl[r * L::LDP + j] = __float2half(pj - __half2float(ph)); /* P hi + lo, as Q */
                 }
                 mrow[r] = mx;
             } else {
 #pragma unroll
                 for (int j = 0; j < ATT_TILE; j++) {
-                    ps[r * L::LDP + j] = __float2half(0.0f);
+                    ps[r * L::LDP + j]  = __float2half(0.0f);
+                    psl[r * L::LDP + j] = __float2half(0.0f);
                 }
             }
             lrow[r] = lrow[r] * corr + sum;
@@ -276,8 +346,10 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
             for (int kk = 0; kk < ATT_TILE; kk += 16) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> fb;
-                wmma::load_matrix_sync(fa, ps + rt * 16 * L::LDP + kk, L::LDP);
                 wmma::load_matrix_sync(fb, vs + kk * L::LDH + ct * 16, L::LDH);
+                wmma::load_matrix_sync(fa, ps + rt * 16 * L::LDP + kk, L::LDP);
+                wmma::mma_sync(acc, fa, fb, acc);
+                wmma::load_matrix_sync(fa, psl + rt * 16 * L::LDP + kk, L::LDP);
                 wmma::mma_sync(acc, fa, fb, acc);
             }
             wmma::store_matrix_sync(os + rt * 16 * L::LDO + ct * 16, acc, L::LDO, wmma::mem_row_major);
@@ -305,141 +377,37 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
 }
 
 /* ================================================================================================
- * Version 2, decode (ROWS = 16): codes go to the tensor cores as exact f16 integers and the scales
- * and zeros are factored out of the products (K[j][d] = ks_d * code + kz_d, so
- * S = (Q o ks) code^T + Q . kz; V[j][d] = vs_j * code + vz_jg, so O += (P o vs) code + P vz):
- * a nibble pair becomes a half2 with one byte permute and one subtract (1024 + n is exact in f16),
- * instead of seven instructions per element. Keys are kept channel-major (K^T, as the records
- * store them), so an FP16 key record is a straight copy. Softmax runs 8 threads per row.
- * ================================================================================================ */
+ * Version 3, decode of one token: warps walk chunks on their own (no block barrier in the loop)
+ * ================================================================================================
+ * Each warp takes every V3_WARPS-th tile of the block's split and keeps its own running max, sum and
+ * outputs; the block merges its warps once at the end. A quantized chunk's records (and its RoPE
+ * start) are copied into the warp's buffer one tile ahead with cp.async. Keys of a quantized record:
+ *   stage 1 (tensor cores, mma m16n8k16): U_a = Y_a . diag(s_a / sb) H_16 for each 16-channel block
+ *     a, tokens as rows; codes enter the A fragments straight from the record as f16 1024 + code,
+ *     and the accumulators start at (zero / sb - 1024 s / sb) H_16, so U_a = (y / sb)_a H_16;
+ *   stage 2 (registers): the D/16-point butterflies across the blocks a, in each thread's own
+ *     accumulators, giving K' = H_D (y / sb) for its 4 tokens and 2 * D/16 channel pairs;
+ *   score_t = sb f_D sum_i (c_ti alpha_ti + s_ti beta_ti) with (c, s) = cos, sin of t theta_i and
+ *     alpha = x q0_u + y q0_w, beta = x q0_w - y q0_u, q0 = R(-P0) q (the pair (x, y) of K').
+ * The outlier token is scored apart (its own codes, in lane-channel layout). Values: each lane owns
+ * D/32 channels, sums p_j (scale_j code_j) + p_j zero_j in the rotated space (CUDA cores), and the
+ * warp turns its sum back once at the end. FP16 chunks and the staging window: one token per lane
+ * for the scores, D/32 channels per lane for the values, plain f32. */
 
-#define V2_ROWS 16
+#define V3_WARPS   8
+#define V3_THREADS (32 * V3_WARPS)
 
-/* 4 codes (bytes b0..b3 of t, each < 256) -> two half2 (b0, b1), (b2, b3) holding 1024 + code. */
-static __device__ __forceinline__ void bytes_to_h2(uint32_t t, uint32_t & lo, uint32_t & hi) {
-    lo = __byte_perm(t, 0x64646464u, 0x4140);
-    hi = __byte_perm(t, 0x64646464u, 0x4342);
+static __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-static __device__ __forceinline__ uint32_t h2_minus_1024(uint32_t x) {
-    half2 h = *(half2 *) &x;
-    h       = __hsub2(h, __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
-    return *(uint32_t *) &h;
-}
-
-/* The 16 codes of a block (2b bytes at p) as 16 f16 integers in element order: out[0..7] = elements
- * 0..15 packed two per word. */
-template <int BITS> static __device__ __forceinline__ void block_to_h(const uint8_t * p, uint32_t * out) {
-    uint32_t w[4];
-    load_block<BITS>(p, w);
-    uint32_t t[4]; /* element bytes in order: t[k] holds elements 4k .. 4k+3 */
-    if constexpr (BITS == 8) {
-        t[0] = w[0], t[1] = w[1], t[2] = w[2], t[3] = w[3];
-    } else if constexpr (BITS == 4) { /* byte i = e_i | e_{i+8} << 4 */
-        t[0] = w[0] & 0x0f0f0f0fu, t[1] = w[1] & 0x0f0f0f0fu;
-        t[2] = (w[0] >> 4) & 0x0f0f0f0fu, t[3] = (w[1] >> 4) & 0x0f0f0f0fu;
-    } else { /* byte i = e_i | e_{i+4} << 2 | e_{i+8} << 4 | e_{i+12} << 6 */
-        t[0] = w[0] & 0x03030303u, t[1] = (w[0] >> 2) & 0x03030303u;
-        t[2] = (w[0] >> 4) & 0x03030303u, t[3] = (w[0] >> 6) & 0x03030303u;
-    }
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        uint32_t lo, hi;
-        bytes_to_h2(t[k], lo, hi);
-        out[2 * k]     = h2_minus_1024(lo);
-        out[2 * k + 1] = h2_minus_1024(hi);
-    }
-}
-
-template <int D> struct v2_layout {
-    static constexpr int LDQ = D + 4, LDH = D + 8, LDK = ATT_TILE + 8, LDS = ATT_TILE + 4, LDP = ATT_TILE + 8,
-                         LDO = D + 4, NG = D / 16; /* at most D/16 value groups */
-    static constexpr int qf  = 0;                                                     /* f32 [16][LDQ] */
-    static constexpr int qh  = qf + ((V2_ROWS * LDQ * 4 + 127) / 128) * 128;          /* f16 [16][LDH] */
-    static constexpr int qhl = qh + ((V2_ROWS * LDH * 2 + 127) / 128) * 128;          /* f16 [16][LDH]: Q' - f16(Q') */
-    static constexpr int kt  = qhl + ((V2_ROWS * LDH * 2 + 127) / 128) * 128;         /* f16 [D][LDK]  */
-    static constexpr int vs  = kt + ((D * LDK * 2 + 127) / 128) * 128;                /* f16 [32][LDH] */
-    static constexpr int ss  = vs + ((ATT_TILE * LDH * 2 + 127) / 128) * 128;         /* f32 [16][LDS] */
-    static constexpr int ps  = ss + ((V2_ROWS * LDS * 4 + 127) / 128) * 128;          /* f16 [16][LDP] */
-    static constexpr int os  = ps + ((V2_ROWS * LDP * 2 + 127) / 128) * 128;          /* f32 [16][LDO] */
-    static constexpr int meta = os + ((V2_ROWS * LDO * 4 + 127) / 128) * 128;
-    /* f32: kscale[D], kzero[D], vscale[32], vzero[32][NG], bias[16], vb[16][NG], m, l, corr [16] */
-    static constexpr int bytes = meta + 4 * (2 * D + ATT_TILE + ATT_TILE * NG + V2_ROWS + V2_ROWS * NG + 3 * V2_ROWS);
-};
-
-template <int D>
-static __device__ void v2_load_ring(const struct moqae_cuda_ring_geom & g, const uint8_t * rk, int codec, half * kt,
-                                    half * vsh, float * ksc, float * kze, float * vsc, float * vze) {
-    using L = v2_layout<D>;
-    const uint8_t * rv = rk + g.k_pad[codec];
-    const int       C = ATT_TILE, G = g.v_group, NGv = D / G;
-    if (codec == 0) {
-        for (int idx = threadIdx.x; idx < D * (C / 8); idx += ATT_THREADS) { /* K^T rows: 64 bytes each */
-            const int d = idx / (C / 8), c = idx % (C / 8);
-            *(uint4 *) (kt + d * L::LDK + c * 8) = *(const uint4 *) (rk + 2 * (d * C + c * 8));
-        }
-        copy_rows_f16<D>((const uint16_t *) rv, 0, 1LL << 40, C, vsh, L::LDH);
-        for (int i = threadIdx.x; i < D; i += ATT_THREADS) {
-            ksc[i] = 1.0f, kze[i] = 0.0f;
-        }
-        for (int i = threadIdx.x; i < C * NGv; i += ATT_THREADS) {
-            vsc[i / NGv] = 1.0f, vze[i] = 0.0f;
-        }
-        return;
-    }
-    const int bits = codec == 1 ? 8 : codec == 2 ? 4 : 2;
-    /* keys: D rows of C codes */
-    {
-        const int       row_bytes = C * bits / 8, codes = D * row_bytes;
-        const uint8_t * zc = rk + codes, *sc = zc + D;
-        const bases     b = read_bases(sc + D);
-        for (int idx = threadIdx.x; idx < D * (C / 16); idx += ATT_THREADS) {
-            const int d = idx / (C / 16), kb = idx % (C / 16);
-            uint32_t  h[8];
-            const uint8_t * p = rk + d * row_bytes + kb * 2 * bits;
-            if (bits == 8) {
-                block_to_h<8>(p, h);
-            } else if (bits == 4) {
-                block_to_h<4>(p, h);
-            } else {
-                block_to_h<2>(p, h);
-            }
-            uint4 * dst = (uint4 *) (kt + d * L::LDK + kb * 16);
-            dst[0] = make_uint4(h[0], h[1], h[2], h[3]);
-            dst[1] = make_uint4(h[4], h[5], h[6], h[7]);
-        }
-        for (int d = threadIdx.x; d < D; d += ATT_THREADS) {
-            ksc[d] = scale_of(b.sb, sc[d]);
-            kze[d] = __fadd_rn(b.zl, __fmul_rn(b.zs, (float) zc[d]));
-        }
-    }
-    /* values: C rows of D codes, groups of G, one scale per token */
-    {
-        const int       row_bytes = D * bits / 8, codes = C * row_bytes, n_groups = C * NGv;
-        const uint8_t * zc = rv + codes, *sc = zc + n_groups;
-        const bases     b = read_bases(sc + C);
-        for (int idx = threadIdx.x; idx < C * (D / 16); idx += ATT_THREADS) {
-            const int j = idx / (D / 16), kb = idx % (D / 16);
-            uint32_t  h[8];
-            const uint8_t * p = rv + j * row_bytes + kb * 2 * bits;
-            if (bits == 8) {
-                block_to_h<8>(p, h);
-            } else if (bits == 4) {
-                block_to_h<4>(p, h);
-            } else {
-                block_to_h<2>(p, h);
-            }
-            uint4 * dst = (uint4 *) (vsh + j * L::LDH + kb * 16);
-            dst[0] = make_uint4(h[0], h[1], h[2], h[3]);
-            dst[1] = make_uint4(h[4], h[5], h[6], h[7]);
-        }
-        for (int i = threadIdx.x; i < n_groups; i += ATT_THREADS) {
-            vze[i] = __fadd_rn(b.zl, __fmul_rn(b.zs, (float) zc[i]));
-            if (i % NGv == 0) {
-                vsc[i / NGv] = scale_of(b.sb, sc[i / NGv]);
-            }
-        }
-    }
+/* bytes [c0, c1, ., .] (each < 2048 - 1024) -> half2 (1024 + c0, 1024 + c1) */
+static __device__ __forceinline__ uint32_t h2_1024(uint32_t x) {
+    return __byte_perm(x, 0x64646464u, 0x4140);
 }
 
 static __device__ __forceinline__ void cp_async16(void * smem, const void * gmem) {
@@ -452,246 +420,467 @@ static __device__ __forceinline__ void cp_async_commit() {
 static __device__ __forceinline__ void cp_async_wait1() {
     asm volatile("cp.async.wait_group 1;\n" ::);
 }
-
-/* Copy a chunk's record pair (key + value record of KV head hk, padded sizes) into shared memory. */
-static __device__ __forceinline__ void prefetch_chunk(const struct moqae_cuda_ring_geom & g, const uint8_t * arena,
-                                                      const moqae_cuda_chunk & ch, int hk, uint8_t * raw) {
-    const long long bytes = g.k_pad[ch.codec] + g.v_pad[ch.codec];
-    const uint8_t * src   = arena + ch.off + (long long) hk * bytes;
-    for (long long o = (long long) threadIdx.x * 16; o < bytes; o += ATT_THREADS * 16) {
-        cp_async16(raw + o, src + o);
-    }
+static __device__ __forceinline__ void cp_async_wait0() {
+    asm volatile("cp.async.wait_group 0;\n" ::);
 }
 
-template <int D>
-static __global__ void __launch_bounds__(ATT_THREADS)
-attn_dec_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a, int tpb) {
-    using namespace nvcuda;
-    using L = v2_layout<D>;
-    constexpr int ROWS = V2_ROWS;
+/* Bytes of v3's shared memory: queries, the RoPE offsets table, per warp two copy buffers, the
+ * record's relative scales (f16), the stage-1 start values and R(-P0) q. */
+template <int D, int MM> struct v3_layout {
+    static constexpr int CSTLD = D / 2 + 4; /* float2 per t row: 4 mod 16 keeps the 64-bit loads conflict-free */
+    static constexpr int qs    = 0;
+    static constexpr int cst   = qs + MM * D * 4;
+    static constexpr int warps = cst + ATT_TILE * CSTLD * 8;
+    static constexpr int warp_fixed = D * 2 + D * 4 + MM * D * 4; /* shat, corr, q0 */
+};
+
+static __host__ __device__ __forceinline__ int v3_raw_stride(int raw_bytes, int D) {
+    return ((raw_bytes + 15) / 16) * 16 + D * 4; /* record pair, then the chunk's cs_p0 */
+}
+
+template <int D, int MM>
+static __global__ void __launch_bounds__(V3_THREADS, 2)
+attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a) {
+    using L = v3_layout<D, MM>;
+    constexpr int C = ATT_TILE, E = D / 32, NA = D / 16, CSTLD = L::CSTLD;
     extern __shared__ __align__(128) uint8_t sm[];
-    float * qf = (float *) (sm + L::qf);
-    half *  qh = (half *) (sm + L::qh);
-    half *  qhl = (half *) (sm + L::qhl);
-    half *  kt = (half *) (sm + L::kt);
-    half *  vsh = (half *) (sm + L::vs);
-    float * ss = (float *) (sm + L::ss);
-    half *  ps = (half *) (sm + L::ps);
-    float * os = (float *) (sm + L::os);
-    float * ksc = (float *) (sm + L::meta), *kze = ksc + D, *vsc = kze + D, *vze = vsc + ATT_TILE;
-    float * bias = vze + ATT_TILE * L::NG, *vb = bias + ROWS, *mrow = vb + ROWS * L::NG, *lrow = mrow + ROWS,
-          *crow = lrow + ROWS;
+    const int     raw_stride = v3_raw_stride(a.raw_bytes, D);
+    const int     warp_bytes = 2 * raw_stride + L::warp_fixed;
+    const int     tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, q4 = lane & 3;
+    float *       qs   = (float *) (sm + L::qs);
+    float2 *      cst  = (float2 *) (sm + L::cst);
+    uint8_t *     wb   = sm + L::warps + warp * warp_bytes;
+    uint8_t *     raw0 = wb, *raw1 = wb + raw_stride;
+    half *        shat = (half *) (wb + 2 * raw_stride);
+    float *       corr = (float *) (wb + 2 * raw_stride + D * 2);
+    float *       q0s  = (float *) (wb + 2 * raw_stride + D * 6);
 
-    const int       tid = threadIdx.x, warp = tid / 32;
-    const int       hk = blockIdx.x, qt = blockIdx.y, split = blockIdx.z;
-    const int       group = a.n_head / g.n_head_kv, C = ATT_TILE, NGv = D / g.v_group, G = g.v_group;
-    const long long n_past = a.dyn->n_past;
-    const int       t_first = qt * tpb, t_last = min(a.n_tok, t_first + tpb) - 1;
-    const long long p_last = n_past + t_last, own_first = (n_past + t_first) / C * C, own_last = p_last / C * C;
-    int lo = 0, hi = a.dyn->n_chunks;
-    while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (a.table[mid].pos < own_last) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    const int n_vis = lo, n_st = (int) ((p_last - own_first) / C) + 1, total = n_vis + n_st;
-    const int per = (total + a.n_split - 1) / a.n_split;
-    const int s0 = min(total, split * per), s1 = min(total, s0 + per);
+    const int       hk = blockIdx.x, split = blockIdx.z;
+    const int       m_rows = a.n_head / g.n_head_kv; /* query heads of this KV head (<= MM) */
+    const bool      pre = a.cs_t != nullptr;
+    const long long n_past = a.dyn->n_past, own = n_past / C * C;
+    const int       n_vis = visible_chunks(a.table, a.dyn->n_chunks, own);
+    const int       total = n_vis + 1; /* + the own chunk's tile in the staging window */
+    const int       per = (total + a.n_split - 1) / a.n_split;
+    const int       s0 = min(total, split * per), s1 = min(total, s0 + per);
+    const float     f_d = kvl_rot_factor(D, true);
 
-    for (int e = tid; e < ROWS * D; e += ATT_THREADS) {
-        const int r = e / D, d = e % D, t = t_first + r / group;
-        float     v = 0.0f;
-        if (r < tpb * group && t <= t_last) {
-            v = a.q[((long long) t * a.n_head + hk * group + r % group) * D + d];
-        }
-        qf[r * L::LDQ + d] = v;
-        os[r * L::LDO + d] = 0.0f;
+    for (int e = tid; e < MM * D; e += V3_THREADS) {
+        const int n = e / D;
+        qs[e]       = n < m_rows ? a.q[(long long) (hk * m_rows + n) * D + e % D] * a.scale : 0.0f;
     }
-    if (tid < ROWS) {
-        mrow[tid] = -INFINITY;
-        lrow[tid] = 0.0f;
-    }
-    /* softmax mapping: 8 threads per row, 4 keys each */
-    const int sr = tid / 8, sj = (tid % 8) * 4;
-    const int srow_t = t_first + sr / group;
-    const bool srow_ok = sr < tpb * group && srow_t <= t_last;
-    const long long sp = n_past + srow_t, sown = sp / C * C;
-    /* ring tiles are copied into raw[2] one tile ahead (cp.async), so the global latency of tile
-     * it + 1 hides behind the work on tile it; the table entry is read two tiles ahead */
-    uint8_t *        raw[2] = { sm + ((L::bytes + 127) / 128) * 128, sm + ((L::bytes + 127) / 128) * 128 + a.raw_bytes };
-    const int        ring_end = min(s1, n_vis);
-    moqae_cuda_chunk cur = {}, nxt = {};
-    if (s0 < ring_end) {
-        cur = a.table[s0];
-        prefetch_chunk(g, a.arena, cur, hk, raw[0]);
-    }
-    cp_async_commit();
-    if (s0 + 1 < ring_end) {
-        nxt = a.table[s0 + 1];
-    }
-    for (int it = s0; it < s1; it++) {
-        const bool ring = it < n_vis;
-        const int  b    = (it - s0) & 1;
-        long long  tile_pos;
-        bool       plain; /* f16 tile: scales 1, zeros 0 */
-        __syncthreads(); /* raw[b ^ 1], kt, vsh of the previous tile are consumed */
-        if (it + 1 < ring_end) {
-            prefetch_chunk(g, a.arena, nxt, hk, raw[b ^ 1]);
-        }
-        cp_async_commit();
-        const moqae_cuda_chunk ch = cur;
-        cur                       = nxt;
-        if (it + 2 < ring_end) {
-            nxt = a.table[it + 2];
-        }
-        cp_async_wait1(); /* this thread's copies of tile it are complete */
-        __syncthreads();  /* and everyone's */
-        if (ring) {
-            tile_pos = ch.pos;
-            plain    = ch.codec == 0;
-            v2_load_ring<D>(g, raw[b], ch.codec, kt, vsh, ksc, kze, vsc, vze);
-        } else {
-            tile_pos         = own_first + (long long) (it - n_vis) * C;
-            plain            = true;
-            const int nvalid = (int) min((long long) C, p_last - tile_pos + 1);
-            const uint16_t * sk = a.stage_k + (long long) hk * g.stage_rows * D;
-            for (int idx = tid; idx < C * D; idx += ATT_THREADS) { /* transpose into K^T */
-                const int j = idx / D, d = idx % D;
-                kt[d * L::LDK + j] = j < nvalid ? __ushort_as_half(sk[((tile_pos + j) % g.stage_rows) * D + d])
-                                                : __float2half(0.0f);
-            }
-            copy_rows_f16<D>(a.stage_v + (long long) hk * g.stage_rows * D, tile_pos, g.stage_rows, nvalid, vsh, L::LDH);
-        }
-        __syncthreads();
-        /* Q' = Q o kscale (f16) and bias = Q . kzero */
-        for (int e = tid; e < ROWS * D; e += ATT_THREADS) {
-            const int r = e / D, d = e % D;
-            const float v      = plain ? qf[r * L::LDQ + d] : qf[r * L::LDQ + d] * ksc[d];
-            const half  hi     = __float2half(v); /* hi + lo: ~22 bits of Q' (see attn_kernel) */
-            qh[r * L::LDH + d]  = hi;
-            qhl[r * L::LDH + d] = __float2half(v - __half2float(hi));
-        }
-        {
-            float part = 0.0f;
-            if (!plain) {
-                for (int d = (tid % 8) * (D / 8); d < (tid % 8 + 1) * (D / 8); d++) {
-                    part += qf[sr * L::LDQ + d] * kze[d];
-                }
-            }
-            part += __shfl_xor_sync(0xffffffffu, part, 1);
-            part += __shfl_xor_sync(0xffffffffu, part, 2);
-            part += __shfl_xor_sync(0xffffffffu, part, 4);
-            if (tid % 8 == 0) {
-                bias[sr] = part;
-            }
-        }
-        __syncthreads();
-        if (warp < 2) { /* S = Q' K^T: one 16x16 fragment per warp */
-            const int ct = warp;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < D; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> fb;
-                wmma::load_matrix_sync(fa, qh + kk, L::LDH);
-                wmma::load_matrix_sync(fb, kt + kk * L::LDK + ct * 16, L::LDK);
-                wmma::mma_sync(acc, fa, fb, acc);
-                wmma::load_matrix_sync(fa, qhl + kk, L::LDH);
-                wmma::mma_sync(acc, fa, fb, acc);
-            }
-            wmma::store_matrix_sync(ss + ct * 16, acc, L::LDS, wmma::mem_row_major);
-        }
-        __syncthreads();
-        {
-            float sv[4], mx = -INFINITY;
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const long long kp = tile_pos + sj + u;
-                const bool ok = srow_ok && (ring ? tile_pos < sown : (kp >= sown && kp <= sp));
-                sv[u]         = ok ? (ss[sr * L::LDS + sj + u] + bias[sr]) * a.scale : -INFINITY;
-                mx            = fmaxf(mx, sv[u]);
-            }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            const float m_old = mrow[sr];
-            const float m_new = fmaxf(m_old, mx);
-            float       pu[4], sum = 0.0f;
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                pu[u] = m_new == -INFINITY || sv[u] == -INFINITY ? 0.0f : expf(sv[u] - m_new);
-                sum += pu[u];
-                ps[sr * L::LDP + sj + u] = __float2half(plain ? pu[u] : pu[u] * vsc[sj + u]);
-            }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-            for (int gi = 0; gi < NGv; gi++) { /* P . vzero per value group */
-                float z = 0.0f;
-                if (!plain) {
-#pragma unroll
-                    for (int u = 0; u < 4; u++) {
-                        z += pu[u] * vze[(sj + u) * NGv + gi];
-                    }
-                }
-                z += __shfl_xor_sync(0xffffffffu, z, 1);
-                z += __shfl_xor_sync(0xffffffffu, z, 2);
-                z += __shfl_xor_sync(0xffffffffu, z, 4);
-                if (tid % 8 == 0) {
-                    vb[sr * L::NG + gi] = z;
-                }
-            }
-            __syncwarp();
-            if (tid % 8 == 0) {
-                const float corr = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);
-                lrow[sr]         = lrow[sr] * corr + sum;
-                crow[sr]         = corr;
-                mrow[sr]         = m_new;
-            }
-        }
-        __syncthreads();
-        for (int e = tid; e < ROWS * D; e += ATT_THREADS) {
-            const int r = e / D, d = e % D;
-            os[r * L::LDO + d] = os[r * L::LDO + d] * crow[r] + vb[r * L::NG + d / G];
-        }
-        __syncthreads();
-        for (int f = warp; f < D / 16; f += ATT_THREADS / 32) { /* O += P' codes */
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, os + f * 16, L::LDO, wmma::mem_row_major);
-#pragma unroll
-            for (int kk = 0; kk < ATT_TILE; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> fb;
-                wmma::load_matrix_sync(fa, ps + kk, L::LDP);
-                wmma::load_matrix_sync(fb, vsh + kk * L::LDH + f * 16, L::LDH);
-                wmma::mma_sync(acc, fa, fb, acc);
-            }
-            wmma::store_matrix_sync(os + f * 16, acc, L::LDO, wmma::mem_row_major);
+    if (pre) {
+        for (int e = tid; e < C * (D / 2); e += V3_THREADS) {
+            const int t = e / (D / 2), i = e % (D / 2);
+            cst[t * CSTLD + i] = make_float2(a.cs_t[(2 * i) * C + t], a.cs_t[(2 * i + 1) * C + t]);
         }
     }
     __syncthreads();
-    const int n_qt = gridDim.y;
-    for (int e = tid; e < ROWS * D; e += ATT_THREADS) {
-        const int r = e / D, d = e % D, t = t_first + r / group;
-        if (r >= tpb * group || t > t_last) {
-            continue;
+
+    /* B-fragment signs of H_16[k][n] for k = 2q4 + {0, 1} (+8), n = 8 nt + g8 (half sign bits) */
+    uint32_t sg01[2], sg89[2];
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++) {
+        const int n = 8 * nt + g8, k = 2 * q4;
+        sg01[nt]    = ((uint32_t) (__popc(k & n) & 1) << 15) | ((uint32_t) (__popc((k + 1) & n) & 1) << 31);
+        sg89[nt]    = ((uint32_t) (__popc((k + 8) & n) & 1) << 15) | ((uint32_t) (__popc((k + 9) & n) & 1) << 31);
+    }
+    float m_run[MM], l_run[MM], op[MM][E], orot[MM][E];
+#pragma unroll
+    for (int n = 0; n < MM; n++) {
+        m_run[n] = -INFINITY, l_run[n] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            op[n][e] = 0.0f, orot[n][e] = 0.0f;
+        }
+    }
+    const int tq = g8 + 8 * q4; /* a quantized chunk's token held by this lane after the scores */
+
+    auto issue = [&](int it, uint8_t * buf) {
+        if (it < s1 && it < n_vis) {
+            const moqae_cuda_chunk ch = a.table[it];
+            if (ch.codec != 0) {
+                const int       bytes = (int) (g.k_pad[ch.codec] + g.v_pad[ch.codec]);
+                const uint8_t * src   = a.arena + ch.off + (long long) hk * bytes;
+                for (int o = lane * 16; o < bytes; o += 512) {
+                    cp_async16(buf + o, src + o);
+                }
+                if (pre) {
+                    const uint8_t * cs = (const uint8_t *) (a.cs_p0 + (long long) it * D);
+                    for (int o = lane * 16; o < D * 4; o += 512) {
+                        cp_async16(buf + raw_stride - D * 4 + o, cs + o);
+                    }
+                }
+            }
+        }
+        cp_async_commit();
+    };
+
+    int it = s0 + warp;
+    issue(it, raw0);
+    for (int k = 0; it < s1; k++, it += V3_WARPS) {
+        uint8_t * cur = (k & 1) ? raw1 : raw0;
+        issue(it + V3_WARPS, (k & 1) ? raw0 : raw1);
+        cp_async_wait1();
+        __syncwarp();
+        const bool       ring = it < n_vis;
+        moqae_cuda_chunk ch   = {};
+        if (ring) {
+            ch = a.table[it];
+        }
+        const bool      quant = ring && ch.codec != 0;
+        const long long tile_pos = ring ? ch.pos : own;
+        float           s[MM], p[MM];
+
+        /* ---- scores ---- */
+        if (quant) {
+            const uint8_t * rk   = cur;
+            const kvl_geom  gk   = kvl_geom_k(ch.codec, C, D);
+            const int       bits = gk.bits, RB = C * bits / 8;
+            const rec_bases b    = read_bases(rk + gk.off_bases);
+            const float     sbe  = b.sb > 0.0f ? b.sb : 1.0f, isb = 1.0f / sbe;
+            const float2 *  csp  = (const float2 *) (cur + raw_stride - D * 4);
+            {
+                float w[E];
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    const int  d  = lane * E + e;
+                    const half hh = __float2half(b.sb > 0.0f ? kvl_scale_rel(rk[gk.off_sc + d]) : 0.0f);
+                    shat[d]       = hh;
+                    w[e]          = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb - 1024.0f * __half2float(hh);
+                }
+                warp_fwht<E>(w, 16);
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    corr[lane * E + e] = w[e];
+                }
+#pragma unroll
+                for (int pp = 0; pp < E / 2; pp++) { /* R(-P0) q for the lane's pairs */
+                    const int    i  = lane * (E / 2) + pp;
+                    const float2 c0 = pre ? csp[i] : make_float2(1.0f, 0.0f);
+#pragma unroll
+                    for (int n = 0; n < MM; n++) {
+                        const float qu = qs[n * D + 2 * i], qw = qs[n * D + 2 * i + 1];
+                        q0s[n * D + 2 * i]     = qu * c0.x + qw * c0.y;
+                        q0s[n * D + 2 * i + 1] = qw * c0.x - qu * c0.y;
+                    }
+                }
+            }
+            __syncwarp();
+            float mine[MM]; /* this lane's token tq = 16 mt + g8 + 8 hh with mt = q4 / 2, hh = q4 % 2 */
+#pragma unroll 1
+            for (int mt = 0; mt < 2; mt++) {
+                float sc[MM][2];
+#pragma unroll
+                for (int n = 0; n < MM; n++) {
+                    sc[n][0] = sc[n][1] = 0.0f;
+                }
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++) {
+                    float acc[NA][4];
+#pragma unroll
+                    for (int ab = 0; ab < NA; ab++) {
+                        const float2 cr = *(const float2 *) (corr + 16 * ab + 8 * nt + 2 * q4);
+                        acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
+                        const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
+                        uint32_t        A0, A1, A2, A3;
+                        if (bits == 4) {
+                            const int      o   = mt * 8 + g8;
+                            const uint32_t x01 = r0[o] | ((uint32_t) r0[RB + o] << 8);
+                            const uint32_t x89 = r0[8 * RB + o] | ((uint32_t) r0[9 * RB + o] << 8);
+                            A0 = h2_1024(x01 & 0x0f0fu), A1 = h2_1024((x01 >> 4) & 0x0f0fu);
+                            A2 = h2_1024(x89 & 0x0f0fu), A3 = h2_1024((x89 >> 4) & 0x0f0fu);
+                        } else if (bits == 8) {
+                            const int o0 = 16 * mt + g8, o1 = o0 + 8;
+                            A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
+                            A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
+                            A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
+                            A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
+                        } else {
+                            const int      o = mt * 4 + (g8 & 3), sh = 2 * (g8 >> 2);
+                            const uint32_t x01 = r0[o] | ((uint32_t) r0[RB + o] << 8);
+                            const uint32_t x89 = r0[8 * RB + o] | ((uint32_t) r0[9 * RB + o] << 8);
+                            A0 = h2_1024((x01 >> sh) & 0x0303u), A1 = h2_1024((x01 >> (sh + 4)) & 0x0303u);
+                            A2 = h2_1024((x89 >> sh) & 0x0303u), A3 = h2_1024((x89 >> (sh + 4)) & 0x0303u);
+                        }
+                        const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ sg01[nt];
+                        const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ sg89[nt];
+                        mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
+                    }
+#pragma unroll
+                    for (int h = 1; h < NA; h *= 2) { /* stage 2: butterflies across the blocks */
+#pragma unroll
+                        for (int ab = 0; ab < NA; ab++) {
+                            if ((ab & h) == 0) {
+#pragma unroll
+                                for (int r = 0; r < 4; r++) {
+                                    const float x = acc[ab][r], y = acc[ab + h][r];
+                                    acc[ab][r]     = x + y;
+                                    acc[ab + h][r] = x - y;
+                                }
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int ab = 0; ab < NA; ab++) {
+                        const int i = 8 * ab + 4 * nt + q4; /* the pair (2i, 2i+1) = columns 2q4, 2q4+1 */
+#pragma unroll
+                        for (int hh = 0; hh < 2; hh++) {
+                            const int    t  = 16 * mt + g8 + 8 * hh;
+                            const float  x = acc[ab][2 * hh], y = acc[ab][2 * hh + 1];
+                            const float2 cs = pre ? cst[t * CSTLD + i] : make_float2(1.0f, 0.0f);
+#pragma unroll
+                            for (int n = 0; n < MM; n++) {
+                                const float2 qq    = *(const float2 *) (q0s + n * D + 2 * i);
+                                const float  alpha = x * qq.x + y * qq.y, beta = x * qq.y - y * qq.x;
+                                sc[n][hh] += cs.x * alpha + cs.y * beta;
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int n = 0; n < MM; n++) { /* whole scores: the sum over the 4 lanes of a row group */
+#pragma unroll
+                    for (int hh = 0; hh < 2; hh++) {
+                        sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 1);
+                        sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 2);
+                    }
+                    if ((q4 >> 1) == mt) {
+                        mine[n] = (q4 & 1) ? sc[n][1] : sc[n][0];
+                    }
+                }
+            }
+            /* the outlier token, scored apart */
+            const int   xi = rk[gk.off_x + 4];
+            const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
+            float       yx[E];
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                const int      d  = lane * E + e;
+                const unsigned lo = kvl_get_code(rk + d * RB, xi, bits), hi = kvl_get_code(rk + gk.off_xhi, d, bits);
+                yx[e] = xadd(xmul(xs, (float) ((hi << bits) | lo)), xz);
+            }
+            warp_fwht<E>(yx, D);
+#pragma unroll
+            for (int n = 0; n < MM; n++) {
+                float part = 0.0f;
+#pragma unroll
+                for (int pp = 0; pp < E / 2; pp++) {
+                    const int    i  = lane * (E / 2) + pp;
+                    const float2 qq = *(const float2 *) (q0s + n * D + 2 * i);
+                    const float2 cs = pre ? cst[xi * CSTLD + i] : make_float2(1.0f, 0.0f);
+                    const float  x = yx[2 * pp], y = yx[2 * pp + 1];
+                    part += cs.x * (x * qq.x + y * qq.y) + cs.y * (x * qq.y - y * qq.x);
+                }
+                const float sx = warp_sum(part) * f_d;
+                s[n]           = tq == xi ? sx : mine[n] * (sbe * f_d);
+            }
+        } else {
+            /* FP16 record (K^T [D][C], after RoPE) or the staging window (rows, after RoPE): lane = token */
+#pragma unroll
+            for (int n = 0; n < MM; n++) {
+                s[n] = 0.0f;
+            }
+            if (ring) {
+                const uint16_t * kt = (const uint16_t *) (a.arena + ch.off + (long long) hk * (g.k_pad[0] + g.v_pad[0]));
+#pragma unroll 8
+                for (int d = 0; d < D; d++) {
+                    const float kv = moqae_dev_f16_to_f32(kt[d * C + lane]);
+#pragma unroll
+                    for (int n = 0; n < MM; n++) {
+                        s[n] += qs[n * D + d] * kv;
+                    }
+                }
+            } else {
+                const uint16_t * row = a.stage_k + ((long long) hk * g.stage_rows + (tile_pos + lane) % g.stage_rows) * D;
+#pragma unroll 2
+                for (int d = 0; d < D; d += 8) {
+                    const uint4 w = *(const uint4 *) (row + d);
+                    const uint32_t ww[4] = { w.x, w.y, w.z, w.w };
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        const float2 kv = __half22float2(*(const half2 *) &ww[u]);
+#pragma unroll
+                        for (int n = 0; n < MM; n++) {
+                            s[n] += qs[n * D + d + 2 * u] * kv.x + qs[n * D + d + 2 * u + 1] * kv.y;
+                        }
+                    }
+                }
+                if (tile_pos + lane > n_past) {
+#pragma unroll
+                    for (int n = 0; n < MM; n++) {
+                        s[n] = -INFINITY;
+                    }
+                }
+            }
+        }
+
+        /* ---- online softmax over the tile (one token per lane) ---- */
+#pragma unroll
+        for (int n = 0; n < MM; n++) {
+            const float mx    = warp_max(s[n]);
+            const float m_new = fmaxf(m_run[n], mx);
+            const float cr    = m_run[n] == -INFINITY ? 0.0f : expf(m_run[n] - m_new);
+            p[n]              = s[n] == -INFINITY ? 0.0f : expf(s[n] - m_new);
+            l_run[n]          = l_run[n] * cr + warp_sum(p[n]);
+            m_run[n]          = m_new;
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                op[n][e] *= cr, orot[n][e] *= cr;
+            }
+        }
+
+        /* ---- values ---- */
+        if (quant) {
+            const uint8_t * rv   = cur + g.k_pad[ch.codec];
+            const kvl_geom  gv   = kvl_geom_v(ch.codec, C, D, g.v_group);
+            const int       bits = gv.bits, RBv = D * bits / 8, NG = D / g.v_group, d0 = lane * E;
+            const rec_bases b    = read_bases(rv + gv.off_bases);
+            const float     vsc  = kvl_scale(b.sb, rv[gv.off_sc + tq]);
+            float           pv[MM];
+#pragma unroll
+            for (int n = 0; n < MM; n++) {
+                pv[n] = p[n] * vsc;
+            }
+            for (int grp = 0; grp < NG; grp++) { /* sum_j p_j zero_j per value group */
+                const float z = kvl_zero(b.zl, b.zs, rv[gv.off_zc + tq * NG + grp]);
+#pragma unroll
+                for (int n = 0; n < MM; n++) {
+                    const float zb = warp_sum(p[n] * z);
+#pragma unroll
+                    for (int e = 0; e < E; e++) {
+                        if ((d0 + e) / g.v_group == grp) {
+                            orot[n][e] += zb;
+                        }
+                    }
+                }
+            }
+            const int      off = kvl_code_byte(d0, bits), sh = kvl_code_shift(d0, bits);
+            const uint32_t msk = bits == 8 ? 0xffffffffu : bits == 4 ? 0x0f0f0f0fu : 0x03030303u;
+#pragma unroll
+            for (int j = 0; j < C; j++) {
+                const int src = ((j & 7) << 2) | (j >> 3);
+                float     pj[MM];
+#pragma unroll
+                for (int n = 0; n < MM; n++) {
+                    pj[n] = __shfl_sync(0xffffffffu, pv[n], src);
+                }
+                const uint8_t * rp = rv + j * RBv + off;
+                uint32_t        w  = E == 4 ? *(const uint32_t *) rp : (uint32_t) *(const uint16_t *) rp;
+                w                  = (w >> sh) & msk;
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    const float cf = __int_as_float((int) __byte_perm(w, 0x4b000000u, 0x7440 + e)) - 8388608.0f;
+#pragma unroll
+                    for (int n = 0; n < MM; n++) {
+                        orot[n][e] += pj[n] * cf;
+                    }
+                }
+            }
+        } else {
+            const uint16_t * vbase;
+            if (ring) {
+                vbase = (const uint16_t *) (a.arena + ch.off + (long long) hk * (g.k_pad[0] + g.v_pad[0]) + g.k_pad[0]);
+            } else {
+                vbase = a.stage_v + (long long) hk * g.stage_rows * D;
+            }
+#pragma unroll 4
+            for (int j = 0; j < C; j++) {
+                float pj[MM];
+#pragma unroll
+                for (int n = 0; n < MM; n++) {
+                    pj[n] = __shfl_sync(0xffffffffu, p[n], j);
+                }
+                const long long  rowi = ring ? j : (tile_pos + j) % g.stage_rows;
+                const uint16_t * rp   = vbase + rowi * D + lane * E;
+                float            vv[E];
+                if constexpr (E == 4) {
+                    const uint2  w  = *(const uint2 *) rp;
+                    const float2 v0 = __half22float2(*(const half2 *) &w.x), v1 = __half22float2(*(const half2 *) &w.y);
+                    vv[0] = v0.x, vv[1] = v0.y, vv[2] = v1.x, vv[3] = v1.y;
+                } else {
+                    const uint32_t w  = *(const uint32_t *) rp;
+                    const float2   v0 = __half22float2(*(const half2 *) &w);
+                    vv[0] = v0.x, vv[1] = v0.y;
+                }
+#pragma unroll
+                for (int n = 0; n < MM; n++) {
+#pragma unroll
+                    for (int e = 0; e < E; e++) {
+                        op[n][e] += pj[n] * vv[e];
+                    }
+                }
+            }
+        }
+        __syncwarp(); /* every lane is done with cur before it is refilled */
+    }
+    cp_async_wait0();
+
+    /* the warp's rotated value sums turned back, then the block's warps merged */
+    {
+        const int   nb = kvl_rot_block(g.v_group);
+        const float fg = kvl_rot_factor(nb, true);
+#pragma unroll
+        for (int n = 0; n < MM; n++) {
+            warp_fwht<E>(orot[n], nb);
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                op[n][e] += orot[n][e] * fg;
+            }
+        }
+    }
+    __syncthreads(); /* the copy buffers become the merge area */
+    float * mw = (float *) (sm + L::warps);     /* [V3_WARPS][MM] running max       */
+    float * lw = mw + V3_WARPS * MM;           /* [V3_WARPS][MM] running sum       */
+    float * ow = lw + V3_WARPS * MM;           /* [V3_WARPS][MM][D] outputs        */
+    if (lane == 0) {
+#pragma unroll
+        for (int n = 0; n < MM; n++) {
+            mw[warp * MM + n] = m_run[n];
+            lw[warp * MM + n] = l_run[n];
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < MM; n++) {
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            ow[(warp * MM + n) * D + lane * E + e] = op[n][e];
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < m_rows * D; idx += V3_THREADS) {
+        const int n = idx / D, d = idx % D;
+        float     mx = -INFINITY;
+        for (int w = 0; w < V3_WARPS; w++) {
+            mx = fmaxf(mx, mw[w * MM + n]);
+        }
+        float o = 0.0f, l = 0.0f;
+        if (mx != -INFINITY) {
+            for (int w = 0; w < V3_WARPS; w++) {
+                const float mv = mw[w * MM + n];
+                if (mv != -INFINITY) {
+                    const float f = expf(mv - mx);
+                    o += f * ow[(w * MM + n) * D + d];
+                    l += f * lw[w * MM + n];
+                }
+            }
         }
         if (a.n_split == 1) {
-            a.out[((long long) t * a.n_head + hk * group + r % group) * D + d] = os[r * L::LDO + d] / lrow[r];
+            a.out[(long long) (hk * m_rows + n) * D + d] = o / l;
         } else {
-            const long long row = (((long long) split * g.n_head_kv + hk) * n_qt + qt) * ROWS + r;
-            a.part[row * (D + 2) + d] = os[r * L::LDO + d];
+            const long long row = ((long long) split * g.n_head_kv + hk) * m_rows + n;
+            a.part[row * (D + 2) + d] = o;
             if (d == 0) {
-                a.part[row * (D + 2) + D]     = mrow[r];
-                a.part[row * (D + 2) + D + 1] = lrow[r];
+                a.part[row * (D + 2) + D]     = mx;
+                a.part[row * (D + 2) + D + 1] = l;
             }
         }
     }
 }
+
+/* ================================================================================================
+ * Merge of the splits, choice and launch
+ * ================================================================================================ */
 
 static __global__ void merge_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a, int tpb,
                                     int rows, int n_qt) {
@@ -722,8 +911,23 @@ static __global__ void merge_kernel(const struct moqae_cuda_ring_geom g, const s
     }
 }
 
+enum moqae_cuda_attn_kernel moqae_cuda_attn_pick(int head_dim, int chunk, int group, int64_t n_tok) {
+    if (chunk != ATT_TILE || (head_dim != 64 && head_dim != 128) || group < 1) {
+        return MOQAE_CUDA_ATTN_NONE;
+    }
+    static int forced = -1; /* MOQAE_CUDA_ATTN=1: the generic kernel everywhere (comparison) */
+    if (forced < 0) {
+        const char * e = getenv("MOQAE_CUDA_ATTN");
+        forced         = e && *e == '1' ? 1 : 0;
+    }
+    if (n_tok == 1 && group <= 4 && !forced) {
+        return MOQAE_CUDA_ATTN_V3;
+    }
+    return group <= 64 ? MOQAE_CUDA_ATTN_GENERIC : MOQAE_CUDA_ATTN_NONE;
+}
+
 bool moqae_cuda_attn_supported(int head_dim, int chunk) {
-    return chunk == ATT_TILE && (head_dim == 64 || head_dim == 128);
+    return moqae_cuda_attn_pick(head_dim, chunk, 1, 64) != MOQAE_CUDA_ATTN_NONE;
 }
 
 int moqae_cuda_attn_rows(int64_t n_tok) {
@@ -733,38 +937,19 @@ int moqae_cuda_attn_rows(int64_t n_tok) {
 size_t moqae_cuda_attn_part_floats(const struct moqae_cuda_ring_geom * g, int64_t n_tok, int64_t n_head, int n_split) {
     const int     rows  = moqae_cuda_attn_rows(n_tok);
     const int64_t group = n_head / g->n_head_kv;
-    const int64_t tpb   = rows / group;
+    const int64_t tpb   = std::max<int64_t>(1, rows / group);
     const int64_t n_qt  = (n_tok + tpb - 1) / tpb;
-    return (size_t) n_split * (size_t) g->n_head_kv * (size_t) n_qt * (size_t) rows * (size_t) (g->head_dim + 2);
-}
-
-/* Which attention kernel: 1 = the generic one (attn_kernel), 2 = the factored decode kernel
- * (attn_dec_kernel, ROWS = 16 only). MOQAE_CUDA_ATTN=1 forces version 1 (for comparison). */
-static int attn_version(int rows) {
-    static int forced = -1;
-    if (forced < 0) {
-        const char * e = getenv("MOQAE_CUDA_ATTN");
-        forced         = e && *e == '1' ? 1 : 0;
-    }
-    return rows == V2_ROWS && !forced ? 2 : 1;
+    return (size_t) n_split * (size_t) g->n_head_kv * (size_t) n_qt * (size_t) std::max<int64_t>(rows, group) *
+           (size_t) (g->head_dim + 2);
 }
 
 template <int D, int ROWS>
-static int launch(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a, cudaStream_t stream) {
+static int launch_generic(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a, cudaStream_t stream) {
     using L = att_layout<D, ROWS>;
-    const bool  v2     = attn_version(ROWS) == 2;
-    const int   v2base = ((v2_layout<D>::bytes + 127) / 128) * 128;
-    const int   bytes  = v2 ? v2base + 2 * a->raw_bytes : L::bytes;
     static bool attr_set = false; /* same value for every caller: a race only repeats the call */
     if (!attr_set) {
-        const int raw_max = (int) (g->k_pad[0] + g->v_pad[0]); /* FP16 records are the largest */
         MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<D, ROWS>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::bytes));
-        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_dec_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              v2base + 2 * raw_max));
         attr_set = true;
-    }
-    if (v2 && (a->raw_bytes % 16 != 0 || a->raw_bytes > (int) (g->k_pad[0] + g->v_pad[0]))) {
-        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA attention: bad record buffer size %d", a->raw_bytes);
     }
     const int group = a->n_head / g->n_head_kv;
     const int tpb   = ROWS / group;
@@ -773,11 +958,7 @@ static int launch(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda
     }
     const int  n_qt = (a->n_tok + tpb - 1) / tpb;
     const dim3 grid((unsigned) g->n_head_kv, (unsigned) n_qt, (unsigned) a->n_split);
-    if (v2) {
-        attn_dec_kernel<D><<<grid, ATT_THREADS, bytes, stream>>>(*g, *a, tpb);
-    } else {
-        attn_kernel<D, ROWS><<<grid, ATT_THREADS, bytes, stream>>>(*g, *a, tpb);
-    }
+    attn_kernel<D, ROWS><<<grid, ATT_THREADS, L::bytes, stream>>>(*g, *a, tpb);
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {
         merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * ROWS), D, 0, stream>>>(*g, *a, tpb, ROWS, n_qt);
@@ -786,17 +967,76 @@ static int launch(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda
     return MOQAE_OK;
 }
 
+template <int D, int MM>
+static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a, cudaStream_t stream) {
+    using L = v3_layout<D, MM>;
+    const int bytes = L::warps + V3_WARPS * (2 * v3_raw_stride(a->raw_bytes, D) + L::warp_fixed);
+    static int attr = 0; /* the largest size set so far */
+    if (bytes > attr) {
+        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_v3_kernel<D, MM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+        attr = bytes;
+    }
+    const int group = a->n_head / g->n_head_kv;
+    attn_v3_kernel<D, MM><<<dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream>>>(*g, *a);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    if (a->n_split > 1) {
+        merge_kernel<<<(unsigned) (g->n_head_kv * group), D, 0, stream>>>(*g, *a, 1, group, 1);
+        MOQAE_CUDA_LAUNCH_CHECK();
+    }
+    return MOQAE_OK;
+}
+
+template <int D, int MM> static int v3_blocks_per_sm(int raw_bytes, int * out) {
+    using L = v3_layout<D, MM>;
+    const int bytes = L::warps + V3_WARPS * (2 * v3_raw_stride(raw_bytes, D) + L::warp_fixed);
+    MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_v3_kernel<D, MM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    MOQAE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, attn_v3_kernel<D, MM>, V3_THREADS, (size_t) bytes));
+    return MOQAE_OK;
+}
+
+int moqae_cuda_attn_decode_split(const struct moqae_cuda_ring_geom * g, int raw_bytes, int group, int n_sm,
+                                 int64_t max_tiles, int * n_split) {
+    const int nkv = g->n_head_kv;
+    if (moqae_cuda_attn_pick(g->head_dim, g->chunk, group, 1) != MOQAE_CUDA_ATTN_V3) {
+        /* generic: several blocks per SM, no split shorter than 8 tiles */
+        *n_split = (int) std::max<int64_t>(1, std::min<int64_t>((6 * n_sm + nkv - 1) / nkv, max_tiles / 8));
+        return MOQAE_OK;
+    }
+    int per_sm = 0;
+    if (g->head_dim == 64) {
+        MOQAE_TRY((group == 1 ? v3_blocks_per_sm<64, 1>(raw_bytes, &per_sm) : v3_blocks_per_sm<64, 4>(raw_bytes, &per_sm)));
+    } else {
+        MOQAE_TRY((group == 1 ? v3_blocks_per_sm<128, 1>(raw_bytes, &per_sm) : v3_blocks_per_sm<128, 4>(raw_bytes, &per_sm)));
+    }
+    /* one wave: every block resident at once (a second, partly empty wave would cost a whole one),
+     * but at least 2 tiles per warp of the longest context */
+    const int64_t slots = (int64_t) std::max(per_sm, 1) * n_sm;
+    *n_split = (int) std::max<int64_t>(1, std::min<int64_t>(slots / nkv, max_tiles / (2 * V3_WARPS)));
+    return MOQAE_OK;
+}
+
 int moqae_cuda_attention(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a,
                          cudaStream_t stream) {
-    const int rows = moqae_cuda_attn_rows(a->n_tok);
-    if (g->chunk != ATT_TILE) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: chunk size %d (only %d)", g->chunk, ATT_TILE);
+    const int                   group = a->n_head / g->n_head_kv;
+    enum moqae_cuda_attn_kernel k     = moqae_cuda_attn_pick(g->head_dim, g->chunk, group, a->n_tok);
+    if (k != MOQAE_CUDA_ATTN_NONE && a->kernel == MOQAE_CUDA_ATTN_GENERIC) {
+        k = MOQAE_CUDA_ATTN_GENERIC;
     }
-    if (g->head_dim == 64) {
-        return rows == 16 ? launch<64, 16>(g, a, stream) : launch<64, 64>(g, a, stream);
+    switch (k) {
+        case MOQAE_CUDA_ATTN_V3:
+            if (g->head_dim == 64) {
+                return group == 1 ? launch_v3<64, 1>(g, a, stream) : launch_v3<64, 4>(g, a, stream);
+            }
+            return group == 1 ? launch_v3<128, 1>(g, a, stream) : launch_v3<128, 4>(g, a, stream);
+        case MOQAE_CUDA_ATTN_GENERIC: {
+            const bool small = moqae_cuda_attn_rows(a->n_tok) == 16;
+            if (g->head_dim == 64) {
+                return small ? launch_generic<64, 16>(g, a, stream) : launch_generic<64, 64>(g, a, stream);
+            }
+            return small ? launch_generic<128, 16>(g, a, stream) : launch_generic<128, 64>(g, a, stream);
+        }
+        default:
+            return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: head_dim %d, chunk %d, %d query heads per KV head",
+                              g->head_dim, g->chunk, group);
     }
-    if (g->head_dim == 128) {
-        return rows == 16 ? launch<128, 16>(g, a, stream) : launch<128, 64>(g, a, stream);
-    }
-    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: head_dim %d (supported: 64, 128)", g->head_dim);
 }

@@ -1,40 +1,66 @@
 /*
  * cuda/attention.cuh — mixed-bit attention over the GPU ring under kv-cache.h's rule: a query at
  * position p attends to every completed chunk before its own (read from the chunk table, each at
- * its own codec, decoded into shared memory tile by tile: no dequantized copy of the cache) and to
- * the tokens of its own chunk up to p (the f16 staging window). One kernel serves decode and
- * chunked prefill: a block takes ROWS query rows (tokens x the query heads of one KV head), walks a
- * share of the key tiles (flash-decoding split), scores and weights them on tensor cores (WMMA f16,
- * f32 accumulate) with an online softmax in f32; a merge kernel combines the splits.
+ * its own codec: no dequantized copy of the cache) and to the tokens of its own chunk up to p (the
+ * f16 staging window). Quantized records hold Hadamard-rotated data and, by default, keys turned
+ * back to before RoPE (kv-codec.h, kv-ring.c): the kernels rotate them forward with the ring's
+ * tables. Two kernels, one choice point (moqae_cuda_attn_pick):
+ *  - generic (decode fallback, chunked prefill): a block takes ROWS query rows, decodes each key tile
+ *    into shared memory (codes -> f32 -> inverse Hadamard -> RoPE -> f16) and scores / weights it on
+ *    tensor cores (WMMA, f32 accumulate), online softmax in f32;
+ *  - v3 (decode, one token, up to 4 query heads per KV head): every warp walks its own chunks with
+ *    no block barrier, its records copied ahead by cp.async; the keys' inverse Hadamard is split into
+ *    a 16-point stage on tensor cores (codes straight from the record into mma fragments, scales in
+ *    the other operand) and the rest in registers, RoPE and the dot product in f32; values are summed
+ *    in the rotated space and turned back once at the end.
+ * A merge kernel combines flash-decoding splits. Reference: kv-ring.c moqae_kv_cache_attend.
  */
 #pragma once
 
 #include "kv-codec.cuh"
 
 struct moqae_cuda_attn_args {
-    const float *                   q;       /* [n_tok][n_head][D] after RoPE                 */
-    float *                         out;     /* [n_tok][n_head][D]                            */
-    float *                         part;    /* split partials (moqae_cuda_attn_part_floats)  */
-    const uint8_t *                 arena;   /* this layer's records                          */
-    const uint16_t *                stage_k; /* this layer's window [n_head_kv][stage_rows][D] */
+    const float *                   q;       /* [n_tok][n_head][D] after RoPE                  */
+    float *                         out;     /* [n_tok][n_head][D]                             */
+    float *                         part;    /* split partials (moqae_cuda_attn_part_floats)   */
+    const uint8_t *                 arena;   /* this layer's records                           */
+    const uint16_t *                stage_k; /* this layer's window [n_head_kv][stage_rows][D]  */
     const uint16_t *                stage_v;
     const struct moqae_cuda_chunk * table;
+    const float *                   cs_t;    /* keys before RoPE: [D/2][2][C]; NULL: after RoPE */
+    const float *                   cs_p0;   /* [n_chunks][D/2][2], by table index             */
     const struct moqae_cuda_dyn *   dyn;
     int                             n_tok, n_head, n_split;
-    int                             raw_bytes; /* largest padded record pair (key + value) of the
-                                                  codecs the ring may hold: the decode kernel's copy
-                                                  buffers (multiple of 16)                        */
+    int                             raw_bytes; /* largest padded quantized record pair (key + value)
+                                                  the ring may hold (multiple of 16): v3's copy
+                                                  buffers                                          */
     float                           scale;
+    int                             kernel;    /* 0: moqae_cuda_attn_pick's choice; tests may name one */
 };
 
-/* Whether the kernel exists for this head_dim (64, 128) and chunk size (32). */
+/* Which kernel: the one choice point ("supported" derives from it). */
+enum moqae_cuda_attn_kernel {
+    MOQAE_CUDA_ATTN_NONE = 0,
+    MOQAE_CUDA_ATTN_GENERIC, /* tile decode into shared memory + WMMA: prefill, decode fallback */
+    MOQAE_CUDA_ATTN_V3,      /* decode of one token, group <= 4: warp-independent chunk walk     */
+};
+enum moqae_cuda_attn_kernel moqae_cuda_attn_pick(int head_dim, int chunk, int group, int64_t n_tok);
+
+/* Whether some kernel exists for this head_dim (64, 128) and chunk size (32). */
 bool moqae_cuda_attn_supported(int head_dim, int chunk);
 
-/* Rows per block for a micro-batch of n_tok tokens (16 for decode, 64 for prefill). */
+/* Rows per block of the generic kernel for a micro-batch of n_tok tokens (16 for decode, 64 for
+ * prefill); the partials are laid out with it. */
 int moqae_cuda_attn_rows(int64_t n_tok);
 
 /* Floats the partials of n_split splits need for n_tok tokens. */
 size_t moqae_cuda_attn_part_floats(const struct moqae_cuda_ring_geom * g, int64_t n_tok, int64_t n_head, int n_split);
+
+/* Splits of a decode step (fixed for the context: its graph replays them) for contexts of up to
+ * max_tiles tiles: for v3, as many blocks as fit on the device at once (its occupancy with this
+ * ring's copy buffers), else several per SM. */
+int moqae_cuda_attn_decode_split(const struct moqae_cuda_ring_geom * g, int raw_bytes, int group, int n_sm,
+                                 int64_t max_tiles, int * n_split);
 
 int moqae_cuda_attention(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a,
                          cudaStream_t stream);

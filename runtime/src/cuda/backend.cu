@@ -20,7 +20,9 @@ extern "C" {
 }
 
 #include <algorithm>
+#include <initializer_list>
 #include <math.h>
+#include <vector>
 
 #define LOGITS_ROWS 64                 /* logits rows computed per piece (bounds the device buffer) */
 #define MEM_MARGIN  ((size_t) 256 << 20) /* device memory left free for the CUDA context and kernels */
@@ -187,16 +189,18 @@ struct moqae_cuda_context {
     struct moqae_kv_config          cfg;
     struct moqae_cuda_ring_geom     geom;
     cudaStream_t                    stream;
-    float                           theta_scale;
 
     /* device: one allocation */
     uint8_t *                 dbuf;
     size_t                    arena_bytes, stage_bytes, scratch_bytes;
-    uint8_t *                 arena;  /* [n_layer][layer_cap]                 */
-    uint16_t *                stage_k, *stage_v; /* [n_layer][n_head_kv][stage_rows][D] f16 */
+    uint8_t *                 arena;  /* [n_layer][layer_cap]                                      */
+    uint16_t *                stage_k, *stage_v; /* [n_layer][n_head_kv][stage_rows][D] f16        */
     float *                   x, *xn, *q, *k, *v, *att, *gate, *up, *logits, *part;
     int32_t *                 ids;
-    void *                    xq;     /* one token's 8-bit activations for the integer mat-vec */
+    void *                    xq;      /* activations quantized for the products [n_batch][cols/32] */
+    float *                   rope_cs; /* [n_batch][n_rot/2][2] the micro-batch's RoPE table         */
+    float *                   cs_t;    /* keys before RoPE: [D/2][2][C] (NULL: keys after RoPE)      */
+    float *                   cs_p0;   /* [cap_chunks][D/2][2] each table entry's start              */
     struct moqae_cuda_dyn *   dyn;
     struct moqae_cuda_chunk * table;
 
@@ -204,11 +208,16 @@ struct moqae_cuda_context {
     struct moqae_cuda_chunk * h_table;
     struct moqae_cuda_dyn *   h_dyn;
     int32_t *                 h_ids;
+    float *                   h_rope;  /* [n_batch][n_rot/2][2]                                     */
+    float *                   h_cs_p0; /* [cap_chunks][D/2][2]                                      */
+    float *                   theta;   /* [D/2] (malloc) the ring's angles, as kv-ring.c              */
+    uint8_t *                 h_votes; /* [C + n_batch] router votes from position votes_pos0 on     */
+    int64_t                   votes_pos0;
 
     size_t  layer_cap, used;
     int64_t n_chunks, cap_chunks, n_tokens;
     int     n_split_decode, max_split_prefill;
-    int     raw_bytes; /* largest record pair the policy writes (attention copy buffers) */
+    int     raw_bytes; /* largest quantized record pair the ring may hold (v3's copy buffers) */
 
     cudaGraphExec_t graph;
     int             graph_state; /* 0: not yet (run eagerly once), 1: eager done, 2: captured, -1: off */
@@ -218,8 +227,27 @@ static size_t chunk_bytes(const struct moqae_cuda_context * cc, int codec) {
     return (size_t) cc->geom.n_head_kv * (size_t) (cc->geom.k_pad[codec] + cc->geom.v_pad[codec]);
 }
 
-static int policy_codec(const struct moqae_cuda_context * cc, int64_t index) {
-    return cc->cfg.policy.sink && index == 0 ? MOQAE_KV_CODEC_F16 : (int) cc->cfg.policy.codec;
+/* The codec of the chunk with index `index`: kv-ring.c decide() with one decision for every layer
+ * (the sink, the fixed policy, or the majority of its tokens' router votes, ties to the lower index). */
+static int chunk_codec(const struct moqae_cuda_context * cc, int64_t index) {
+    const struct moqae_kv_config * cfg = &cc->cfg;
+    if (cfg->policy.sink && index == 0) {
+        return MOQAE_KV_CODEC_F16;
+    }
+    if (cfg->n_expert == 0) {
+        return (int) cfg->policy.codec;
+    }
+    const int64_t   C = cfg->chunk;
+    const uint8_t * v = cc->h_votes + (index * C - cc->votes_pos0);
+    int64_t         count[MOQAE_KV_CODEC_COUNT] = { 0 };
+    for (int64_t t = 0; t < C; t++) {
+        count[v[t] < cfg->n_expert ? v[t] : 0]++;
+    }
+    int64_t best = 0;
+    for (int64_t e = 1; e < cfg->n_expert; e++) {
+        best = count[e] > count[best] ? e : best;
+    }
+    return (int) cfg->expert[best];
 }
 
 void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
@@ -232,26 +260,27 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
     if (cc->dbuf) {
         cudaFree(cc->dbuf);
     }
-    if (cc->h_table) {
-        cudaFreeHost(cc->h_table);
-    }
-    if (cc->h_dyn) {
-        cudaFreeHost(cc->h_dyn);
-    }
-    if (cc->h_ids) {
-        cudaFreeHost(cc->h_ids);
+    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0 };
+    for (void * p : pinned) {
+        if (p) {
+            cudaFreeHost(p);
+        }
     }
     if (cc->stream) {
         cudaStreamDestroy(cc->stream);
     }
+    free(cc->theta);
+    free(cc->h_votes);
     free(cc);
 }
 
 static int context_alloc(struct moqae_cuda_context * cc) {
     const struct moqae_hparams * hp = &cc->m->hp;
     const int64_t B = cc->cfg.n_batch, E = hp->n_embd, dq = hp->n_head * hp->head_dim, dkv = hp->n_head_kv * hp->head_dim;
+    const int64_t D = hp->head_dim;
     const size_t  part = std::max(moqae_cuda_attn_part_floats(&cc->geom, 1, hp->n_head, cc->n_split_decode),
                                   moqae_cuda_attn_part_floats(&cc->geom, B, hp->n_head, cc->max_split_prefill));
+    const bool    pre  = cc->theta != NULL;
     struct {
         void ** p;
         size_t  bytes;
@@ -262,8 +291,11 @@ static int context_alloc(struct moqae_cuda_context * cc) {
         { (void **) &cc->gate, (size_t) (B * hp->n_ff) * 4 }, { (void **) &cc->up, (size_t) (B * hp->n_ff) * 4 },
         { (void **) &cc->logits, (size_t) (LOGITS_ROWS * hp->n_vocab) * 4 }, { (void **) &cc->part, part * 4 },
         { (void **) &cc->ids, (size_t) B * 4 },             { (void **) &cc->dyn, sizeof(struct moqae_cuda_dyn) },
-        { (void **) &cc->xq, moqae_cuda_matmul_scratch_bytes(std::max({ E, dq, hp->n_ff })) },
+        { (void **) &cc->xq, moqae_cuda_quant_bytes(B, std::max({ E, dq, hp->n_ff })) },
         { (void **) &cc->table, (size_t) cc->cap_chunks * sizeof(struct moqae_cuda_chunk) },
+        { (void **) &cc->rope_cs, (size_t) (B * hp->n_rot) * 4 },
+        { (void **) &cc->cs_t, pre ? (size_t) (D * cc->cfg.chunk) * 4 : 0 },
+        { (void **) &cc->cs_p0, pre ? (size_t) (cc->cap_chunks * D) * 4 : 0 },
     };
     size_t scratch = 0;
     for (auto & e : t) {
@@ -287,15 +319,15 @@ static int context_alloc(struct moqae_cuda_context * cc) {
         total_b = cap < total_b ? cap : total_b;
         free_b  = total_b > in_use ? total_b - in_use : 0;
     }
+    const char * kvname = cc->cfg.n_expert > 0 ? "router" : moqae_kv_codec_name(cc->cfg.policy.codec);
     if (total + MEM_MARGIN > free_b) {
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY,
                           "the KV cache does not fit on the GPU: n_ctx %lld with --kv %s%s needs %zu bytes (%.2f GiB: ring "
                           "%.2f GiB + staging %.2f GiB + scratch %.2f GiB); the device has %zu bytes (%.2f GiB) free of "
                           "%.2f GiB after the weights (%.2f GiB). Use a lower-bit --kv policy, a smaller -c or --kv-budget",
-                          (long long) cc->cfg.n_ctx, cc->cfg.policy.sink ? "sink+" : "",
-                          moqae_kv_codec_name(cc->cfg.policy.codec), total, gib((double) total),
-                          gib((double) cc->arena_bytes), gib((double) cc->stage_bytes), gib((double) scratch), free_b,
-                          gib((double) free_b), gib((double) total_b), gib((double) cc->cm->bytes));
+                          (long long) cc->cfg.n_ctx, cc->cfg.policy.sink && cc->cfg.n_expert == 0 ? "sink+" : "", kvname,
+                          total, gib((double) total), gib((double) cc->arena_bytes), gib((double) cc->stage_bytes),
+                          gib((double) scratch), free_b, gib((double) free_b), gib((double) total_b), gib((double) cc->cm->bytes));
     }
     cudaError_t err = cudaMalloc((void **) &cc->dbuf, total);
     if (err != cudaSuccess) {
@@ -309,7 +341,7 @@ static int context_alloc(struct moqae_cuda_context * cc) {
     cc->stage_v = (uint16_t *) (cc->dbuf + cc->arena_bytes + cc->stage_bytes / 2);
     size_t off  = cc->arena_bytes + cc->stage_bytes;
     for (auto & e : t) {
-        *e.p = cc->dbuf + off;
+        *e.p = e.bytes ? cc->dbuf + off : NULL;
         off += (e.bytes + 255) / 256 * 256;
     }
     /* staging rows beyond what was written must read as finite numbers (they are masked, and a
@@ -318,11 +350,49 @@ static int context_alloc(struct moqae_cuda_context * cc) {
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_table, (size_t) cc->cap_chunks * sizeof(struct moqae_cuda_chunk)));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_dyn, sizeof(struct moqae_cuda_dyn)));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_ids, (size_t) B * 4));
+    MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_rope, (size_t) (B * hp->n_rot) * 4));
+    if (pre) {
+        MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_cs_p0, (size_t) (cc->cap_chunks * D) * 4));
+        float * cs = (float *) malloc((size_t) (D * cc->cfg.chunk) * 4);
+        if (!cs) {
+            return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
+        }
+        moqae_kv_rope_fill(D, cc->cfg.chunk, 0, cc->theta, cs);
+        err = cudaMemcpy(cc->cs_t, cs, (size_t) (D * cc->cfg.chunk) * 4, cudaMemcpyHostToDevice);
+        free(cs);
+        MOQAE_CUDA_CHECK(err);
+    }
     moqae_log(MOQAE_LOG_INFO,
-              "cuda: context n_ctx %lld, kv %s: ring %.3f GiB, staging %.3f GiB, scratch %.3f GiB; weights %.3f GiB",
-              (long long) cc->cfg.n_ctx, moqae_kv_codec_name(cc->cfg.policy.codec), gib((double) cc->arena_bytes),
-              gib((double) cc->stage_bytes), gib((double) scratch), gib((double) cc->cm->bytes));
+              "cuda: context n_ctx %lld, kv %s: ring %.3f GiB, staging %.3f GiB, scratch %.3f GiB; weights %.3f GiB; "
+              "decode attention splits %d",
+              (long long) cc->cfg.n_ctx, kvname, gib((double) cc->arena_bytes), gib((double) cc->stage_bytes),
+              gib((double) scratch), gib((double) cc->cm->bytes), cc->n_split_decode);
     return MOQAE_OK;
+}
+
+/* Bytes per layer that n_ctx tokens need: kv-ring.c sized_capacity with the GPU's padded records (the
+ * fixed policy's exact size; for a router the expected bits at the most expensive bytes per bit of
+ * its experts plus a quarter, never more than every chunk at the first expert). */
+static size_t sized_capacity(const struct moqae_cuda_context * cc) {
+    const struct moqae_kv_config * cfg    = &cc->cfg;
+    const int64_t                  n_full = cfg->n_ctx / cfg->chunk;
+    const int64_t                  n_sink = n_full > 0 && cfg->policy.sink;
+    const size_t                   sink   = n_sink ? chunk_bytes(cc, MOQAE_KV_CODEC_F16) : 0;
+    if (cfg->n_expert == 0) {
+        return sink + (size_t) (n_full - n_sink) * chunk_bytes(cc, cfg->policy.codec);
+    }
+    const size_t worst   = chunk_bytes(cc, cfg->expert[0]);
+    double       per_bit = 0.0;
+    for (int64_t e = 0; e < cfg->n_expert; e++) {
+        const double r = (double) chunk_bytes(cc, cfg->expert[e]) / moqae_kv_codec_bits(cfg->expert[e]);
+        per_bit        = r > per_bit ? r : per_bit;
+    }
+    size_t per_chunk = worst;
+    if (cfg->expected_bits > 0.0) {
+        const double b = 1.25 * cfg->expected_bits * per_bit;
+        per_chunk      = b < (double) worst ? (size_t) b : worst;
+    }
+    return sink + (size_t) (n_full - n_sink) * per_chunk;
 }
 
 int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_config * cfg,
@@ -341,16 +411,28 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
                           "%lld); use -ngl 0",
                           (long long) cfg->head_dim, (long long) cfg->chunk);
     }
+    if (cfg->n_expert > 0 && cfg->n_group != 1) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED,
+                          "the GPU ring takes one router decision per chunk for every layer (share = all); this router "
+                          "decides per group of layers (%lld decisions); use -ngl 0",
+                          (long long) cfg->n_group);
+    }
     if (cfg->n_batch > 65535) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "the GPU path takes micro-batches of at most 65535 tokens");
+    }
+    if (cfg->keys_pre_rope && (cfg->n_rot < 2 || cfg->n_rot > cfg->head_dim || cfg->n_rot % 2 || !(cfg->rope_base > 0.0f))) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV cache: bad RoPE shape");
     }
     struct moqae_kv_shape shape = { cfg->chunk, cfg->head_dim, MOQAE_KV_V_GROUP };
     if (cfg->head_dim % MOQAE_KV_V_GROUP != 0) {
         shape.v_group = cfg->head_dim;
     }
-    int st = moqae_kv_shape_check(cfg->policy.codec, &shape);
-    if (st) {
-        return st;
+    for (int64_t e = 0; e <= cfg->n_expert; e++) {
+        const enum moqae_kv_codec c  = e < cfg->n_expert ? cfg->expert[e] : cfg->policy.codec;
+        const int                 st = moqae_kv_shape_check(c, &shape);
+        if (st) {
+            return st;
+        }
     }
     struct moqae_cuda_context * cc = (struct moqae_cuda_context *) calloc(1, sizeof(*cc));
     if (!cc) {
@@ -371,29 +453,38 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
         g->k_pad[c]   = (long long) moqae_cuda_align((size_t) g->k_bytes[c]);
         g->v_pad[c]   = (long long) moqae_cuda_align((size_t) g->v_bytes[c]);
     }
-    cc->theta_scale = powf(m->hp.rope_base, -2.0f / (float) m->hp.n_rot);
-    {
-        const int pc  = (int) cfg->policy.codec;
-        cc->raw_bytes = (int) (g->k_pad[pc] + g->v_pad[pc]);
-        if (cfg->policy.sink) { /* TODO(issue 7): with the router, any codec: FP16 is the largest */
-            cc->raw_bytes = std::max(cc->raw_bytes, (int) (g->k_pad[0] + g->v_pad[0]));
+    for (int64_t e = 0; e <= cfg->n_expert; e++) { /* the quantized codecs the ring may hold */
+        const int c = (int) (e < cfg->n_expert ? cfg->expert[e] : cfg->policy.codec);
+        if (c != MOQAE_KV_CODEC_F16) {
+            cc->raw_bytes = std::max(cc->raw_bytes, (int) (g->k_pad[c] + g->v_pad[c]));
         }
     }
-    cc->cap_chunks  = cfg->n_ctx / cfg->chunk + 1;
-    if (cfg->budget > 0) {
-        cc->layer_cap = (size_t) cfg->budget / (size_t) cfg->n_layer;
-    } else {
-        const int64_t n_full = cfg->n_ctx / cfg->chunk;
-        const bool    sink   = n_full > 0 && cfg->policy.sink;
-        cc->layer_cap = (sink ? chunk_bytes(cc, MOQAE_KV_CODEC_F16) : 0) +
-                        (size_t) (n_full - (sink ? 1 : 0)) * chunk_bytes(cc, cfg->policy.codec);
+    cc->cap_chunks = cfg->n_ctx / cfg->chunk + 1;
+    cc->layer_cap  = cfg->budget > 0 ? (size_t) cfg->budget / (size_t) cfg->n_layer : sized_capacity(cc);
+    cc->layer_cap  = (cc->layer_cap + 255) / 256 * 256; /* every layer's arena starts aligned (records are 16-aligned) */
+    int st         = MOQAE_OK;
+    if (cfg->keys_pre_rope) {
+        const int64_t D = cfg->head_dim;
+        cc->theta       = (float *) calloc((size_t) D / 2, sizeof(float));
+        if (!cc->theta) {
+            moqae_cuda_context_free(cc);
+            return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
+        }
+        for (int64_t i = 0; i < cfg->n_rot / 2; i++) { /* kv-ring.c: pos * base^(-2i / n_rot), in double */
+            cc->theta[i] = (float) pow((double) cfg->rope_base, -2.0 * (double) i / (double) cfg->n_rot);
+        }
+    }
+    if (cfg->n_expert > 0 && !(cc->h_votes = (uint8_t *) calloc((size_t) (cfg->chunk + cfg->n_batch), 1))) {
+        moqae_cuda_context_free(cc);
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
     }
     const int64_t max_tiles = cc->cap_chunks + 1;
     const int     n_sm      = m->cuda->n_sm > 0 ? m->cuda->n_sm : 1;
-    /* decode: enough blocks to keep every SM busy with several tiles in flight (6 blocks of 34 KiB
-     * each per SM), but no split shorter than 8 tiles of the longest context */
-    cc->n_split_decode    = (int) std::max<int64_t>(1, std::min<int64_t>((6 * n_sm + g->n_head_kv - 1) / g->n_head_kv,
-                                                                         std::max<int64_t>(1, max_tiles / 8)));
+    if ((st = moqae_cuda_attn_decode_split(g, cc->raw_bytes, (int) (m->hp.n_head / m->hp.n_head_kv), n_sm, max_tiles,
+                                           &cc->n_split_decode))) {
+        moqae_cuda_context_free(cc);
+        return st;
+    }
     cc->max_split_prefill = 4;
     if ((st = cudaStreamCreateWithFlags(&cc->stream, cudaStreamNonBlocking)) != cudaSuccess) {
         cc->stream = NULL;
@@ -409,9 +500,10 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
 }
 
 void moqae_cuda_context_clear(struct moqae_cuda_context * cc) {
-    cc->n_tokens = 0;
-    cc->n_chunks = 0;
-    cc->used     = 0;
+    cc->n_tokens   = 0;
+    cc->n_chunks   = 0;
+    cc->used       = 0;
+    cc->votes_pos0 = 0;
 }
 
 int64_t moqae_cuda_n_tokens(const struct moqae_cuda_context * cc) {
@@ -426,6 +518,7 @@ void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_s
     double        code_bits = 0.0;
     for (int64_t i = 0; i < cc->n_chunks; i++) {
         out->n_chunks[cc->h_table[i].codec]++;
+        out->n_records[cc->h_table[i].codec] += hp->n_layer;
         code_bits += (double) moqae_kv_codec_bits((enum moqae_kv_codec) cc->h_table[i].codec) * (double) C;
     }
     const int64_t resid = cc->n_tokens - cc->n_tokens / C * C; /* the f16 residual window */
@@ -441,42 +534,83 @@ void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_s
     }
 }
 
+int moqae_cuda_chunk_codecs(const struct moqae_cuda_context * cc, uint8_t * codecs, int64_t cap, int64_t * n) {
+    *n = cc->n_chunks;
+    if (cc->n_chunks > cap) {
+        return moqae_fail(MOQAE_ERR_BUFFER_TOO_SMALL, "%lld chunks, room for %lld", (long long) cc->n_chunks, (long long) cap);
+    }
+    for (int64_t i = 0; i < cc->n_chunks; i++) {
+        codecs[i] = (uint8_t) cc->h_table[i].codec;
+    }
+    return MOQAE_OK;
+}
+
 /* ================================================================================================
  * Forward
  * ================================================================================================ */
 
-/* Every layer for n_tok tokens (ids and dyn already on the device), then the final norm and the
- * output rows of the last n_out tokens, rows [r0, r0 + n_rows) of them, into cc->logits. */
+static bool any_quantized(std::initializer_list<const struct moqae_cuda_weight *> ws) {
+    for (const struct moqae_cuda_weight * w : ws) {
+        if (moqae_cuda_type_quantized(w->type)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* xq = x quantized when some of the weights that read it take quantized activations. */
+static int quant_for(struct moqae_cuda_context * cc, const float * x, int64_t n_tok, int64_t n_cols,
+                     std::initializer_list<const struct moqae_cuda_weight *> ws) {
+    return any_quantized(ws) ? moqae_cuda_quantize(x, n_tok, n_cols, cc->xq, cc->stream) : MOQAE_OK;
+}
+
+/* y = RMSNorm(x) (and xq = its quantization when the weights reading it need it: one launch). */
+static int norm_for(struct moqae_cuda_context * cc, const float * x, const float * w, int64_t n_tok, float * y,
+                    std::initializer_list<const struct moqae_cuda_weight *> ws) {
+    const struct moqae_hparams * hp = &cc->m->hp;
+    if (any_quantized(ws)) {
+        return moqae_cuda_rms_norm_quant(x, w, hp->rms_eps, hp->n_embd, n_tok, y, cc->xq, cc->stream);
+    }
+    return moqae_cuda_rms_norm(x, w, hp->rms_eps, hp->n_embd, n_tok, y, cc->stream);
+}
+
+/* Every layer for n_tok tokens (ids, dyn, the RoPE table and the chunk table already on the device). */
 static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split, int max_enc) {
     const struct moqae_hparams *    hp = &cc->m->hp;
     const struct moqae_cuda_model * cm = cc->cm;
     cudaStream_t                    s  = cc->stream;
-    const int64_t                   E = hp->n_embd, D = hp->head_dim, nkv = hp->n_head_kv;
+    const int64_t                   E = hp->n_embd, D = hp->head_dim, nkv = hp->n_head_kv, dq = hp->n_head * D;
     const size_t stage_layer = (size_t) nkv * (size_t) cc->geom.stage_rows * (size_t) D;
 
     MOQAE_TRY(moqae_cuda_get_rows(&cm->tok_embd, cc->ids, n_tok, cc->x, s));
     for (int64_t il = 0; il < hp->n_layer; il++) {
         const struct cuda_layer * L = &cm->layers[il];
-        MOQAE_TRY(moqae_cuda_rms_norm(cc->x, L->attn_norm, hp->rms_eps, E, n_tok, cc->xn, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->wq, cc->xn, n_tok, cc->q, L->wq.n_rows, false, cc->xq, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->wk, cc->xn, n_tok, cc->k, L->wk.n_rows, false, cc->xq, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->wv, cc->xn, n_tok, cc->v, L->wv.n_rows, false, cc->xq, s));
-        MOQAE_TRY(moqae_cuda_rope(cc->q, cc->k, n_tok, hp->n_head, nkv, D, hp->n_rot, cc->theta_scale, cc->dyn, s));
+        MOQAE_TRY(norm_for(cc, cc->x, L->attn_norm, n_tok, cc->xn, { &L->wq, &L->wk, &L->wv }));
+        MOQAE_TRY(moqae_cuda_matmul(&L->wq, cc->xn, cc->xq, n_tok, cc->q, L->wq.n_rows, false, s));
+        MOQAE_TRY(moqae_cuda_matmul(&L->wk, cc->xn, cc->xq, n_tok, cc->k, L->wk.n_rows, false, s));
+        MOQAE_TRY(moqae_cuda_matmul(&L->wv, cc->xn, cc->xq, n_tok, cc->v, L->wv.n_rows, false, s));
+        MOQAE_TRY(moqae_cuda_rope(cc->q, cc->k, n_tok, hp->n_head, nkv, D, hp->n_rot, cc->rope_cs, s));
         uint16_t * sk = cc->stage_k + (size_t) il * stage_layer, *sv = cc->stage_v + (size_t) il * stage_layer;
         uint8_t *  ar = cc->arena + (size_t) il * cc->layer_cap;
         MOQAE_TRY(moqae_cuda_kv_store(&cc->geom, sk, sv, cc->k, cc->v, n_tok, cc->dyn, s));
-        MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, ar, cc->table, max_enc, cc->dyn, s));
+        MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, ar, cc->table, cc->cs_t, cc->cs_p0, max_enc, cc->dyn, s));
         struct moqae_cuda_attn_args a;
         a.q = cc->q, a.out = cc->att, a.part = cc->part, a.arena = ar, a.stage_k = sk, a.stage_v = sv;
-        a.table = cc->table, a.dyn = cc->dyn, a.n_tok = (int) n_tok, a.n_head = (int) hp->n_head;
-        a.n_split = n_split, a.scale = 1.0f / sqrtf((float) D), a.raw_bytes = cc->raw_bytes;
+        a.table = cc->table, a.cs_t = cc->cs_t, a.cs_p0 = cc->cs_p0, a.dyn = cc->dyn, a.n_tok = (int) n_tok;
+        a.n_head = (int) hp->n_head, a.n_split = n_split, a.scale = 1.0f / sqrtf((float) D), a.raw_bytes = cc->raw_bytes;
+        a.kernel = 0;
         MOQAE_TRY(moqae_cuda_attention(&cc->geom, &a, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->wo, cc->att, n_tok, cc->x, E, true, cc->xq, s));
-        MOQAE_TRY(moqae_cuda_rms_norm(cc->x, L->ffn_norm, hp->rms_eps, E, n_tok, cc->xn, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->w_gate, cc->xn, n_tok, cc->gate, hp->n_ff, false, cc->xq, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->w_up, cc->xn, n_tok, cc->up, hp->n_ff, false, cc->xq, s));
-        MOQAE_TRY(moqae_cuda_swiglu(cc->gate, cc->up, n_tok * hp->n_ff, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->w_down, cc->gate, n_tok, cc->x, E, true, cc->xq, s));
+        MOQAE_TRY(quant_for(cc, cc->att, n_tok, dq, { &L->wo }));
+        MOQAE_TRY(moqae_cuda_matmul(&L->wo, cc->att, cc->xq, n_tok, cc->x, E, true, s));
+        MOQAE_TRY(norm_for(cc, cc->x, L->ffn_norm, n_tok, cc->xn, { &L->w_gate, &L->w_up }));
+        MOQAE_TRY(moqae_cuda_matmul(&L->w_gate, cc->xn, cc->xq, n_tok, cc->gate, hp->n_ff, false, s));
+        MOQAE_TRY(moqae_cuda_matmul(&L->w_up, cc->xn, cc->xq, n_tok, cc->up, hp->n_ff, false, s));
+        if (any_quantized({ &L->w_down })) {
+            MOQAE_TRY(moqae_cuda_swiglu_quant(cc->gate, cc->up, n_tok, hp->n_ff, cc->xq, s));
+        } else {
+            MOQAE_TRY(moqae_cuda_swiglu(cc->gate, cc->up, n_tok * hp->n_ff, s));
+        }
+        MOQAE_TRY(moqae_cuda_matmul(&L->w_down, cc->gate, cc->xq, n_tok, cc->x, E, true, s));
     }
     return MOQAE_OK;
 }
@@ -484,9 +618,9 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
 /* Logits of rows [first, first + n) of x into cc->logits (n <= LOGITS_ROWS). */
 static int run_logits(struct moqae_cuda_context * cc, int64_t first, int64_t n) {
     const struct moqae_hparams * hp = &cc->m->hp;
-    MOQAE_TRY(moqae_cuda_rms_norm(cc->x + first * hp->n_embd, (const float *) cc->cm->output_norm.data, hp->rms_eps,
-                                  hp->n_embd, n, cc->xn, cc->stream));
-    return moqae_cuda_matmul(&cc->cm->output, cc->xn, n, cc->logits, hp->n_vocab, false, cc->xq, cc->stream);
+    MOQAE_TRY(norm_for(cc, cc->x + first * hp->n_embd, (const float *) cc->cm->output_norm.data, n, cc->xn,
+                       { &cc->cm->output }));
+    return moqae_cuda_matmul(&cc->cm->output, cc->xn, cc->xq, n, cc->logits, hp->n_vocab, false, cc->stream);
 }
 
 /* The decode step as a graph: captured on the second one-token step (the first ran eagerly, so
@@ -528,9 +662,25 @@ static int decode_graph(struct moqae_cuda_context * cc) {
     return MOQAE_OK;
 }
 
+/* graph.c rope_table for positions pos0 .. pos0 + n - 1, into the pinned table. */
+static void rope_table(struct moqae_cuda_context * cc, int64_t pos0, int64_t n) {
+    const struct moqae_hparams * hp    = &cc->m->hp;
+    const int64_t                half  = hp->n_rot / 2;
+    const float                  scale = powf(hp->rope_base, -2.0f / (float) hp->n_rot);
+    for (int64_t t = 0; t < n; t++) {
+        float   theta = (float) (pos0 + t);
+        float * cs    = cc->h_rope + t * half * 2;
+        for (int64_t i = 0; i < half; i++) {
+            cs[2 * i]     = cosf(theta);
+            cs[2 * i + 1] = sinf(theta);
+            theta *= scale;
+        }
+    }
+}
+
 int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_job * job) {
     const struct moqae_hparams * hp = &cc->m->hp;
-    const int64_t                C = cc->cfg.chunk, T = job->n;
+    const int64_t                C = cc->cfg.chunk, T = job->n, D = hp->head_dim;
     if (T < 1 || T > cc->cfg.n_batch || job->n_out < 0 || job->n_out > T) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA forward: bad micro-batch (%lld tokens, %lld logits)",
                           (long long) T, (long long) job->n_out);
@@ -539,12 +689,23 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
         return moqae_fail(MOQAE_ERR_CONTEXT_FULL, "context full: %lld tokens in the context + %lld new > n_ctx %lld",
                           (long long) cc->n_tokens, (long long) T, (long long) cc->cfg.n_ctx);
     }
+    if (cc->cfg.n_expert > 0) {
+        if (!job->votes) {
+            return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA forward: a routed context needs the micro-batch's votes");
+        }
+        memcpy(cc->h_votes + (cc->n_tokens - cc->votes_pos0), job->votes, (size_t) T);
+    }
     /* prepare: the chunks this micro-batch completes get their codec and place (checked first:
      * nothing changes when they do not fit) */
     const int64_t n_new = (cc->n_tokens + T) / C - cc->n_tokens / C;
-    size_t        need  = cc->used;
+    int           codecs[64];
+    size_t        need = cc->used;
+    if (n_new > (int64_t) (sizeof(codecs) / sizeof(codecs[0]))) {
+        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA forward: %lld chunks in one micro-batch", (long long) n_new);
+    }
     for (int64_t i = 0; i < n_new; i++) {
-        need += chunk_bytes(cc, policy_codec(cc, cc->n_tokens / C + i));
+        codecs[i] = chunk_codec(cc, cc->n_tokens / C + i);
+        need += chunk_bytes(cc, codecs[i]);
     }
     if (need > cc->layer_cap || cc->n_chunks + n_new > cc->cap_chunks) {
         return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
@@ -554,14 +715,18 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
     const int64_t enc_first = cc->n_chunks;
     for (int64_t i = 0; i < n_new; i++) {
         const int64_t index = cc->n_tokens / C + i;
-        const int     codec = policy_codec(cc, index);
-        cc->h_table[cc->n_chunks++] = { (long long) (index * C), (long long) cc->used, codec, 0 };
-        cc->used += chunk_bytes(cc, codec);
+        cc->h_table[cc->n_chunks] = { (long long) (index * C), (long long) cc->used, codecs[i], 0 };
+        if (cc->theta) {
+            moqae_kv_rope_fill(D, 1, index * C, cc->theta, cc->h_cs_p0 + cc->n_chunks * D);
+        }
+        cc->n_chunks++;
+        cc->used += chunk_bytes(cc, codecs[i]);
     }
     cudaStream_t s = cc->stream;
     /* the previous step's copies out of these pinned buffers are complete: forward ends with a sync */
     *cc->h_dyn = { (long long) cc->n_tokens, (int) T, (int) cc->n_chunks, (int) enc_first, (int) n_new };
     memcpy(cc->h_ids, job->tokens, (size_t) T * sizeof(int32_t));
+    rope_table(cc, cc->n_tokens, T);
     int st = MOQAE_OK;
     auto fail = [&](int status) {
         cc->n_chunks = enc_first; /* undo prepare; the device state of this step is discarded */
@@ -583,9 +748,14 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
     } while (0)
     CSTEP(cudaMemcpyAsync(cc->dyn, cc->h_dyn, sizeof(*cc->h_dyn), cudaMemcpyHostToDevice, s));
     CSTEP(cudaMemcpyAsync(cc->ids, cc->h_ids, (size_t) T * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+    CSTEP(cudaMemcpyAsync(cc->rope_cs, cc->h_rope, (size_t) (T * hp->n_rot) * sizeof(float), cudaMemcpyHostToDevice, s));
     if (n_new > 0) {
         CSTEP(cudaMemcpyAsync(cc->table + enc_first, cc->h_table + enc_first, (size_t) n_new * sizeof(struct moqae_cuda_chunk),
                               cudaMemcpyHostToDevice, s));
+        if (cc->theta) {
+            CSTEP(cudaMemcpyAsync(cc->cs_p0 + enc_first * D, cc->h_cs_p0 + enc_first * D, (size_t) (n_new * D) * sizeof(float),
+                                  cudaMemcpyHostToDevice, s));
+        }
     }
     const bool graph = T == 1 && job->n_out == 1 && cc->graph_state >= 1 && !getenv("MOQAE_CUDA_NO_GRAPH");
     if (graph) {
@@ -618,28 +788,39 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
 #undef STEP
 #undef CSTEP
     cc->n_tokens += T;
+    if (cc->cfg.n_expert > 0) { /* keep the votes of the new incomplete chunk */
+        const int64_t pos0 = cc->n_tokens / C * C;
+        memmove(cc->h_votes, cc->h_votes + (pos0 - cc->votes_pos0), (size_t) (cc->n_tokens - pos0));
+        cc->votes_pos0 = pos0;
+    }
     return MOQAE_OK;
 }
 
 /* ================================================================================================
- * Test hook: the GPU encoder on one chunk (tests/tools/cuda-parity.c compares it with kv-codec.c)
+ * Test hooks (tests/tools/cuda-parity.c)
  * ================================================================================================ */
 
+static void geom_of(struct moqae_cuda_ring_geom * g, const struct moqae_kv_shape * s, int n_head_kv, int64_t stage_rows) {
+    *g = {};
+    g->chunk = (int) s->chunk, g->head_dim = (int) s->head_dim, g->v_group = (int) s->v_group, g->n_head_kv = n_head_kv;
+    g->stage_rows = stage_rows;
+    for (int i = 0; i < 4; i++) {
+        g->k_bytes[i] = (long long) moqae_kv_k_bytes((enum moqae_kv_codec) i, s);
+        g->v_bytes[i] = (long long) moqae_kv_v_bytes((enum moqae_kv_codec) i, s);
+        g->k_pad[i]   = (long long) moqae_cuda_align((size_t) g->k_bytes[i]);
+        g->v_pad[i]   = (long long) moqae_cuda_align((size_t) g->v_bytes[i]);
+    }
+}
+
 int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k, const float * v,
-                            uint8_t * krec, uint8_t * vrec) {
+                            const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec) {
     if (!moqae_cuda_available()) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "no CUDA device");
     }
     MOQAE_TRY(moqae_kv_shape_check(c, s));
     const int64_t C = s->chunk, D = s->head_dim;
-    struct moqae_cuda_ring_geom g = {};
-    g.chunk = (int) C, g.head_dim = (int) D, g.v_group = (int) s->v_group, g.n_head_kv = 1, g.stage_rows = C;
-    for (int i = 0; i < 4; i++) {
-        g.k_bytes[i] = (long long) moqae_kv_k_bytes((enum moqae_kv_codec) i, s);
-        g.v_bytes[i] = (long long) moqae_kv_v_bytes((enum moqae_kv_codec) i, s);
-        g.k_pad[i]   = (long long) moqae_cuda_align((size_t) g.k_bytes[i]);
-        g.v_pad[i]   = (long long) moqae_cuda_align((size_t) g.v_bytes[i]);
-    }
+    struct moqae_cuda_ring_geom g;
+    geom_of(&g, s, 1, C);
     const size_t n = (size_t) (C * D), rec = (size_t) (g.k_pad[c] + g.v_pad[c]);
     uint16_t *   h = (uint16_t *) malloc(2 * n * sizeof(uint16_t));
     if (!h) {
@@ -652,7 +833,8 @@ int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape *
     const struct moqae_cuda_chunk ch  = { 0, 0, (int) c, 0 };
     const struct moqae_cuda_dyn   dyn = { 0, (int) C, 1, 0, 1 };
     uint8_t *                     d   = NULL;
-    const size_t                  bytes = 4 * n + rec + 1024;
+    const size_t                  tabs  = (size_t) (D * C + D) * sizeof(float);
+    const size_t                  bytes = 4 * n + rec + 1024 + tabs;
     int                           st    = MOQAE_OK;
     cudaError_t                   err   = cudaMalloc((void **) &d, bytes);
     if (err == cudaSuccess) {
@@ -660,10 +842,14 @@ int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape *
         uint8_t *                 arena = d + 4 * n;
         struct moqae_cuda_chunk * tab   = (struct moqae_cuda_chunk *) (d + ((4 * n + rec + 255) / 256) * 256);
         struct moqae_cuda_dyn *   dd    = (struct moqae_cuda_dyn *) ((uint8_t *) tab + 256);
+        float *                   dcs   = (float *) ((uint8_t *) tab + 512);
         if ((err = cudaMemcpy(stage, h, 4 * n, cudaMemcpyHostToDevice)) == cudaSuccess &&
             (err = cudaMemcpy(tab, &ch, sizeof(ch), cudaMemcpyHostToDevice)) == cudaSuccess &&
-            (err = cudaMemcpy(dd, &dyn, sizeof(dyn), cudaMemcpyHostToDevice)) == cudaSuccess) {
-            st = moqae_cuda_kv_encode(&g, stage, stage + n, arena, tab, 1, dd, 0);
+            (err = cudaMemcpy(dd, &dyn, sizeof(dyn), cudaMemcpyHostToDevice)) == cudaSuccess &&
+            (!cs_t || (err = cudaMemcpy(dcs, cs_t, (size_t) (D * C) * 4, cudaMemcpyHostToDevice)) == cudaSuccess) &&
+            (!cs_t || (err = cudaMemcpy(dcs + D * C, cs_p0, (size_t) D * 4, cudaMemcpyHostToDevice)) == cudaSuccess)) {
+            st = moqae_cuda_kv_encode(&g, stage, stage + n, arena, tab, cs_t ? dcs : NULL, cs_t ? dcs + D * C : NULL, 1,
+                                      dd, 0);
             if (!st && (err = cudaDeviceSynchronize()) == cudaSuccess &&
                 (err = cudaMemcpy(krec, arena, (size_t) g.k_bytes[c], cudaMemcpyDeviceToHost)) == cudaSuccess) {
                 err = cudaMemcpy(vrec, arena + g.k_pad[c], (size_t) g.v_bytes[c], cudaMemcpyDeviceToHost);
@@ -676,4 +862,121 @@ int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape *
         st = moqae_fail(MOQAE_ERR_INTERNAL, "CUDA codec test: %s", cudaGetErrorString(err));
     }
     return st;
+}
+
+int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out) {
+    if (!moqae_cuda_available()) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "no CUDA device");
+    }
+    const int64_t C = 32, D = tc->head_dim, nkv = tc->n_head_kv, nch = tc->n_chunks, ns = tc->n_stage;
+    struct moqae_kv_shape s = { C, D, D % MOQAE_KV_V_GROUP == 0 ? MOQAE_KV_V_GROUP : D };
+    struct moqae_cuda_ring_geom g;
+    geom_of(&g, &s, (int) nkv, C + 64);
+    if (ns < 1 || ns > C || tc->n_tok < 1 || tc->n_tok > ns || nch < 0 || nch > 4096) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "attention check: bad case");
+    }
+    /* host images of the device buffers: records padded as the ring pads them */
+    std::vector<moqae_cuda_chunk> tab((size_t) nch + 1);
+    std::vector<uint8_t>          arena;
+    size_t                        src = 0;
+    int                           raw = 0;
+    for (int64_t i = 0; i < nch; i++) {
+        const int c = tc->codecs[i];
+        tab[(size_t) i] = { (long long) (i * C), (long long) arena.size(), c, 0 };
+        for (int64_t h = 0; h < nkv; h++) {
+            const size_t o = arena.size();
+            arena.resize(o + (size_t) (g.k_pad[c] + g.v_pad[c]), 0);
+            memcpy(arena.data() + o, tc->records + src, (size_t) g.k_bytes[c]);
+            memcpy(arena.data() + o + g.k_pad[c], tc->records + src + g.k_bytes[c], (size_t) g.v_bytes[c]);
+            src += (size_t) (g.k_bytes[c] + g.v_bytes[c]);
+        }
+        if (c != 0) {
+            raw = std::max(raw, (int) (g.k_pad[c] + g.v_pad[c]));
+        }
+    }
+    arena.resize(arena.size() + 16);
+    const int64_t rows = g.stage_rows, pos_stage = nch * C;
+    std::vector<uint16_t> stage(2 * (size_t) (nkv * rows * D), 0);
+    for (int64_t h = 0; h < nkv; h++) {
+        for (int64_t j = 0; j < ns; j++) {
+            for (int64_t d = 0; d < D; d++) {
+                const size_t o = (size_t) ((h * rows + (pos_stage + j) % rows) * D + d), i = (size_t) ((h * ns + j) * D + d);
+                stage[o]                           = moqae_f32_to_f16(tc->stage_k[i]);
+                stage[(size_t) (nkv * rows * D) + o] = moqae_f32_to_f16(tc->stage_v[i]);
+            }
+        }
+    }
+    std::vector<float> cs_t, cs_p0;
+    if (tc->theta) {
+        cs_t.resize((size_t) (D * C));
+        cs_p0.resize((size_t) ((nch + 1) * D));
+        moqae_kv_rope_fill(D, C, 0, tc->theta, cs_t.data());
+        for (int64_t i = 0; i < nch; i++) {
+            moqae_kv_rope_fill(D, 1, i * C, tc->theta, cs_p0.data() + i * D);
+        }
+    }
+    const int64_t n_head = tc->n_head, n_tok = tc->n_tok;
+    const size_t  qn = (size_t) (n_tok * n_head * D);
+    const struct moqae_cuda_dyn dyn = { (long long) (pos_stage + ns - n_tok), (int) n_tok, (int) nch, 0, 0 };
+    struct moqae_cuda_attn_args a = {};
+    const size_t part = moqae_cuda_attn_part_floats(&g, n_tok, n_head, tc->n_split);
+    const size_t sz[] = { arena.size(), stage.size() * 2, tab.size() * sizeof(moqae_cuda_chunk), cs_t.size() * 4,
+                          cs_p0.size() * 4, sizeof(dyn), qn * 4, qn * 4, part * 4 };
+    size_t off[9], total = 0;
+    for (int i = 0; i < 9; i++) {
+        off[i] = total;
+        total += (sz[i] + 255) / 256 * 256 + 256;
+    }
+    uint8_t *   d   = NULL;
+    cudaError_t err = cudaMalloc((void **) &d, total);
+    int         st  = MOQAE_OK;
+    if (err == cudaSuccess) {
+        a.arena   = d + off[0];
+        a.stage_k = (const uint16_t *) (d + off[1]);
+        a.stage_v = a.stage_k + nkv * rows * D;
+        a.table   = (const moqae_cuda_chunk *) (d + off[2]);
+        a.cs_t    = tc->theta ? (const float *) (d + off[3]) : NULL;
+        a.cs_p0   = tc->theta ? (const float *) (d + off[4]) : NULL;
+        a.dyn     = (const moqae_cuda_dyn *) (d + off[5]);
+        a.q       = (const float *) (d + off[6]);
+        a.out     = (float *) (d + off[7]);
+        a.part    = (float *) (d + off[8]);
+        a.n_tok = (int) n_tok, a.n_head = (int) n_head, a.n_split = tc->n_split, a.raw_bytes = raw;
+        a.kernel = tc->kernel;
+        a.scale = 1.0f / sqrtf((float) D);
+        const void * host[] = { arena.data(), stage.data(), tab.data(), cs_t.data(), cs_p0.data(), &dyn, tc->q };
+        for (int i = 0; i < 7 && err == cudaSuccess; i++) {
+            if (sz[i]) {
+                err = cudaMemcpy(d + off[i], host[i], sz[i], cudaMemcpyHostToDevice);
+            }
+        }
+        if (err == cudaSuccess) {
+            err = cudaMemset(a.out, 0xff, qn * 4); /* NaN: every element must be written */
+        }
+        if (err == cudaSuccess) {
+            st = moqae_cuda_attention(&g, &a, 0);
+            if (!st && (err = cudaDeviceSynchronize()) == cudaSuccess) {
+                err = cudaMemcpy(out, a.out, qn * 4, cudaMemcpyDeviceToHost);
+            }
+        }
+        cudaFree(d);
+    }
+    if (!st && err != cudaSuccess) {
+        st = moqae_fail(MOQAE_ERR_INTERNAL, "CUDA attention check: %s", cudaGetErrorString(err));
+    }
+    return st;
+}
+
+int moqae_cuda_codec_encode_emulated(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k,
+                                     const float * v, const float * cs_t, const float * cs_p0, uint8_t * krec,
+                                     uint8_t * vrec) {
+    MOQAE_TRY(moqae_kv_shape_check(c, s));
+    const size_t          n = (size_t) (s->chunk * s->head_dim);
+    std::vector<uint16_t> h(2 * n);
+    for (size_t i = 0; i < n; i++) {
+        h[i]     = moqae_f32_to_f16(k[i]);
+        h[n + i] = moqae_f32_to_f16(v[i]);
+    }
+    return moqae_cuda_kv_encode_host((int) c, (int) s->chunk, (int) s->head_dim, (int) s->v_group, h.data(), h.data() + n,
+                                     cs_t, cs_p0, krec, vrec);
 }

@@ -76,3 +76,57 @@ static __device__ __forceinline__ float moqae_dev_f16_to_f32(uint16_t h) {
 static __device__ __forceinline__ uint16_t moqae_dev_f32_to_f16(float f) {
     return __half_as_ushort(__float2half_rn(f));
 }
+
+/* ---- exact f32 arithmetic, host and device ------------------------------------------------------
+ * The KV encoder must give kv-codec.c's bytes: every operation rounded on its own, no fused
+ * multiply-add (nvcc contracts a*b+c into an FMA by default; the _rn intrinsics are never fused).
+ * The host side (x86-64 baseline: no FMA instructions) is what lets the encoder's phases run on the
+ * CPU too, for testing the device code without a device. */
+
+static __host__ __device__ __forceinline__ float xmul(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+static __host__ __device__ __forceinline__ float xadd(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+static __host__ __device__ __forceinline__ float xsub(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+static __host__ __device__ __forceinline__ float xdiv(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fdiv_rn(a, b);
+#else
+    return a / b;
+#endif
+}
+
+static __host__ __device__ __forceinline__ float xf16_to_f32(uint16_t h) {
+#ifdef __CUDA_ARCH__
+    return __half2float(__ushort_as_half(h));
+#else
+    return moqae_f16_to_f32(h);
+#endif
+}
+
+static __host__ __device__ __forceinline__ uint16_t xf32_to_f16(float f) {
+#ifdef __CUDA_ARCH__
+    return __half_as_ushort(__float2half_rn(f));
+#else
+    return moqae_f32_to_f16(f);
+#endif
+}

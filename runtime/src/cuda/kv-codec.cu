@@ -1,45 +1,415 @@
 /*
- * cuda/kv-codec.cu — see kv-codec.cuh. The encoder follows kv-codec.c's encode_q step by step; one
- * block of 128 threads encodes one (chunk, KV head) of one layer: group ranges in parallel, the
- * record-wide minima and maxima by exact reductions (order does not matter for min/max), then zero
- * codes, scale codes (binary search as on the CPU) and the packed codes, one output byte per thread.
+ * cuda/kv-codec.cu — see kv-codec.cuh. The encoder follows kv-codec.c step by step (and kv-ring.c's
+ * turning of keys back to before RoPE), one block of ENC_THREADS threads per (chunk, KV head) of one
+ * layer. Its work is a fixed sequence of phases separated by barriers; each phase is a loop over
+ * items (rows, groups, runs of groups x scale codes, output bytes) whose result does not depend on
+ * which thread takes which item, and every sum the CPU makes in a given order is made by one thread
+ * in that order. So the same phases run on the CPU too (encode_body with a host executor: how the
+ * device code is tested without a device), and min/max reductions are plain loops of one thread.
  */
 #include "kv-codec.cuh"
+#include "kv-layout.cuh"
 
-#define ENC_THREADS    128
-#define ENC_MAX_CHUNK  32
+#define ENC_THREADS    256
+#define ENC_C          32  /* chunk size (the GPU ring's)                            */
 #define ENC_MAX_D      256
-#define ENC_MAX_GROUPS 512 /* C * D / 16 with C = 32, D = 256 */
+#define ENC_LDX        (ENC_MAX_D + 1) /* padded rows: thread j on row j hits bank j + d        */
+#define ENC_MAX_GROUPS 512 /* C * D / 16 at C = 32, D = 256                           */
+#define ENC_MAX_ITEMS  1024 /* (run, scale try) pairs searched in parallel            */
+#define ENC_MAX_RZ     8192 /* zero codes kept per (group, scale try)                 */
 
-/* kv-codec.c's FRAC[f] = f32(2^(-f/16)), bit for bit. */
-static __constant__ float k_frac[16] = {
-    0x1.000000p+0f, 0x1.ea4afap-1f, 0x1.d5818ep-1f, 0x1.c199bep-1f, 0x1.ae89fap-1f, 0x1.9c4918p-1f,
-    0x1.8ace54p-1f, 0x1.7a1148p-1f, 0x1.6a09e6p-1f, 0x1.5ab07ep-1f, 0x1.4bfdaep-1f, 0x1.3dea64p-1f,
-    0x1.306fe0p-1f, 0x1.2387a6p-1f, 0x1.172b84p-1f, 0x1.0b5586p-1f,
-};
+/* ---- f16 with directed rounding (kv-codec.c) ----------------------------------------------------- */
 
-static __device__ __forceinline__ float scale_of(float sb, unsigned a) {
-    return ldexpf(__fmul_rn(sb, k_frac[a & 15u]), -(int) (a >> 4)); /* times 2^-e: exact (no subnormals, kv-codec.c) */
-}
-
-static __device__ __forceinline__ float zero_of(float zl, float zs, unsigned z) {
-    return __fadd_rn(zl, __fmul_rn(zs, (float) z));
-}
-
-static __device__ uint16_t f16_down(float x) {
-    uint16_t h = moqae_dev_f32_to_f16(x);
-    if (moqae_dev_f16_to_f32(h) > x) {
+static __host__ __device__ uint16_t f16_down(float x) {
+    uint16_t h = xf32_to_f16(x);
+    if (xf16_to_f32(h) > x) {
         h = h == 0x0000u ? 0x8001u : (h & 0x8000u) ? (uint16_t) (h + 1) : (uint16_t) (h - 1);
     }
     return h;
 }
 
-static __device__ uint16_t f16_up(float x) {
-    uint16_t h = moqae_dev_f32_to_f16(x);
-    if (moqae_dev_f16_to_f32(h) < x) {
+static __host__ __device__ uint16_t f16_up(float x) {
+    uint16_t h = xf32_to_f16(x);
+    if (xf16_to_f32(h) < x) {
         h = h == 0x8000u ? 0x0001u : (h & 0x8000u) ? (uint16_t) (h - 1) : (uint16_t) (h + 1);
     }
     return h;
+}
+
+static __host__ __device__ __forceinline__ float quant_code(float x, float zero, float scale, float qmax) {
+    if (!(scale > 0.0f)) {
+        return 0.0f;
+    }
+    const float t = floorf(xadd(xdiv(xsub(x, zero), scale), 0.5f));
+    return t > 0.0f ? (t < qmax ? t : qmax) : 0.0f;
+}
+
+/* ---- the block's shared state -------------------------------------------------------------------- */
+
+struct enc_smem {
+    float     x[ENC_C * ENC_LDX]; /* [C][LDX] the chunk of this head: as staged, then rotated        */
+    float     lo[ENC_MAX_GROUPS], hi[ENC_MAX_GROUPS], r[ENC_MAX_GROUPS];
+    float     mean[ENC_MAX_D], dist[ENC_C];
+    long long rsum[ENC_MAX_ITEMS];   /* the search: error sum of (run, scale try)                    */
+    uint8_t   rz[ENC_MAX_RZ];        /* zero code each group keeps under each scale try              */
+    uint8_t   zc[ENC_MAX_GROUPS], sc[ENC_MAX_GROUPS];
+    uint16_t  a0[ENC_MAX_GROUPS];    /* each run's covering scale code                               */
+    int       xi;                    /* keys: the outlier token                                      */
+    float     lo_min, lo_max, need_max, zl, zs, sb, xz, xs;
+    uint16_t  zlo16, zstep16, sbase16, xz16, xs16;
+};
+
+/* What one record pass needs besides the shared state. */
+struct enc_args {
+    bool            is_k;
+    int             C, D, G, codec, stage_rows;
+    long long       pos;     /* the chunk's first position: its rows are pos + j mod stage_rows */
+    const uint16_t * stage;  /* [stage_rows][D] f16 of this (layer, head)                       */
+    const float *   cs_t;    /* keys before RoPE: [D/2][2][C] (kv-codec.h); NULL: keys after RoPE */
+    const float *   cs_p0;   /* [D/2][2] the chunk's start                                      */
+    uint8_t *       rec;
+};
+
+/* Element e of group i of the pass (keys: channel i, token e; values: token i / (D/G), columns
+ * (i % (D/G)) * G + e). */
+static __host__ __device__ __forceinline__ float gx(const enc_smem & s, const enc_args & a, int i, int e) {
+    if (a.is_k) {
+        return s.x[e * ENC_LDX + i];
+    }
+    const int per = a.D / a.G;
+    return s.x[(i / per) * ENC_LDX + (i % per) * a.G + e];
+}
+
+/* Error sum of group i under (zero, scale): kv-codec.c's group_err. */
+static __host__ __device__ long long group_err(const enc_smem & s, const enc_args & a, int i, int m, int skip,
+                                               float zero, float scale, float qmax, int K) {
+    long long acc = 0;
+    for (int e = 0; e < m; e++) {
+        if (e == skip) {
+            continue;
+        }
+        const float  v = gx(s, a, i, e);
+        const float  d = xsub(v, xadd(xmul(scale, quant_code(v, zero, scale, qmax)), zero));
+        const double t = ldexp((double) d * (double) d, K);
+        acc += t < 0x1p48 ? (long long) floor(t) : (1LL << 48);
+    }
+    return acc;
+}
+
+/* ---- one record: the phases ---------------------------------------------------------------------
+ * EX is the executor: ex.run(f) calls f(tid, n_threads) for every thread, ex.sync() is the barrier. */
+
+template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_smem & s, const enc_args & a) {
+    const int C = a.C, D = a.D, G = a.G;
+
+    /* the staged rows (f16) */
+    ex.run([&](int tid, int nt) {
+        for (int e = tid; e < C * D; e += nt) {
+            const int j = e / D, d = e % D;
+            s.x[j * ENC_LDX + d] = xf16_to_f32(a.stage[((a.pos + j) % a.stage_rows) * D + d]);
+        }
+    });
+    ex.sync();
+    if (a.codec == 0) { /* FP16: keys transposed [D][C], values as is [C][D]; the staged bits */
+        ex.run([&](int tid, int nt) {
+            for (int e = tid; e < C * D; e += nt) {
+                const int j = e / D, d = e % D;
+                const int o = a.is_k ? 2 * (d * C + j) : 2 * e;
+                kvl_wr16(a.rec + o, a.stage[((a.pos + j) % a.stage_rows) * D + d]);
+            }
+        });
+        ex.sync();
+        return;
+    }
+    const int   bits = kvl_bits(a.codec);
+    const float qmax = (float) ((1 << bits) - 1);
+    if (a.is_k && a.cs_t) { /* kv-ring.c unrotate_chunk: R(-P0), then R(-t) */
+        ex.run([&](int tid, int nt) {
+            for (int u = tid; u < C * (D / 2); u += nt) {
+                const int   j = u / (D / 2), i = u % (D / 2);
+                float *     p = s.x + j * ENC_LDX + 2 * i;
+                const float x = p[0], y = p[1];
+                const float c0 = a.cs_p0[2 * i], s0 = a.cs_p0[2 * i + 1];
+                const float t0 = xadd(xmul(x, c0), xmul(y, s0)), t1 = xsub(xmul(y, c0), xmul(x, s0));
+                const float c1 = a.cs_t[(2 * i) * C + j], s1 = a.cs_t[(2 * i + 1) * C + j];
+                p[0]           = xadd(xmul(t0, c1), xmul(t1, s1));
+                p[1]           = xsub(xmul(t1, c1), xmul(t0, s1));
+            }
+        });
+        ex.sync();
+    }
+    if (a.is_k) { /* the outlier token: farthest from the chunk's mean key */
+        ex.run([&](int tid, int nt) {
+            for (int d = tid; d < D; d += nt) {
+                float acc = 0.0f;
+                for (int j = 0; j < C; j++) {
+                    acc = xadd(acc, s.x[j * ENC_LDX + d]);
+                }
+                s.mean[d] = xdiv(acc, (float) C);
+            }
+        });
+        ex.sync();
+        ex.run([&](int tid, int nt) {
+            for (int j = tid; j < C; j += nt) {
+                float dist = 0.0f;
+                for (int d = 0; d < D; d++) {
+                    const float t = xsub(s.x[j * ENC_LDX + d], s.mean[d]);
+                    dist          = xadd(dist, xmul(t, t));
+                }
+                s.dist[j] = dist;
+            }
+        });
+        ex.sync();
+        ex.run([&](int tid, int nt) {
+            if (tid == 0) {
+                int   best = 0;
+                float bd   = 0.0f;
+                for (int j = 0; j < C; j++) {
+                    if (j == 0 || s.dist[j] > bd) {
+                        best = j;
+                        bd   = s.dist[j];
+                    }
+                }
+                s.xi = best;
+            }
+        });
+        ex.sync();
+    }
+    /* rotate: each key row over D, each value row in blocks of G */
+    ex.run([&](int tid, int nt) {
+        const int n = kvl_rot_block(a.is_k ? D : G);
+        for (int j = tid; j < C; j += nt) {
+            kvl_fwht(s.x + j * ENC_LDX, D, 1, n, kvl_rot_factor(n, false));
+        }
+    });
+    ex.sync();
+
+    /* ---- encode_q ---- */
+    const kvl_geom g     = a.is_k ? kvl_geom_k(a.codec, C, D) : kvl_geom_v(a.codec, C, D, G);
+    const int      n     = g.n_groups, m = g.n_elems, share = g.share, n_runs = n / share;
+    const int      skip  = a.is_k ? s.xi : -1;
+    const int      NS    = bits == 2 ? 16 : 8; /* MOQAE_KV_SEARCH_SCALES */
+    const bool     par_t = n_runs * NS <= ENC_MAX_ITEMS && n * NS <= ENC_MAX_RZ; /* else n * 2 <= ENC_MAX_RZ */
+    uint8_t *      rec   = a.rec;
+    ex.run([&](int tid, int nt) { /* group ranges without the outlier */
+        for (int i = tid; i < n; i += nt) {
+            float lo = INFINITY, hi = -INFINITY;
+            for (int e = 0; e < m; e++) {
+                if (e == skip) {
+                    continue;
+                }
+                const float v = gx(s, a, i, e);
+                lo            = v < lo ? v : lo;
+                hi            = v > hi ? v : hi;
+            }
+            s.lo[i] = lo, s.hi[i] = hi;
+        }
+    });
+    ex.sync();
+    ex.run([&](int tid, int nt) { /* the zero base (min and max: any order) */
+        if (tid == 0) {
+            float lmin = INFINITY, lmax = -INFINITY;
+            for (int i = 0; i < n; i++) {
+                lmin = s.lo[i] < lmin ? s.lo[i] : lmin;
+                lmax = s.lo[i] > lmax ? s.lo[i] : lmax;
+            }
+            s.zlo16   = f16_down(lmin);
+            s.zl      = xf16_to_f32(s.zlo16);
+            s.zstep16 = xf32_to_f16(xdiv(xsub(lmax, s.zl), 255.0f));
+            s.zs      = xf16_to_f32(s.zstep16);
+        }
+    });
+    ex.sync();
+    ex.run([&](int tid, int nt) { /* zero codes that clip nothing, and the scale each group needs */
+        for (int i = tid; i < n; i += nt) {
+            unsigned z = 0;
+            if (s.zs > 0.0f) {
+                const float t = floorf(xdiv(xsub(s.lo[i], s.zl), s.zs));
+                z             = t > 0.0f ? (t < 255.0f ? (unsigned) t : 255u) : 0u;
+            }
+            s.zc[i] = (uint8_t) z;
+            s.r[i]  = xdiv(xsub(s.hi[i], kvl_zero(s.zl, s.zs, z)), qmax);
+        }
+    });
+    ex.sync();
+    ex.run([&](int tid, int nt) { /* the scale base; each run's covering scale code (binary search) */
+        if (tid == 0) {
+            float need_max = 0.0f;
+            for (int i = 0; i < n; i++) {
+                need_max = s.r[i] > need_max ? s.r[i] : need_max;
+            }
+            s.sbase16 = f16_up(need_max);
+            s.sb      = xf16_to_f32(s.sbase16);
+        }
+    });
+    ex.sync();
+    ex.run([&](int tid, int nt) {
+        for (int r = tid; r < n_runs; r += nt) {
+            float need = s.r[r * share];
+            for (int j = 1; j < share; j++) {
+                need = s.r[r * share + j] > need ? s.r[r * share + j] : need;
+            }
+            unsigned lo = 0;
+            if (kvl_scale(s.sb, 0) >= need) {
+                unsigned hi = 256;
+                while (hi - lo > 1) {
+                    const unsigned mid = (lo + hi) / 2;
+                    if (kvl_scale(s.sb, mid) >= need) {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+            }
+            s.a0[r] = (uint16_t) lo;
+        }
+    });
+    ex.sync();
+    /* the search: per (run, scale try t) the groups' best zero codes and their error sum; with too
+     * many pairs, one item per run trying its scales in order */
+    ex.run([&](int tid, int nt) {
+        const int n_items = par_t ? n_runs * NS : n_runs;
+        for (int it = tid; it < n_items; it += nt) {
+            const int      r  = par_t ? it / NS : it;
+            const unsigned a0 = s.a0[r];
+            int            E;
+            (void) frexpf(xmul(kvl_scale(s.sb, a0), qmax), &E);
+            const int K      = 40 - 2 * E; /* MOQAE_KV_ERR_BITS */
+            long long best   = -1;
+            int       t_best = 0;
+            for (int t = par_t ? it % NS : 0; t < (par_t ? it % NS + 1 : NS); t++) {
+                const unsigned aa  = a0 + (unsigned) t < 255u ? a0 + (unsigned) t : 255u;
+                const float    sc  = kvl_scale(s.sb, aa);
+                long long      sum = 0;
+                for (int i = r * share; i < r * share + share; i++) {
+                    float cand[6];
+                    cand[0]         = (float) s.zc[i];
+                    const float cen = s.zs > 0.0f
+                                          ? floorf(xadd(xdiv(xsub(xsub(xmul(xadd(s.lo[i], s.hi[i]), 0.5f),
+                                                                       xmul(xmul(sc, qmax), 0.5f)),
+                                                                  s.zl),
+                                                             s.zs),
+                                                        0.5f))
+                                          : 0.0f;
+                    for (int u = -2; u <= 2; u++) { /* MOQAE_KV_SEARCH_ZEROS */
+                        cand[3 + u] = cen + (float) u;
+                    }
+                    long long gbest = -1;
+                    uint8_t   zb    = 0;
+                    for (int k = 0; k < 6; k++) {
+                        float z = s.zs > 0.0f ? cand[k] : 0.0f;
+                        z       = z > 0.0f ? (z < 255.0f ? z : 255.0f) : 0.0f;
+                        const long long e = group_err(s, a, i, m, skip, kvl_zero(s.zl, s.zs, (unsigned) z), sc, qmax, K);
+                        if (gbest < 0 || e < gbest) {
+                            gbest = e;
+                            zb    = (uint8_t) z;
+                        }
+                    }
+                    sum += gbest;
+                    s.rz[par_t ? i * NS + t : 2 * i] = zb; /* serial tries: [2i] the try in progress */
+                }
+                if (par_t) {
+                    s.rsum[it] = sum;
+                } else if (best < 0 || sum < best) {
+                    best   = sum;
+                    t_best = t;
+                    for (int i = r * share; i < r * share + share; i++) {
+                        s.rz[2 * i + 1] = s.rz[2 * i]; /* [2i+1] the best so far (zc keeps zc0) */
+                    }
+                }
+            }
+            if (!par_t) {
+                s.sc[r] = (uint8_t) (a0 + (unsigned) t_best < 255u ? a0 + (unsigned) t_best : 255u);
+            }
+        }
+    });
+    ex.sync();
+    if (!par_t) {
+        ex.run([&](int tid, int nt) {
+            for (int i = tid; i < n; i += nt) {
+                s.zc[i] = s.rz[2 * i + 1];
+            }
+        });
+        ex.sync();
+    }
+    if (par_t) {
+        ex.run([&](int tid, int nt) { /* each run keeps its first scale try of least error */
+            for (int r = tid; r < n_runs; r += nt) {
+                int t_best = 0;
+                for (int t = 1; t < NS; t++) {
+                    t_best = s.rsum[r * NS + t] < s.rsum[r * NS + t_best] ? t : t_best;
+                }
+                const unsigned a0 = s.a0[r];
+                s.sc[r]           = (uint8_t) (a0 + (unsigned) t_best < 255u ? a0 + (unsigned) t_best : 255u);
+                for (int i = r * share; i < r * share + share; i++) {
+                    s.zc[i] = s.rz[i * NS + t_best];
+                }
+            }
+        });
+        ex.sync();
+    }
+    ex.run([&](int tid, int nt) { /* metadata bytes; the outlier's own zero and scale */
+        for (int i = tid; i < n; i += nt) {
+            rec[g.off_zc + i] = s.zc[i];
+        }
+        for (int r = tid; r < n_runs; r += nt) {
+            rec[g.off_sc + r] = s.sc[r];
+        }
+        if (tid == 0) {
+            kvl_wr16(rec + g.off_bases, s.zlo16);
+            kvl_wr16(rec + g.off_bases + 2, s.zstep16);
+            kvl_wr16(rec + g.off_bases + 4, s.sbase16);
+            if (a.is_k) {
+                const float * yx   = s.x + s.xi * ENC_LDX;
+                float         xmin = yx[0], xmax = yx[0];
+                for (int d = 1; d < D; d++) {
+                    xmin = yx[d] < xmin ? yx[d] : xmin;
+                    xmax = yx[d] > xmax ? yx[d] : xmax;
+                }
+                const float qmax2 = (float) ((1u << (2 * bits)) - 1u);
+                s.xz16            = f16_down(xmin);
+                s.xz              = xf16_to_f32(s.xz16);
+                s.xs16            = f16_up(xdiv(xsub(xmax, s.xz), qmax2));
+                s.xs              = xf16_to_f32(s.xs16);
+                kvl_wr16(rec + g.off_x, s.xz16);
+                kvl_wr16(rec + g.off_x + 2, s.xs16);
+                rec[g.off_x + 4] = (uint8_t) s.xi;
+            }
+        }
+    });
+    ex.sync();
+    /* codes, one output byte per item: byte B packs elements 16kk + rr + 2b*j (j < 8/b) of the
+     * group-major element order, kk = B / 2b, rr = B % 2b, at bits b*j; keys: the outlier's column
+     * gets the low b bits of its 2b-bit codes, the xhi row their high bits */
+    ex.run([&](int tid, int nt) {
+        const int   per_byte = 8 / bits, bpb = 2 * bits, codes_bytes = n * m * bits / 8;
+        const float qmax2 = (float) ((1u << (2 * bits)) - 1u);
+        const int   xrow  = a.is_k ? D * bits / 8 : 0;
+        for (int B = tid; B < codes_bytes + xrow; B += nt) {
+            const bool hi_row = B >= codes_bytes;
+            const int  Bb = hi_row ? B - codes_bytes : B, kk = Bb / bpb, rr = Bb % bpb;
+            unsigned   byte = 0;
+            for (int j = 0; j < per_byte; j++) {
+                const int L = 16 * kk + rr + bpb * j;
+                unsigned  q;
+                if (hi_row) { /* xhi: element L = channel L of the outlier's row */
+                    q = (unsigned) quant_code(s.x[s.xi * ENC_LDX + L], s.xz, s.xs, qmax2) >> bits;
+                } else {
+                    const int i = L / m, e = L % m;
+                    if (e == skip) {
+                        q = (unsigned) quant_code(s.x[s.xi * ENC_LDX + i], s.xz, s.xs, qmax2) & ((1u << bits) - 1u);
+                    } else {
+                        const float scale = kvl_scale(s.sb, s.sc[i / share]);
+                        const float zero  = kvl_zero(s.zl, s.zs, s.zc[i]);
+                        q                 = (unsigned) quant_code(gx(s, a, i, e), zero, scale, qmax);
+                    }
+                }
+                byte |= q << (bits * j);
+            }
+            rec[B] = (uint8_t) byte;
+        }
+    });
+    ex.sync();
 }
 
 /* ---- store ------------------------------------------------------------------------------------- */
@@ -71,180 +441,60 @@ int moqae_cuda_kv_store(const struct moqae_cuda_ring_geom * g, uint16_t * stage_
 
 /* ---- encode ------------------------------------------------------------------------------------- */
 
-struct enc_smem {
-    float   x[ENC_MAX_CHUNK * ENC_MAX_D]; /* [C][D] the chunk's values of this head */
-    float   lo[ENC_MAX_GROUPS], hi[ENC_MAX_GROUPS], r[ENC_MAX_GROUPS], need[ENC_MAX_GROUPS];
-    uint8_t zc[ENC_MAX_GROUPS], sc[ENC_MAX_GROUPS];
-    float   red[2][32];
-    float   zl, zs, sb;
+struct dev_exec { /* __host__ too only so that encode_record's host instantiation type-checks */
+    template <class F> __host__ __device__ __forceinline__ void run(F f) {
+#ifdef __CUDA_ARCH__
+        f((int) threadIdx.x, (int) blockDim.x);
+#endif
+    }
+    __host__ __device__ __forceinline__ void sync() {
+#ifdef __CUDA_ARCH__
+        __syncthreads();
+#endif
+    }
 };
-
-/* Element e of group i: keys (is_k) group = channel i, element = token e; values group i = token
- * i / (D/G), columns (i % (D/G)) * G + e. */
-static __device__ __forceinline__ float gx(const enc_smem & s, bool is_k, int D, int G, int i, int e) {
-    return is_k ? s.x[e * D + i] : s.x[(i / (D / G)) * D + (i % (D / G)) * G + e];
-}
-
-/* Block-wide min and max (exact in any order). */
-static __device__ void block_minmax(enc_smem & s, float a, float b, float * out_min, float * out_max) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        a = fminf(a, __shfl_xor_sync(0xffffffffu, a, o));
-        b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, o));
-    }
-    if (threadIdx.x % 32 == 0) {
-        s.red[0][threadIdx.x / 32] = a;
-        s.red[1][threadIdx.x / 32] = b;
-    }
-    __syncthreads();
-    a = s.red[0][0], b = s.red[1][0];
-    for (int w = 1; w < ENC_THREADS / 32; w++) {
-        a = fminf(a, s.red[0][w]);
-        b = fmaxf(b, s.red[1][w]);
-    }
-    *out_min = a, *out_max = b;
-    __syncthreads();
-}
-
-static __device__ void encode_q(enc_smem & s, bool is_k, int C, int D, int G, int bits, uint8_t * __restrict__ rec) {
-    const int   tid = threadIdx.x;
-    const int   n = is_k ? D : C * (D / G), m = is_k ? C : G, share = is_k ? 1 : D / G;
-    const int   codes_bytes = n * m * bits / 8;
-    const float qmax = (float) ((1 << bits) - 1);
-    uint8_t *   zc = rec + codes_bytes;
-    uint8_t *   sc = zc + n;
-    uint8_t *   bp = sc + n / share;
-
-    float lmin = INFINITY, lmax = -INFINITY;
-    for (int i = tid; i < n; i += ENC_THREADS) {
-        float a = gx(s, is_k, D, G, i, 0), b = a;
-        for (int e = 1; e < m; e++) {
-            const float v = gx(s, is_k, D, G, i, e);
-            a = v < a ? v : a;
-            b = v > b ? v : b;
-        }
-        s.lo[i] = a, s.hi[i] = b;
-        lmin = fminf(lmin, a), lmax = fmaxf(lmax, a);
-    }
-    float lo_min, lo_max;
-    block_minmax(s, lmin, lmax, &lo_min, &lo_max);
-    const uint16_t zlo16   = f16_down(lo_min);
-    const float    zl      = moqae_dev_f16_to_f32(zlo16);
-    const uint16_t zstep16 = moqae_dev_f32_to_f16(__fdiv_rn(__fsub_rn(lo_max, zl), 255.0f));
-    const float    zs      = moqae_dev_f16_to_f32(zstep16);
-
-    float rmax = 0.0f;
-    for (int i = tid; i < n; i += ENC_THREADS) {
-        unsigned z = 0;
-        if (zs > 0.0f) {
-            const float t = floorf(__fdiv_rn(__fsub_rn(s.lo[i], zl), zs));
-            z             = t > 0.0f ? (t < 255.0f ? (unsigned) t : 255u) : 0u;
-        }
-        s.zc[i]       = (uint8_t) z;
-        zc[i]         = (uint8_t) z;
-        const float r = __fdiv_rn(__fsub_rn(s.hi[i], zero_of(zl, zs, z)), qmax);
-        s.r[i]        = r;
-        rmax          = r > rmax ? r : rmax;
-    }
-    float dummy, need_max;
-    block_minmax(s, 0.0f, rmax, &dummy, &need_max); /* also a barrier: s.r and s.zc are complete */
-    need_max                = need_max > 0.0f ? need_max : 0.0f;
-    const uint16_t sbase16  = f16_up(need_max);
-    const float    sb       = moqae_dev_f16_to_f32(sbase16);
-    for (int ri = tid; ri < n / share; ri += ENC_THREADS) {
-        float need = s.r[ri * share];
-        for (int j = 1; j < share; j++) {
-            need = s.r[ri * share + j] > need ? s.r[ri * share + j] : need;
-        }
-        unsigned code = 0;
-        if (scale_of(sb, 0) >= need) {
-            unsigned a = 0, b = 256;
-            while (b - a > 1) {
-                const unsigned mid = (a + b) / 2;
-                if (scale_of(sb, mid) >= need) {
-                    a = mid;
-                } else {
-                    b = mid;
-                }
-            }
-            code = a;
-        }
-        s.sc[ri] = (uint8_t) code;
-        sc[ri]   = (uint8_t) code;
-    }
-    if (tid == 0) {
-        bp[0] = (uint8_t) (zlo16 & 0xffu), bp[1] = (uint8_t) (zlo16 >> 8);
-        bp[2] = (uint8_t) (zstep16 & 0xffu), bp[3] = (uint8_t) (zstep16 >> 8);
-        bp[4] = (uint8_t) (sbase16 & 0xffu), bp[5] = (uint8_t) (sbase16 >> 8);
-    }
-    __syncthreads();
-    /* codes: byte B of the code area packs elements 16*kk + r + 2b*j (j < 8/b) of the linear
-     * element order (group-major), kk = B / (2b), r = B % (2b), at bits b*j */
-    const int per_byte = 8 / bits, bpb = 2 * bits;
-    for (int B = tid; B < codes_bytes; B += ENC_THREADS) {
-        const int kk = B / bpb, rr = B % bpb;
-        unsigned  byte = 0;
-        for (int j = 0; j < per_byte; j++) {
-            const int   L = 16 * kk + rr + bpb * j, i = L / m, e = L % m;
-            const float scale = scale_of(sb, s.sc[i / share]);
-            const float zero  = zero_of(zl, zs, s.zc[i]);
-            unsigned    q     = 0;
-            if (scale > 0.0f) {
-                const float t = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(gx(s, is_k, D, G, i, e), zero), scale), 0.5f));
-                q             = t > 0.0f ? (t < qmax ? (unsigned) t : (unsigned) qmax) : 0u;
-            }
-            byte |= q << (bits * j);
-        }
-        rec[B] = (uint8_t) byte;
-    }
-    __syncthreads();
-}
 
 static __global__ void __launch_bounds__(ENC_THREADS)
 encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__ stage_k,
               const uint16_t * __restrict__ stage_v, uint8_t * __restrict__ arena,
-              const struct moqae_cuda_chunk * __restrict__ table, const struct moqae_cuda_dyn * __restrict__ dyn) {
+              const struct moqae_cuda_chunk * __restrict__ table, const float * __restrict__ cs_t,
+              const float * __restrict__ cs_p0, const struct moqae_cuda_dyn * __restrict__ dyn) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
     enc_smem & s = *(enc_smem *) smem_raw;
     const int  ci = blockIdx.x, h = blockIdx.y;
     if (ci >= dyn->n_enc) {
         return;
     }
-    const moqae_cuda_chunk ch = table[dyn->enc_first + ci];
-    const int              C = g.chunk, D = g.head_dim, G = g.v_group, codec = ch.codec;
-    uint8_t * rk = arena + ch.off + (long long) h * (g.k_pad[codec] + g.v_pad[codec]);
-    uint8_t * rv = rk + g.k_pad[codec];
+    const int              idx = dyn->enc_first + ci;
+    const moqae_cuda_chunk ch  = table[idx];
+    uint8_t *              rk  = arena + ch.off + (long long) h * (g.k_pad[ch.codec] + g.v_pad[ch.codec]);
+    dev_exec               ex;
     for (int pass = 0; pass < 2; pass++) {
-        const uint16_t * st = (pass == 0 ? stage_k : stage_v) + (long long) h * g.stage_rows * D;
-        for (int e = threadIdx.x; e < C * D; e += ENC_THREADS) {
-            const int j = e / D, d = e % D;
-            s.x[e]      = moqae_dev_f16_to_f32(st[((ch.pos + j) % g.stage_rows) * D + d]);
-        }
-        __syncthreads();
-        uint8_t * rec = pass == 0 ? rk : rv;
-        if (codec == 0) { /* FP16: keys transposed [D][C], values as is [C][D]; the staged f16 bits */
-            for (int e = threadIdx.x; e < C * D; e += ENC_THREADS) {
-                const int      j = e / D, d = e % D;
-                const uint16_t hbits = st[((ch.pos + j) % g.stage_rows) * D + d];
-                const int      o = pass == 0 ? 2 * (d * C + j) : 2 * e;
-                rec[o] = (uint8_t) (hbits & 0xffu), rec[o + 1] = (uint8_t) (hbits >> 8);
-            }
-            __syncthreads();
-        } else {
-            encode_q(s, pass == 0, C, D, G, codec == 1 ? 8 : codec == 2 ? 4 : 2, rec);
-        }
+        enc_args a;
+        a.is_k       = pass == 0;
+        a.C          = g.chunk;
+        a.D          = g.head_dim;
+        a.G          = g.v_group;
+        a.codec      = ch.codec;
+        a.stage_rows = (int) g.stage_rows;
+        a.pos        = ch.pos;
+        a.stage      = (pass == 0 ? stage_k : stage_v) + (long long) h * g.stage_rows * g.head_dim;
+        a.cs_t       = cs_t;
+        a.cs_p0      = cs_t ? cs_p0 + (long long) idx * g.head_dim : nullptr;
+        a.rec        = pass == 0 ? rk : rk + g.k_pad[ch.codec];
+        encode_record(ex, s, a);
     }
 }
 
 int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
-                         uint8_t * arena, const struct moqae_cuda_chunk * table, int max_enc,
-                         const struct moqae_cuda_dyn * dyn, cudaStream_t stream) {
+                         uint8_t * arena, const struct moqae_cuda_chunk * table, const float * cs_t,
+                         const float * cs_p0, int max_enc, const struct moqae_cuda_dyn * dyn, cudaStream_t stream) {
     if (max_enc <= 0) {
         return MOQAE_OK;
     }
-    if (g->chunk > ENC_MAX_CHUNK || g->head_dim > ENC_MAX_D) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d above %d / %d", g->chunk,
-                          g->head_dim, ENC_MAX_CHUNK, ENC_MAX_D);
+    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d (supported: %d / <= %d)",
+                          g->chunk, g->head_dim, ENC_C, ENC_MAX_D);
     }
     static bool attr_set = false; /* same value for every caller: a race only repeats the call */
     if (!attr_set) {
@@ -253,7 +503,48 @@ int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t *
         attr_set = true;
     }
     encode_kernel<<<dim3((unsigned) max_enc, (unsigned) g->n_head_kv), ENC_THREADS, sizeof(enc_smem), stream>>>(
-        *g, stage_k, stage_v, arena, table, dyn);
+        *g, stage_k, stage_v, arena, table, cs_t, cs_p0, dyn);
     MOQAE_CUDA_LAUNCH_CHECK();
+    return MOQAE_OK;
+}
+
+/* ---- the same phases on the CPU (tests: the device code without a device) ----------------------- */
+
+struct host_exec { /* __device__ too only so that encode_record's device instantiation type-checks */
+    int n_threads;
+    template <class F> __host__ __device__ void run(F f) {
+        for (int t = 0; t < n_threads; t++) {
+            f(t, n_threads);
+        }
+    }
+    __host__ __device__ void sync() {}
+};
+
+int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k, const uint16_t * v,
+                              const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec) {
+    if (C != ENC_C || D > ENC_MAX_D || D % 16 != 0) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d", C, D);
+    }
+    enc_smem * s = (enc_smem *) malloc(sizeof(enc_smem));
+    if (!s) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    host_exec ex = { ENC_THREADS };
+    for (int pass = 0; pass < 2; pass++) {
+        enc_args a;
+        a.is_k       = pass == 0;
+        a.C          = C;
+        a.D          = D;
+        a.G          = G;
+        a.codec      = codec;
+        a.stage_rows = C;
+        a.pos        = 0;
+        a.stage      = pass == 0 ? k : v;
+        a.cs_t       = cs_t;
+        a.cs_p0      = cs_p0;
+        a.rec        = pass == 0 ? krec : vrec;
+        encode_record(ex, *s, a);
+    }
+    free(s);
     return MOQAE_OK;
 }

@@ -1,14 +1,12 @@
 /*
  * cuda/kv-codec.cuh — the KV ring's write side on the device: copy a micro-batch's K (after RoPE)
  * and V into the f16 staging window, and encode every chunk the micro-batch completes into its
- * record, where it was computed, byte for byte as kv-codec.c's moqae_kv_encode_k/_v (the same f32
- * operations in the same order, no fused multiply-add: tested against the CPU encoder). The chunk's
- * codec comes from the chunk table (an input per chunk: fixed policy today, the router's decision
- * later).
- * TODO(issue 7): this encoder (and attention.cu's decoders) implement the record layout of kv-codec.h
- * as it stood until 2026-11-23 07:33 (asymmetric per-channel keys / per-token value groups, no
- * rotation); they were byte-identical to the CPU encoder then (checked on the H100). The CPU codec
- * has since gained the Hadamard rotation, the outlier key token and the scale/zero search: port them.
+ * record, where it was computed, byte for byte as kv-ring.c + kv-codec.c do: quantized keys turned
+ * back to before RoPE with the ring's tables (kv-ring.c unrotate_chunk), the outlier token, the
+ * Hadamard rotation, the searched scale and zero codes (moqae_kv_encode_k/_v: the same f32
+ * operations in the same order, no fused multiply-add). Checked against the CPU encoder by
+ * tests/tools/cuda-parity.c (on the device, and on the CPU through moqae_cuda_kv_encode_host). The
+ * chunk's codec comes from the chunk table: an input per chunk (a fixed policy or the router).
  */
 #pragma once
 
@@ -33,7 +31,15 @@ int moqae_cuda_kv_store(const struct moqae_cuda_ring_geom * g, uint16_t * stage_
                         cudaStream_t stream);
 
 /* Encode chunks table[dyn->enc_first .. + dyn->n_enc) of one layer from its staging window into its
- * arena (records at chunk.off + h * (k_pad + v_pad)); max_enc bounds dyn->n_enc (grid size). */
+ * arena (records at chunk.off + h * (k_pad + v_pad)); max_enc bounds dyn->n_enc (grid size).
+ * Keys before RoPE: cs_t [D/2][2][C] (the ring's offsets table) and cs_p0 [n_chunks][D/2][2] (each
+ * table entry's start), both as kv-ring.c computes them (moqae_kv_rope_fill); cs_t NULL: keys are
+ * stored as staged (after RoPE). FP16 records always hold the staged keys. */
 int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
-                         uint8_t * arena, const struct moqae_cuda_chunk * table, int max_enc,
-                         const struct moqae_cuda_dyn * dyn, cudaStream_t stream);
+                         uint8_t * arena, const struct moqae_cuda_chunk * table, const float * cs_t,
+                         const float * cs_p0, int max_enc, const struct moqae_cuda_dyn * dyn, cudaStream_t stream);
+
+/* The encoder's phases run on the CPU, one chunk of one head (k, v: [C][D] f16 bits; cs_t, cs_p0 as
+ * above for the chunk, or NULL): for testing the device code where there is no device. */
+int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k, const uint16_t * v,
+                              const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec);

@@ -4,6 +4,11 @@
  * j < 16 in the low nibble of qs[j], element j + 16 in its high nibble. F16 and F32 rows are read as
  * blocks of 32 elements too. Rows keep 2-byte alignment (GGUF's), so quantized blocks are read with
  * 2-byte loads (4-byte for Q4_1, whose 20-byte blocks keep 4).
+ * Weights with integer codes take activations quantized as the CPU quantizes them (cpu/kernels-ref.c
+ * from_float_q8_0_ref / _q8_1_ref: d = amax / 127, q = roundf(x * (1 / d)), d and s = d * sum(q)
+ * rounded to f16) and every block's integer dot product is exact, combined with the CPU's formula
+ * (float) sumi * (d_w * d_x) (+ m_w * s_x): the GPU's products differ from the CPU's only in the
+ * order of the per-block float sums (docs/RESULTS.md, issue 7: greedy parity).
  */
 #include "matmul.cuh"
 
@@ -42,8 +47,8 @@ static __device__ __forceinline__ void deq16(const uint8_t * row, int64_t b, int
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const unsigned v = p[1 + i];
-            out[2 * i]       = d * (float) ((int) ((v >> sh) & 15u) - 8);
-            out[2 * i + 1]   = d * (float) ((int) ((v >> (8 + sh)) & 15u) - 8);
+            out[2 * i]       = __fmul_rn(d, (float) ((int) ((v >> sh) & 15u) - 8));
+            out[2 * i + 1]   = __fmul_rn(d, (float) ((int) ((v >> (8 + sh)) & 15u) - 8));
         }
     } else if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
         const uint32_t * p  = (const uint32_t *) blk;
@@ -55,7 +60,7 @@ static __device__ __forceinline__ void deq16(const uint8_t * row, int64_t b, int
             const uint32_t v = p[1 + i];
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                out[4 * i + k] = d * (float) ((v >> (8 * k + sh)) & 15u) + m;
+                out[4 * i + k] = __fadd_rn(__fmul_rn(d, (float) ((v >> (8 * k + sh)) & 15u)), m);
             }
         }
     } else { /* Q8_0 */
@@ -64,13 +69,121 @@ static __device__ __forceinline__ void deq16(const uint8_t * row, int64_t b, int
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const unsigned v = p[1 + half * 8 + i];
-            out[2 * i]       = d * (float) (int8_t) (v & 0xffu);
-            out[2 * i + 1]   = d * (float) (int8_t) (v >> 8);
+            out[2 * i]       = __fmul_rn(d, (float) (int8_t) (v & 0xffu));
+            out[2 * i + 1]   = __fmul_rn(d, (float) (int8_t) (v >> 8));
         }
     }
 }
 
-/* ---- mat-vec: one warp per row, lanes over blocks ------------------------------------------------ */
+/* ---- activations quantized as the CPU does (one block of 32 per thread) -------------------------- */
+
+struct __align__(8) q8x { /* x = d * q; d = f32(f16(amax / 127)), s = f32(f16(d_unrounded * sum(q))) */
+    int   q[8];
+    float d, s;
+};
+
+/* One block of 32 activations quantized as from_float_q8_0_ref / _q8_1_ref. */
+static __device__ __forceinline__ q8x quantize_block(const float * v) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    const float d   = __fdiv_rn(amax, 127.0f);
+    const float id  = d != 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
+    int         sum = 0;
+    q8x         out;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        unsigned w = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int q = (int) roundf(__fmul_rn(v[4 * k + j], id)); /* roundf: halves away from zero */
+            sum += q;
+            w |= ((unsigned) q & 0xffu) << (8 * j);
+        }
+        out.q[k] = (int) w;
+    }
+    out.d = moqae_dev_f16_to_f32(moqae_dev_f32_to_f16(d));
+    out.s = moqae_dev_f16_to_f32(moqae_dev_f32_to_f16(__fmul_rn((float) sum, d)));
+    return out;
+}
+
+static __global__ void quantize_kernel(const float * __restrict__ x, int64_t nb_total, q8x * __restrict__ xq) {
+    const int64_t b = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= nb_total) {
+        return;
+    }
+    const float4 * p = (const float4 *) (x + b * 32);
+    float          v[32];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const float4 f = p[i];
+        v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+    }
+    xq[b] = quantize_block(v);
+}
+
+/* rms_norm_ref (ops.cu's rms_norm_kernel) fused with the quantization of its output row. */
+static __global__ void rms_norm_quant_kernel(const float * __restrict__ x, const float * __restrict__ w, float eps,
+                                             int64_t n, float * __restrict__ y, q8x * __restrict__ xq) {
+    __shared__ double part[32];
+    const float *     xr  = x + (int64_t) blockIdx.x * n;
+    float *           yr  = y + (int64_t) blockIdx.x * n;
+    double            sum = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        sum += (double) xr[i] * (double) xr[i];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    if (threadIdx.x % 32 == 0) {
+        part[threadIdx.x / 32] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        sum = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        }
+        if (threadIdx.x == 0) {
+            part[0] = sum;
+        }
+    }
+    __syncthreads();
+    const float mean  = (float) (part[0] / (double) n);
+    const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+    for (int64_t b = threadIdx.x; b < n / 32; b += blockDim.x) {
+        float v[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            v[i]              = __fmul_rn(__fmul_rn(xr[b * 32 + i], scale), w[b * 32 + i]);
+            yr[b * 32 + i]    = v[i];
+        }
+        xq[(int64_t) blockIdx.x * (n / 32) + b] = quantize_block(v);
+    }
+}
+
+/* swiglu_ref (g = silu(g) * u) fused with the quantization of g, one block of 32 per thread. */
+static __global__ void swiglu_quant_kernel(float * __restrict__ g, const float * __restrict__ u, int64_t nb_total,
+                                           q8x * __restrict__ xq) {
+    const int64_t b = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= nb_total) {
+        return;
+    }
+    float v[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        const float x = g[b * 32 + i];
+        v[i]          = __fmul_rn(__fdiv_rn(x, __fadd_rn(1.0f, expf(-x))), u[b * 32 + i]);
+        g[b * 32 + i] = v[i];
+    }
+    xq[b] = quantize_block(v);
+}
+
+/* ---- mat-vec, f32 activations (F32 and F16 weights): one warp per row, lanes over blocks -------- */
 
 #define MMV_ROWS_PER_BLOCK 4
 
@@ -124,56 +237,14 @@ mmv_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
     }
 }
 
-/* ---- mat-vec, version 2 (one token): activations quantized once to 8 bits per block of 32 (as the
- * CPU's Q8_0/Q8_1 and llama.cpp's mmvq), integer dot products (dp4a), 4 rows per warp so that each
- * activation block, held in registers, serves 4 weight rows: version 1 re-read 128 bytes of f32
- * activations per 18-byte weight block from L1 (ncu: L1 92% busy, DRAM 8%). -------------------------- */
+/* ---- mat-vec on integer codes (decode: n_tok <= 8): dp4a, MMVQ_ROWS rows per warp, so each
+ * activation block, loaded once per lane, serves several weight rows ------------------------------- */
 
 #define MMVQ_ROWS_PER_WARP 4
 
-struct __align__(8) q8x { /* one quantized activation block: x = d * q, s = d * sum(q) */
-    int   q[8];
-    float d, s;
-};
-
-static __global__ void quantize_x_kernel(const float * __restrict__ x, int64_t nb, q8x * __restrict__ xq) {
-    const int64_t b = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= nb) {
-        return;
-    }
-    const float4 * p = (const float4 *) (x + b * 32);
-    float          v[32], amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        const float4 f = p[i];
-        v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
-    }
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        amax = fmaxf(amax, fabsf(v[i]));
-    }
-    const float d  = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-    int         sum = 0;
-    q8x         out;
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        unsigned w = 0;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int q = __float2int_rn(v[4 * k + j] * id);
-            sum += q;
-            w |= ((unsigned) q & 0xffu) << (8 * j);
-        }
-        out.q[k] = (int) w;
-    }
-    out.d = d;
-    out.s = d * (float) sum;
-    xq[b] = out;
-}
-
-/* sum over the block of w * x for one weight block (types with integer codes). */
+/* One block: (float) sumi * (d_w * d_x) (+ m_w * s_x), sumi exact, as cpu/kernels-ref.c vec_dot. */
 template <int TYPE>
-static __device__ __forceinline__ float block_dot_q8(const uint8_t * blk, const q8x & xb) {
+static __device__ __forceinline__ float block_dot_q8(const uint8_t * blk, const q8x & xb, int xsum) {
     if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
         const uint16_t * p = (const uint16_t *) blk;
         int              sumi = 0;
@@ -183,7 +254,7 @@ static __device__ __forceinline__ float block_dot_q8(const uint8_t * blk, const 
             sumi        = __dp4a(w & 0x0f0f0f0f, xb.q[k], sumi);
             sumi        = __dp4a((w >> 4) & 0x0f0f0f0f, xb.q[4 + k], sumi);
         }
-        return moqae_dev_f16_to_f32(p[0]) * (xb.d * (float) sumi - 8.0f * xb.s);
+        return __fmul_rn((float) (sumi - 8 * xsum), __fmul_rn(moqae_dev_f16_to_f32(p[0]), xb.d));
     } else if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
         const uint32_t * p = (const uint32_t *) blk;
         int              sumi = 0;
@@ -194,7 +265,7 @@ static __device__ __forceinline__ float block_dot_q8(const uint8_t * blk, const 
             sumi        = __dp4a((w >> 4) & 0x0f0f0f0f, xb.q[4 + k], sumi);
         }
         const float dw = moqae_dev_f16_to_f32((uint16_t) (p[0] & 0xffffu)), mw = moqae_dev_f16_to_f32((uint16_t) (p[0] >> 16));
-        return dw * xb.d * (float) sumi + mw * xb.s;
+        return __fadd_rn(__fmul_rn((float) sumi, __fmul_rn(dw, xb.d)), __fmul_rn(mw, xb.s));
     } else { /* Q8_0 */
         const uint16_t * p = (const uint16_t *) blk;
         int              sumi = 0;
@@ -203,41 +274,195 @@ static __device__ __forceinline__ float block_dot_q8(const uint8_t * blk, const 
             const int w = (int) ((unsigned) p[1 + 2 * k] | ((unsigned) p[2 + 2 * k] << 16));
             sumi        = __dp4a(w, xb.q[k], sumi);
         }
-        return moqae_dev_f16_to_f32(p[0]) * xb.d * (float) sumi;
+        return __fmul_rn((float) sumi, __fmul_rn(moqae_dev_f16_to_f32(p[0]), xb.d));
     }
 }
 
-template <int TYPE>
+template <int TYPE, int NT>
 static __global__ void __launch_bounds__(128)
 mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
-            const q8x * __restrict__ xq, float * __restrict__ y, int accumulate) {
+            const q8x * __restrict__ xq, int n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
     const int64_t row0 = ((int64_t) blockIdx.x * 4 + threadIdx.x / 32) * MMVQ_ROWS_PER_WARP;
     const int     lane = threadIdx.x % 32;
     const int64_t nb   = n_cols / 32;
-    float         acc[MMVQ_ROWS_PER_WARP] = {};
+    float         acc[MMVQ_ROWS_PER_WARP][NT] = {};
     for (int64_t b = lane; b < nb; b += 32) {
-        const q8x xb = xq[b];
 #pragma unroll
-        for (int r = 0; r < MMVQ_ROWS_PER_WARP; r++) {
-            if (row0 + r < n_rows) {
-                acc[r] += block_dot_q8<TYPE>(w + (row0 + r) * row_bytes + b * block_info<TYPE>::bytes, xb);
+        for (int t = 0; t < NT; t++) {
+            if (t < n_tok) {
+                const q8x xb   = xq[(int64_t) t * nb + b];
+                int       xsum = 0;
+                if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        xsum = __dp4a(xb.q[k], 0x01010101, xsum);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < MMVQ_ROWS_PER_WARP; r++) {
+                    if (row0 + r < n_rows) {
+                        acc[r][t] += block_dot_q8<TYPE>(w + (row0 + r) * row_bytes + b * block_info<TYPE>::bytes, xb, xsum);
+                    }
+                }
             }
         }
     }
 #pragma unroll
     for (int r = 0; r < MMVQ_ROWS_PER_WARP; r++) {
-        float s = acc[r];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            s += __shfl_xor_sync(0xffffffffu, s, o);
-        }
-        if (lane == 0 && row0 + r < n_rows) {
-            y[row0 + r] = accumulate ? y[row0 + r] + s : s;
+        for (int t = 0; t < NT; t++) {
+            float s = acc[r][t];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                s += __shfl_xor_sync(0xffffffffu, s, o);
+            }
+            if (lane == 0 && row0 + r < n_rows && t < n_tok) {
+                float * yp = y + (int64_t) t * ldy + row0 + r;
+                *yp        = accumulate ? *yp + s : s;
+            }
         }
     }
 }
 
-/* ---- mat-mat on tensor cores: 64 tokens x 64 rows per block, K in steps of one block (32) -------- */
+/* ---- mat-mat on int8 tensor cores (prefill): 64 tokens x 64 rows per block, one quant block (32)
+ * per k-step: mma.m16n8k32 s8 gives each block's exact integer sums, which are scaled into f32
+ * accumulators with the CPU's per-block formula ------------------------------------------------------ */
+
+#define IMMA_BT 64 /* tokens per tile */
+#define IMMA_BR 64 /* rows per tile   */
+#define IMMA_LD 48 /* bytes per smem row: 32 + 16 (rows g = 0..7 at 4q land in distinct banks) */
+
+static __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                              uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int TYPE>
+static __global__ void __launch_bounds__(128)
+imma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows, const q8x * __restrict__ xq,
+            int64_t n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
+    __shared__ __align__(16) uint8_t xs[IMMA_BT * IMMA_LD];
+    __shared__ __align__(16) uint8_t ws[IMMA_BR * IMMA_LD];
+    __shared__ float                 dx[IMMA_BT], sx[IMMA_BT], dw[IMMA_BR], mw[IMMA_BR];
+    const int     tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, q = lane & 3;
+    const int64_t r0 = (int64_t) blockIdx.x * IMMA_BR, t0 = (int64_t) blockIdx.y * IMMA_BT;
+    const int64_t nb = n_cols / 32;
+    const int     wt = (warp / 2) * 32, wr = (warp % 2) * 32; /* this warp's 32 tokens x 32 rows */
+    float         acc[2][4][4] = {};
+    for (int64_t b = 0; b < nb; b++) {
+        { /* activations: 64 tokens x 32 int8, two threads per token */
+            const int tok = tid / 2, hf = tid % 2;
+            uint4     v   = make_uint4(0, 0, 0, 0);
+            float     d = 0.0f, s = 0.0f;
+            if (t0 + tok < n_tok) {
+                const q8x * xb = xq + (t0 + tok) * nb + b;
+                const uint2 lo = *(const uint2 *) &xb->q[4 * hf], hi = *(const uint2 *) &xb->q[4 * hf + 2]; /* 8-aligned */
+                v              = make_uint4(lo.x, lo.y, hi.x, hi.y);
+                d = xb->d, s = xb->s;
+            }
+            *(uint4 *) (xs + tok * IMMA_LD + 16 * hf) = v;
+            if (hf == 0) {
+                dx[tok] = d, sx[tok] = s;
+            }
+        }
+        { /* weights: 64 rows x one block as int8 codes (Q4_0: q - 8), two threads per row */
+            const int row = tid / 2, hf = tid % 2;
+            uint32_t  c[4] = { 0, 0, 0, 0 };
+            float     d = 0.0f, m = 0.0f;
+            if (r0 + row < n_rows) {
+                const uint8_t * blk = w + (r0 + row) * row_bytes + b * block_info<TYPE>::bytes;
+                if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
+                    const uint16_t * p = (const uint16_t *) blk;
+                    d                  = moqae_dev_f16_to_f32(p[0]);
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        c[k] = (uint32_t) p[1 + 8 * hf + 2 * k] | ((uint32_t) p[2 + 8 * hf + 2 * k] << 16);
+                    }
+                } else {
+                    uint32_t qs[4]; /* the 16 bytes of nibbles */
+                    if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
+                        const uint16_t * p = (const uint16_t *) blk;
+                        d                  = moqae_dev_f16_to_f32(p[0]);
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            qs[k] = (uint32_t) p[1 + 2 * k] | ((uint32_t) p[2 + 2 * k] << 16);
+                        }
+                    } else {
+                        const uint32_t * p = (const uint32_t *) blk;
+                        d                  = moqae_dev_f16_to_f32((uint16_t) (p[0] & 0xffffu));
+                        m                  = moqae_dev_f16_to_f32((uint16_t) (p[0] >> 16));
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            qs[k] = p[1 + k];
+                        }
+                    }
+                    /* elements 16 hf .. 16 hf + 15: low nibbles (hf 0) or high nibbles (hf 1) of the 16 bytes */
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        uint32_t v = (qs[k] >> (4 * hf)) & 0x0f0f0f0fu;
+                        if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
+                            v = __vsub4(v, 0x08080808u);
+                        }
+                        c[k] = v;
+                    }
+                }
+            }
+            *(uint4 *) (ws + row * IMMA_LD + 16 * hf) = make_uint4(c[0], c[1], c[2], c[3]);
+            if (hf == 0) {
+                dw[row] = d, mw[row] = m;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            const uint8_t * xa = xs + (wt + 16 * mt + g) * IMMA_LD + 4 * q;
+            const uint32_t  a0 = *(const uint32_t *) xa, a1 = *(const uint32_t *) (xa + 8 * IMMA_LD);
+            const uint32_t  a2 = *(const uint32_t *) (xa + 16), a3 = *(const uint32_t *) (xa + 8 * IMMA_LD + 16);
+            const float     dx0 = dx[wt + 16 * mt + g], dx1 = dx[wt + 16 * mt + g + 8];
+            const float     sx0 = sx[wt + 16 * mt + g], sx1 = sx[wt + 16 * mt + g + 8];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const uint8_t * wb = ws + (wr + 8 * nt + g) * IMMA_LD + 4 * q;
+                int             c[4] = { 0, 0, 0, 0 };
+                mma_s8(c, a0, a1, a2, a3, *(const uint32_t *) wb, *(const uint32_t *) (wb + 16));
+                const int   rr  = wr + 8 * nt + 2 * q;
+                const float dw0 = dw[rr], dw1 = dw[rr + 1];
+                float *     ac  = acc[mt][nt];
+                ac[0] = fmaf((float) c[0], __fmul_rn(dw0, dx0), ac[0]);
+                ac[1] = fmaf((float) c[1], __fmul_rn(dw1, dx0), ac[1]);
+                ac[2] = fmaf((float) c[2], __fmul_rn(dw0, dx1), ac[2]);
+                ac[3] = fmaf((float) c[3], __fmul_rn(dw1, dx1), ac[3]);
+                if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
+                    const float mw0 = mw[rr], mw1 = mw[rr + 1];
+                    ac[0] = fmaf(mw0, sx0, ac[0]);
+                    ac[1] = fmaf(mw1, sx0, ac[1]);
+                    ac[2] = fmaf(mw0, sx1, ac[2]);
+                    ac[3] = fmaf(mw1, sx1, ac[3]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int64_t tok = t0 + wt + 16 * mt + g + 8 * (i / 2), row = r0 + wr + 8 * nt + 2 * q + (i % 2);
+                if (tok < n_tok && row < n_rows) {
+                    float * yp = y + tok * ldy + row;
+                    *yp        = accumulate ? *yp + acc[mt][nt][i] : acc[mt][nt][i];
+                }
+            }
+        }
+    }
+}
+
+/* ---- mat-mat for F16/F32 weights on f16 tensor cores: 64 tokens x 64 rows per block ------------- */
 
 #define MMA_BT  64 /* tokens per tile */
 #define MMA_BR  64 /* rows per tile   */
@@ -266,7 +491,6 @@ mma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
         }
     }
     for (int64_t b = 0; b < nb; b++) {
-        /* activations: 64 tokens x 32 floats, 4 float4 per thread */
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int     e4 = tid + i * 128, tok = e4 / 8, c4 = e4 % 8;
@@ -277,7 +501,6 @@ mma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
             half * d = xs + tok * MMA_LDS + c4 * 4;
             d[0] = __float2half(v.x), d[1] = __float2half(v.y), d[2] = __float2half(v.z), d[3] = __float2half(v.w);
         }
-        /* weights: 64 rows x one block, two threads per row */
         {
             const int row = tid / 2, half_ = tid % 2;
             float     v[16];
@@ -356,20 +579,24 @@ static __global__ void get_rows_kernel(const uint8_t * __restrict__ w, size_t ro
 typedef void (*mmv_fn)(const uint8_t *, size_t, int64_t, int64_t, const float *, int, float *, int64_t, int);
 typedef void (*mma_fn)(const uint8_t *, size_t, int64_t, int64_t, const float *, int64_t, float *, int64_t, int);
 typedef void (*rows_fn)(const uint8_t *, size_t, int64_t, const int32_t *, float *);
-typedef void (*mmvq_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, float *, int);
+typedef void (*mmvq_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int, float *, int64_t, int);
+typedef void (*imma_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int64_t, float *, int64_t, int);
 
 struct type_ops {
-    mmv_fn  mmv;
+    mmv_fn  mmv;     /* f32 activations (F32, F16 weights)               */
     mma_fn  mma;
     rows_fn rows;
-    mmvq_fn mmvq; /* NULL: no integer codes (F32, F16) */
+    mmvq_fn mmvq1;   /* integer codes, one token; NULL for F32, F16     */
+    mmvq_fn mmvq8;   /* integer codes, up to 8 tokens                   */
+    imma_fn imma;
 };
 
 template <int TYPE> static constexpr type_ops make_ops() {
     if constexpr (TYPE == MOQAE_TYPE_Q4_0 || TYPE == MOQAE_TYPE_Q4_1 || TYPE == MOQAE_TYPE_Q8_0) {
-        return type_ops{ mmv_kernel<TYPE>, mma_kernel<TYPE>, get_rows_kernel<TYPE>, mmvq_kernel<TYPE> };
+        return type_ops{ nullptr, nullptr, get_rows_kernel<TYPE>, mmvq_kernel<TYPE, 1>, mmvq_kernel<TYPE, 8>,
+                         imma_kernel<TYPE> };
     } else {
-        return type_ops{ mmv_kernel<TYPE>, mma_kernel<TYPE>, get_rows_kernel<TYPE>, nullptr };
+        return type_ops{ mmv_kernel<TYPE>, mma_kernel<TYPE>, get_rows_kernel<TYPE>, nullptr, nullptr, nullptr };
     }
 }
 
@@ -391,46 +618,88 @@ bool moqae_cuda_type_supported(enum moqae_type type) {
     return ops_of(type) != nullptr;
 }
 
+bool moqae_cuda_type_quantized(enum moqae_type type) {
+    const type_ops * o = ops_of(type);
+    return o && o->imma;
+}
+
 enum moqae_cuda_mm_kernel moqae_cuda_mm_pick(enum moqae_type type, int64_t n_cols, int64_t n_tok) {
-    if (!ops_of(type) || n_cols % 32 != 0 || n_tok < 1) {
+    const type_ops * o = ops_of(type);
+    if (!o || n_cols % 32 != 0 || n_tok < 1) {
         return MOQAE_CUDA_MM_NONE;
+    }
+    if (o->imma) {
+        return n_tok <= MOQAE_CUDA_MMV_MAX_T ? MOQAE_CUDA_MM_MMVQ : MOQAE_CUDA_MM_IMMA;
     }
     return n_tok <= MOQAE_CUDA_MMV_MAX_T ? MOQAE_CUDA_MM_MMV : MOQAE_CUDA_MM_MMA;
 }
 
-size_t moqae_cuda_matmul_scratch_bytes(int64_t max_cols) {
-    return (size_t) (max_cols / 32) * sizeof(q8x);
+size_t moqae_cuda_quant_bytes(int64_t n_tok, int64_t n_cols) {
+    return (size_t) n_tok * (size_t) (n_cols / 32) * sizeof(q8x);
 }
 
-int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, int64_t n_tok, float * y, int64_t ldy,
-                      bool accumulate, void * xq_scratch, cudaStream_t stream) {
+int moqae_cuda_quantize(const float * x, int64_t n_tok, int64_t n_cols, void * xq, cudaStream_t stream) {
+    if (n_cols % 32 != 0) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA: activations of %lld columns (not a multiple of 32)", (long long) n_cols);
+    }
+    const int64_t nb = n_tok * (n_cols / 32);
+    if (nb > 0) {
+        quantize_kernel<<<(unsigned) ((nb + 127) / 128), 128, 0, stream>>>(x, nb, (q8x *) xq);
+        MOQAE_CUDA_LAUNCH_CHECK();
+    }
+    return MOQAE_OK;
+}
+
+int moqae_cuda_rms_norm_quant(const float * x, const float * w, float eps, int64_t n, int64_t n_rows, float * y, void * xq,
+                              cudaStream_t stream) {
+    if (n % 32 != 0) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA: activations of %lld columns (not a multiple of 32)", (long long) n);
+    }
+    if (n_rows > 0) {
+        rms_norm_quant_kernel<<<(unsigned) n_rows, 256, 0, stream>>>(x, w, eps, n, y, (q8x *) xq);
+        MOQAE_CUDA_LAUNCH_CHECK();
+    }
+    return MOQAE_OK;
+}
+
+int moqae_cuda_swiglu_quant(float * g, const float * u, int64_t n_tok, int64_t n, void * xq, cudaStream_t stream) {
+    if (n % 32 != 0) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA: activations of %lld columns (not a multiple of 32)", (long long) n);
+    }
+    const int64_t nb = n_tok * (n / 32);
+    if (nb > 0) {
+        swiglu_quant_kernel<<<(unsigned) ((nb + 127) / 128), 128, 0, stream>>>(g, u, nb, (q8x *) xq);
+        MOQAE_CUDA_LAUNCH_CHECK();
+    }
+    return MOQAE_OK;
+}
+
+int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const void * xq, int64_t n_tok, float * y,
+                      int64_t ldy, bool accumulate, cudaStream_t stream) {
     const type_ops * ops = ops_of(w->type);
+    const int        acc = accumulate ? 1 : 0;
     switch (moqae_cuda_mm_pick(w->type, w->n_cols, n_tok)) {
         case MOQAE_CUDA_MM_MMV: {
-            static int v1 = -1; /* MOQAE_CUDA_MMV=1: the f32 mat-vec everywhere (comparison) */
-            if (v1 < 0) {
-                const char * e = getenv("MOQAE_CUDA_MMV");
-                v1             = e && *e == '1';
-            }
-            /* the integer mat-vec costs one more launch (the quantization): worth it on large
-             * matrices (7B: 2.2x), not on SmolLM2's 576-wide ones (tg128 660 -> 516 t/s on the H100) */
-            if (n_tok == 1 && ops->mmvq && !v1 && xq_scratch && w->n_rows * w->n_cols >= ((int64_t) 1 << 22)) {
-                const int64_t nb = w->n_cols / 32;
-                quantize_x_kernel<<<(unsigned) ((nb + 127) / 128), 128, 0, stream>>>(x, nb, (q8x *) xq_scratch);
-                MOQAE_CUDA_LAUNCH_CHECK();
-                const unsigned blocks = (unsigned) ((w->n_rows + 4 * MMVQ_ROWS_PER_WARP - 1) / (4 * MMVQ_ROWS_PER_WARP));
-                ops->mmvq<<<blocks, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq_scratch,
-                                                      y, accumulate);
-                break;
-            }
             const unsigned blocks = (unsigned) ((w->n_rows + MMV_ROWS_PER_BLOCK - 1) / MMV_ROWS_PER_BLOCK);
             ops->mmv<<<blocks, 32 * MMV_ROWS_PER_BLOCK, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, x,
-                                                                      (int) n_tok, y, ldy, accumulate);
+                                                                      (int) n_tok, y, ldy, acc);
+            break;
+        }
+        case MOQAE_CUDA_MM_MMVQ: {
+            const unsigned blocks = (unsigned) ((w->n_rows + 4 * MMVQ_ROWS_PER_WARP - 1) / (4 * MMVQ_ROWS_PER_WARP));
+            (n_tok == 1 ? ops->mmvq1 : ops->mmvq8)<<<blocks, 128, 0, stream>>>(
+                w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, (int) n_tok, y, ldy, acc);
+            break;
+        }
+        case MOQAE_CUDA_MM_IMMA: {
+            const dim3 grid((unsigned) ((w->n_rows + IMMA_BR - 1) / IMMA_BR), (unsigned) ((n_tok + IMMA_BT - 1) / IMMA_BT));
+            ops->imma<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, n_tok, y,
+                                                ldy, acc);
             break;
         }
         case MOQAE_CUDA_MM_MMA: {
             const dim3 grid((unsigned) ((w->n_rows + MMA_BR - 1) / MMA_BR), (unsigned) ((n_tok + MMA_BT - 1) / MMA_BT));
-            ops->mma<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, x, n_tok, y, ldy, accumulate);
+            ops->mma<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, x, n_tok, y, ldy, acc);
             break;
         }
         default:
