@@ -4,6 +4,7 @@
 # `import moqae_cpp as llama_cpp` is meant to run llama-cpp-python scripts unchanged.
 from __future__ import annotations
 
+import _thread
 import atexit
 import logging
 
@@ -17,7 +18,10 @@ _LEVELS = {lib.MOQAE_LOG_DEBUG: logging.DEBUG, lib.MOQAE_LOG_INFO: logging.INFO,
 @ffi.def_extern()
 def moqae_py_log(level, msg, user_data):
     # May run on a library worker thread; cffi takes the GIL for us.
-    _logger.log(_LEVELS.get(level, logging.INFO), "%s", ffi.string(msg).decode("utf-8", "replace"))
+    try:
+        _logger.log(_LEVELS.get(level, logging.INFO), "%s", ffi.string(msg).decode("utf-8", "replace"))
+    except KeyboardInterrupt:  # Ctrl-C landed in this callback, which cannot carry it through C: deliver it
+        _thread.interrupt_main()  # again, to fire when the C call returns to Python
 
 
 lib.moqae_log_set(lib.moqae_py_log, ffi.NULL)
