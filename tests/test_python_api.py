@@ -13,6 +13,7 @@ import math
 import re
 import subprocess
 import sys
+import signal
 import threading
 import time
 from pathlib import Path
@@ -547,6 +548,9 @@ def test_real_ctrl_c(llm, reference, delay):
     prompt = "word " * 150
     timer = threading.Timer(delay, _thread.interrupt_main)
     caught = False
+    # Python's own Ctrl-C handler, as in a terminal session: a library imported by an earlier test module
+    # of the same pytest process may have replaced it, and interrupt_main() then raises nothing.
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         timer.start()
         for _ in llm(prompt, max_tokens=80, temperature=0, stream=True):
@@ -558,6 +562,7 @@ def test_real_ctrl_c(llm, reference, delay):
         caught = True
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, old_handler)
     assert caught
     assert_consistent(llm)
     assert greedy(llm, "Once upon a time") == reference["Once upon a time"]
