@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# Before any test imports torch: OpenMP threads that sleep when idle. libgomp's spinning waits make every
+# torch op 6-10x slower whenever another process holds one of the 2 cores (docs/TRAINING.md, "Cost").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))
 sys.path.insert(0, str(ROOT / "train"))
