@@ -5,7 +5,7 @@
 # SmolLM2 and the LLaMA-2-7B-shaped Q4_0 model at depth.
 #   scripts/cuda-check.sh [STAGE ...]
 # stages: build stash smol emulate tiny parity floor ppl smolbench make7b router7b 7bprobe 7b32k 7b32kgen
-#         7b128k 7brouter32k 7brouter128k fp16 nofit ncu
+#         7b128k 7brouter32k 7brouter128k fp16 nofit ncu prof7b profsmol sass
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -30,6 +30,22 @@ with_mem() {
     kill "$mp" 2>/dev/null; wait "$mp" 2>/dev/null
     note "peak GPU memory ($tag): $(sort -n "$OUT/mem-$tag.txt" | tail -1) MiB (nvidia-smi, whole device)"
     return $rc
+}
+
+prof_table() { # ncu --csv gpu__time_duration rows -> kernel, launches, mean us, total us (largest first)
+    python3 - "$1" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows:
+    sys.exit(print("no ncu rows"))
+h = rows[0]; kn = h.index("Kernel Name"); mv = h.index("Metric Value"); un = h.index("Metric Unit")
+tot = collections.defaultdict(float); cnt = collections.Counter()
+for r in rows[1:]:
+    v = float(r[mv].replace(",", "")) * {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3}.get(r[un], 1)
+    k = r[kn].split("(")[0]; tot[k] += v; cnt[k] += 1
+for k in sorted(tot, key=tot.get, reverse=True):
+    print(f"{k[:60]:60s} {cnt[k]:6d} x {tot[k] / cnt[k]:9.2f} us = {tot[k]:10.1f} us")
+PY
 }
 
 gguf_py() { # the gguf package from the wheel in split/ (no registry there)
@@ -117,6 +133,19 @@ for st in $stages; do
         done
         grep -E "^  [a-zA-Z_0-9<>, ]+\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp|Block Limit" \
             "$OUT/ncu.txt" | head -80 | tee -a "$S" ;;
+    prof7b) # every kernel of the 7B decode at depth 0 (pp1 + tg2, warm-up included): mean time per launch
+        timeout 200 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $L7 -ngl 99 -p 1 -n 2 -r 1 --kv int4 \
+            > "$OUT/prof7b.csv" 2>/dev/null
+        prof_table "$OUT/prof7b.csv" | tee -a "$S" ;;
+    profsmol) # the same for SmolLM2 (tg4)
+        timeout 120 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $SMOL -ngl 99 -p 1 -n 4 -r 1 --kv fp16 \
+            > "$OUT/profsmol.csv" 2>/dev/null
+        prof_table "$OUT/profsmol.csv" | tee -a "$S" ;;
+    sass) # the decode kernels' machine code, and an instruction histogram of attention
+        cuobjdump -sass -fun '_Z14attn_v3_kernelILi128ELi1EEv20moqae_cuda_ring_geom20moqae_cuda_attn_args' \
+            $B/libmoqae.so > "$OUT/attn-v3.sass" 2>&1
+        grep -oE '^ +/\*[0-9a-f]{4}\*/ +[A-Z][A-Z0-9_.]*' "$OUT/attn-v3.sass" | awk '{print $2}' | sort | uniq -c |
+            sort -rn | head -25 | tr '\n' ' ' | tee -a "$S"; echo | tee -a "$S" ;;
     floor) # the CPU's own noise floor: fp16-KV logits under each CPU ISA and on the GPU, compared
         for isa in scalar avx2 avx512; do MOQAE_CPU=$isa $B/cuda-parity --logits /tmp/l-$isa.bin $SMOL 0 > /dev/null; done
         $B/cuda-parity --logits /tmp/l-gpu.bin $SMOL 99 > /dev/null

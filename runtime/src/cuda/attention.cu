@@ -410,6 +410,21 @@ static __device__ __forceinline__ uint32_t h2_1024(uint32_t x) {
     return __byte_perm(x, 0x64646464u, 0x4140);
 }
 
+/* Four 8x8 b16 matrices from shared memory, transposed: lane l gives the address of row l % 8 of
+ * matrix l / 8 (16 bytes each) and receives, from matrix i, the b16 column l / 4 of rows 2 (l % 4)
+ * (low half) and 2 (l % 4) + 1 (high half) in r[i]. */
+static __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void * smem_row) {
+    const unsigned sa = (unsigned) __cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(sa));
+}
+
+/* nibbles 0 and 4 of x (bits 0-3 and 16-19) -> half2 (1024 + n0, 1024 + n4) */
+static __device__ __forceinline__ uint32_t h2_1024_nib(uint32_t x) {
+    return (x & 0x000f000fu) | 0x64006400u;
+}
+
 static __device__ __forceinline__ void cp_async16(void * smem, const void * gmem) {
     const unsigned sa = (unsigned) __cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem));
@@ -470,6 +485,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         qs[e]       = n < m_rows ? a.q[(long long) (hk * m_rows + n) * D + e % D] * a.scale : 0.0f;
     }
     if (pre) {
+#pragma unroll 8 /* the table's loads issued together: this setup is every call's fixed cost */
         for (int e = tid; e < C * (D / 2); e += V3_THREADS) {
             const int t = e / (D / 2), i = e % (D / 2);
             cst[t * CSTLD + i] = make_float2(a.cs_t[(2 * i) * C + t], a.cs_t[(2 * i + 1) * C + t]);
@@ -494,7 +510,12 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             op[n][e] = 0.0f, orot[n][e] = 0.0f;
         }
     }
-    const int tq = g8 + 8 * q4; /* a quantized chunk's token held by this lane after the scores */
+    /* A quantized chunk's token held by this lane after the scores: INT4 keys (ldmatrix path) give the
+     * rows g8 and g8 + 8 of the u-th product the tokens tau + u and tau + 8 + u, tau = 2 g8 (+ 8 for
+     * g8 >= 4), and the lane keeps u = q4 / 2, row half q4 % 2; INT8 / INT2 keys give the rows of the
+     * mt-th product the tokens 16 mt + g8 (+ 8). */
+    const int tau = g8 < 4 ? 2 * g8 : 2 * g8 + 8;
+    const int tq4 = tau + (q4 >> 1) + 8 * (q4 & 1), tq28 = g8 + 8 * q4;
 
     auto issue = [&](int it, uint8_t * buf) {
         if (it < s1 && it < n_vis) {
@@ -529,6 +550,8 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             ch = a.table[it];
         }
         const bool      quant = ring && ch.codec != 0;
+        const bool      nib4  = ch.codec == 2; /* MOQAE_KV_CODEC_Q4 */
+        const int       tq    = nib4 ? tq4 : tq28;
         const long long tile_pos = ring ? ch.pos : own;
         float           s[MM], p[MM];
 
@@ -567,7 +590,82 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                 }
             }
             __syncwarp();
-            float mine[MM]; /* this lane's token tq = 16 mt + g8 + 8 hh with mt = q4 / 2, hh = q4 % 2 */
+            float mine[MM]; /* this lane's token tq */
+            if (nib4) {
+                /* INT4: the codes of 8 channel rows x 32 tokens are one 8x8 b16 matrix (16 bytes a row);
+                 * ldmatrix.trans hands lane (g8, q4) channels 2 q4, 2 q4 + 1 of bytes 2 g8 and 2 g8 + 1, i.e.
+                 * tokens tau, tau + 1 (low nibbles) and tau + 8, tau + 9 (high nibbles): byte u of the
+                 * pair is the u-th product's A fragment, one mask per register. */
+#pragma unroll 1
+                for (int u = 0; u < 2; u++) {
+                    float sc[MM][2];
+#pragma unroll
+                    for (int n = 0; n < MM; n++) {
+                        sc[n][0] = sc[n][1] = 0.0f;
+                    }
+#pragma unroll 1
+                    for (int nt = 0; nt < 2; nt++) {
+                        const uint32_t s01 = nt ? sg01[1] : sg01[0], s89 = nt ? sg89[1] : sg89[0];
+                        float          acc[NA][4];
+#pragma unroll
+                        for (int ab = 0; ab < NA; ab += 2) {
+                            uint32_t r[4];
+                            ldsm_x4_trans(r, rk + (16 * ab + lane) * 16);
+#pragma unroll
+                            for (int k = 0; k < 2; k++) {
+                                const float2 cr = *(const float2 *) (corr + 16 * (ab + k) + 8 * nt + 2 * q4);
+                                acc[ab + k][0] = cr.x, acc[ab + k][1] = cr.y, acc[ab + k][2] = cr.x, acc[ab + k][3] = cr.y;
+                                const uint32_t x0 = r[2 * k] >> (8 * u), x1 = r[2 * k + 1] >> (8 * u);
+                                const uint32_t b01 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4) ^ s01;
+                                const uint32_t b89 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4 + 8) ^ s89;
+                                mma16816(acc[ab + k], h2_1024_nib(x0), h2_1024_nib(x0 >> 4), h2_1024_nib(x1),
+                                         h2_1024_nib(x1 >> 4), b01, b89);
+                            }
+                        }
+#pragma unroll
+                        for (int h = 1; h < NA; h *= 2) { /* stage 2: butterflies across the blocks */
+#pragma unroll
+                            for (int ab = 0; ab < NA; ab++) {
+                                if ((ab & h) == 0) {
+#pragma unroll
+                                    for (int r = 0; r < 4; r++) {
+                                        const float x = acc[ab][r], y = acc[ab + h][r];
+                                        acc[ab][r]     = x + y;
+                                        acc[ab + h][r] = x - y;
+                                    }
+                                }
+                            }
+                        }
+#pragma unroll
+                        for (int ab = 0; ab < NA; ab++) {
+                            const int i = 8 * ab + 4 * nt + q4; /* the pair (2i, 2i+1) = columns 2q4, 2q4+1 */
+#pragma unroll
+                            for (int hh = 0; hh < 2; hh++) {
+                                const int    t  = tau + u + 8 * hh;
+                                const float  x = acc[ab][2 * hh], y = acc[ab][2 * hh + 1];
+                                const float2 cs = pre ? cst[t * CSTLD + i] : make_float2(1.0f, 0.0f);
+#pragma unroll
+                                for (int n = 0; n < MM; n++) {
+                                    const float2 qq    = *(const float2 *) (q0s + n * D + 2 * i);
+                                    const float  alpha = x * qq.x + y * qq.y, beta = x * qq.y - y * qq.x;
+                                    sc[n][hh] += cs.x * alpha + cs.y * beta;
+                                }
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int n = 0; n < MM; n++) { /* whole scores: the sum over the 4 lanes of a row group */
+#pragma unroll
+                        for (int hh = 0; hh < 2; hh++) {
+                            sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 1);
+                            sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 2);
+                        }
+                        if ((q4 >> 1) == u) {
+                            mine[n] = (q4 & 1) ? sc[n][1] : sc[n][0];
+                        }
+                    }
+                }
+            } else {
 #pragma unroll 1
             for (int mt = 0; mt < 2; mt++) {
                 float sc[MM][2];
@@ -650,6 +748,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                     }
                 }
             }
+            }
             /* the outlier token, scored apart */
             const int   xi = rk[gk.off_x + 4];
             const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
@@ -693,7 +792,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                 }
             } else {
                 const uint16_t * row = a.stage_k + ((long long) hk * g.stage_rows + (tile_pos + lane) % g.stage_rows) * D;
-#pragma unroll 2
+#pragma unroll 4
                 for (int d = 0; d < D; d += 8) {
                     const uint4 w = *(const uint4 *) (row + d);
                     const uint32_t ww[4] = { w.x, w.y, w.z, w.w };
@@ -759,7 +858,8 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             const uint32_t msk = bits == 8 ? 0xffffffffu : bits == 4 ? 0x0f0f0f0fu : 0x03030303u;
 #pragma unroll
             for (int j = 0; j < C; j++) {
-                const int src = ((j & 7) << 2) | (j >> 3);
+                const int r8 = j & 7, src = nib4 ? 4 * ((r8 >> 1) + 4 * (j >> 4)) + 2 * (r8 & 1) + ((j >> 3) & 1)
+                                                 : (r8 << 2) | (j >> 3); /* the lane holding token j */
                 float     pj[MM];
 #pragma unroll
                 for (int n = 0; n < MM; n++) {

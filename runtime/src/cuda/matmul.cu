@@ -82,46 +82,38 @@ struct __align__(8) q8x { /* x = d * q; d = f32(f16(amax / 127)), s = f32(f16(d_
     float d, s;
 };
 
-/* One block of 32 activations quantized as from_float_q8_0_ref / _q8_1_ref. */
-static __device__ __forceinline__ q8x quantize_block(const float * v) {
-    float amax = 0.0f;
+/* One block of 32 activations quantized as from_float_q8_0_ref / _q8_1_ref, by one warp: element
+ * `lane` in each lane (coalesced loads and stores; amax and the integer sum do not depend on the
+ * order, so the values are the CPU's). */
+static __device__ __forceinline__ void quantize_warp(float v, q8x * out) {
+    const int lane = threadIdx.x & 31;
+    float     amax = fabsf(v);
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
-        amax = fmaxf(amax, fabsf(v[i]));
+    for (int o = 16; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     }
-    const float d   = __fdiv_rn(amax, 127.0f);
-    const float id  = d != 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
-    int         sum = 0;
-    q8x         out;
+    const float d  = __fdiv_rn(amax, 127.0f);
+    const float id = d != 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
+    const int   q  = (int) roundf(__fmul_rn(v, id)); /* roundf: halves away from zero */
+    int         sum = q;
 #pragma unroll
-    for (int k = 0; k < 8; k++) {
-        unsigned w = 0;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int q = (int) roundf(__fmul_rn(v[4 * k + j], id)); /* roundf: halves away from zero */
-            sum += q;
-            w |= ((unsigned) q & 0xffu) << (8 * j);
-        }
-        out.q[k] = (int) w;
+    for (int o = 16; o > 0; o >>= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
     }
-    out.d = moqae_dev_f16_to_f32(moqae_dev_f32_to_f16(d));
-    out.s = moqae_dev_f16_to_f32(moqae_dev_f32_to_f16(__fmul_rn((float) sum, d)));
-    return out;
+    ((int8_t *) out->q)[lane] = (int8_t) q;
+    if (lane == 0) {
+        out->d = moqae_dev_f16_to_f32(moqae_dev_f32_to_f16(d));
+        out->s = moqae_dev_f16_to_f32(moqae_dev_f32_to_f16(__fmul_rn((float) sum, d)));
+    }
 }
 
+/* One warp per block of 32 (blocks of 4 warps). */
 static __global__ void quantize_kernel(const float * __restrict__ x, int64_t nb_total, q8x * __restrict__ xq) {
-    const int64_t b = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t b = ((int64_t) blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (b >= nb_total) {
         return;
     }
-    const float4 * p = (const float4 *) (x + b * 32);
-    float          v[32];
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        const float4 f = p[i];
-        v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
-    }
-    xq[b] = quantize_block(v);
+    quantize_warp(x[b * 32 + (threadIdx.x & 31)], xq + b);
 }
 
 /* rms_norm_ref (ops.cu's rms_norm_kernel) fused with the quantization of its output row. */
@@ -131,7 +123,8 @@ static __global__ void rms_norm_quant_kernel(const float * __restrict__ x, const
     const float *     xr  = x + (int64_t) blockIdx.x * n;
     float *           yr  = y + (int64_t) blockIdx.x * n;
     double            sum = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+#pragma unroll 8 /* the loads of a row issued together (one latency, not n / 256); the sum's order is unchanged */
+    for (int i = threadIdx.x; i < (int) n; i += blockDim.x) {
         sum += (double) xr[i] * (double) xr[i];
     }
 #pragma unroll
@@ -155,32 +148,27 @@ static __global__ void rms_norm_quant_kernel(const float * __restrict__ x, const
     __syncthreads();
     const float mean  = (float) (part[0] / (double) n);
     const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
-    for (int64_t b = threadIdx.x; b < n / 32; b += blockDim.x) {
-        float v[32];
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            v[i]              = __fmul_rn(__fmul_rn(xr[b * 32 + i], scale), w[b * 32 + i]);
-            yr[b * 32 + i]    = v[i];
-        }
-        xq[(int64_t) blockIdx.x * (n / 32) + b] = quantize_block(v);
+    const int   lane  = threadIdx.x & 31;
+#pragma unroll 4
+    for (int b = threadIdx.x / 32; b < (int) (n / 32); b += blockDim.x / 32) { /* one warp per block of 32 */
+        const float v       = __fmul_rn(__fmul_rn(xr[b * 32 + lane], scale), w[b * 32 + lane]);
+        yr[b * 32 + lane]   = v;
+        quantize_warp(v, xq + (int64_t) blockIdx.x * (n / 32) + b);
     }
 }
 
-/* swiglu_ref (g = silu(g) * u) fused with the quantization of g, one block of 32 per thread. */
+/* swiglu_ref (g = silu(g) * u) fused with the quantization of g, one warp per block of 32. */
 static __global__ void swiglu_quant_kernel(float * __restrict__ g, const float * __restrict__ u, int64_t nb_total,
                                            q8x * __restrict__ xq) {
-    const int64_t b = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t b = ((int64_t) blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (b >= nb_total) {
         return;
     }
-    float v[32];
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        const float x = g[b * 32 + i];
-        v[i]          = __fmul_rn(__fdiv_rn(x, __fadd_rn(1.0f, expf(-x))), u[b * 32 + i]);
-        g[b * 32 + i] = v[i];
-    }
-    xq[b] = quantize_block(v);
+    const int64_t i = b * 32 + (threadIdx.x & 31);
+    const float   x = g[i];
+    const float   v = __fmul_rn(__fdiv_rn(x, __fadd_rn(1.0f, expf(-x))), u[i]);
+    g[i]            = v;
+    quantize_warp(v, xq + b);
 }
 
 /* ---- mat-vec, f32 activations (F32 and F16 weights): one warp per row, lanes over blocks -------- */
@@ -237,78 +225,151 @@ mmv_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
     }
 }
 
-/* ---- mat-vec on integer codes (decode: n_tok <= 8): dp4a, MMVQ_ROWS rows per warp, so each
- * activation block, loaded once per lane, serves several weight rows ------------------------------- */
+/* ---- mat-vec on integer codes (decode: n_tok <= 8), version 4: two lanes per quant block ---------
+ * Each lane takes 16 of a block's 32 codes; the two halves' integer sums are exact and joined by one
+ * shuffle before the CPU's per-block formula, so every block's value is the CPU's. `wpr` warps share a
+ * row's blocks (4 for rows of >= 2048 columns) and each warp group takes MMVQ_R rows, so that a
+ * 4096 x 4096 product runs 8,192 warps (about 62 per SM, one wave) instead of 1,024 in v3: the loads
+ * of many blocks are in flight at once, which is what a bandwidth-bound mat-vec needs. */
 
-#define MMVQ_ROWS_PER_WARP 4
+#define MMVQ_R 2 /* rows per warp group: each activation half-block read serves MMVQ_R rows */
 
-/* One block: (float) sumi * (d_w * d_x) (+ m_w * s_x), sumi exact, as cpu/kernels-ref.c vec_dot. */
-template <int TYPE>
-static __device__ __forceinline__ float block_dot_q8(const uint8_t * blk, const q8x & xb, int xsum) {
-    if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
-        const uint16_t * p = (const uint16_t *) blk;
-        int              sumi = 0;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const int w = (int) ((unsigned) p[1 + 2 * k] | ((unsigned) p[2 + 2 * k] << 16));
-            sumi        = __dp4a(w & 0x0f0f0f0f, xb.q[k], sumi);
-            sumi        = __dp4a((w >> 4) & 0x0f0f0f0f, xb.q[4 + k], sumi);
-        }
-        return __fmul_rn((float) (sumi - 8 * xsum), __fmul_rn(moqae_dev_f16_to_f32(p[0]), xb.d));
-    } else if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
+/* Half `h` of a weight block (codes 16h .. 16h + 15 in ggml's nibble order: Q4 bytes 8h .. 8h + 7, Q8
+ * bytes 16h .. 16h + 15) as 32-bit words, and its scale word (Q4_0/Q8_0: f16 d; Q4_1: f16 d, f16 m). All
+ * loads are issued together, before any use: a block's scale must not wait for its codes. */
+struct wq_half {
+    int      w[4]; /* Q4: w[0..1] */
+    uint32_t dm;
+};
+
+template <int TYPE> static __device__ __forceinline__ wq_half load_half(const uint8_t * blk, int h) {
+    wq_half r;
+    if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
         const uint32_t * p = (const uint32_t *) blk;
-        int              sumi = 0;
+        r.dm = p[0], r.w[0] = (int) p[1 + 2 * h], r.w[1] = (int) p[2 + 2 * h], r.w[2] = r.w[3] = 0;
+    } else {
+        constexpr int    NW = TYPE == MOQAE_TYPE_Q8_0 ? 4 : 2;
+        const uint16_t * p  = (const uint16_t *) blk;
+        r.dm                = p[0];
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            const int w = (int) p[1 + k];
-            sumi        = __dp4a(w & 0x0f0f0f0f, xb.q[k], sumi);
-            sumi        = __dp4a((w >> 4) & 0x0f0f0f0f, xb.q[4 + k], sumi);
+            r.w[k] = k < NW ? (int) ((unsigned) p[1 + 2 * NW * h + 2 * k] | ((unsigned) p[2 + 2 * NW * h + 2 * k] << 16)) : 0;
         }
-        const float dw = moqae_dev_f16_to_f32((uint16_t) (p[0] & 0xffffu)), mw = moqae_dev_f16_to_f32((uint16_t) (p[0] >> 16));
-        return __fadd_rn(__fmul_rn((float) sumi, __fmul_rn(dw, xb.d)), __fmul_rn(mw, xb.s));
-    } else { /* Q8_0 */
-        const uint16_t * p = (const uint16_t *) blk;
-        int              sumi = 0;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const int w = (int) ((unsigned) p[1 + 2 * k] | ((unsigned) p[2 + 2 * k] << 16));
-            sumi        = __dp4a(w, xb.q[k], sumi);
+    }
+    return r;
+}
+
+/* The activation ints that half h multiplies (Q4: elements 8h.. and 16 + 8h..; Q8: 16h..) and (d, s). */
+struct xq_half {
+    int2   lo, hi;
+    float2 ds;
+};
+
+template <int TYPE> static __device__ __forceinline__ xq_half load_xhalf(const q8x * xb, int h) {
+    const int2 * p = (const int2 *) xb;
+    xq_half      r;
+    if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
+        r.lo = p[2 * h], r.hi = p[2 * h + 1];
+    } else {
+        r.lo = p[h], r.hi = p[2 + h];
+    }
+    r.ds = *(const float2 *) (p + 4);
+    return r;
+}
+
+/* The exact integer sum of a half block, with Q4_0's offset -8 folded in. */
+template <int TYPE> static __device__ __forceinline__ int half_dot_q8(const wq_half & wq, const xq_half & x) {
+    if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
+        int s = __dp4a(wq.w[0], x.lo.x, 0);
+        s     = __dp4a(wq.w[1], x.lo.y, s);
+        s     = __dp4a(wq.w[2], x.hi.x, s);
+        return __dp4a(wq.w[3], x.hi.y, s);
+    } else {
+        int s = __dp4a(wq.w[0] & 0x0f0f0f0f, x.lo.x, 0);
+        s     = __dp4a(wq.w[1] & 0x0f0f0f0f, x.lo.y, s);
+        s     = __dp4a((wq.w[0] >> 4) & 0x0f0f0f0f, x.hi.x, s);
+        s     = __dp4a((wq.w[1] >> 4) & 0x0f0f0f0f, x.hi.y, s);
+        if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
+            int xs = __dp4a(x.lo.x, 0x01010101, 0);
+            xs     = __dp4a(x.lo.y, 0x01010101, xs);
+            xs     = __dp4a(x.hi.x, 0x01010101, xs);
+            xs     = __dp4a(x.hi.y, 0x01010101, xs);
+            s -= 8 * xs;
         }
-        return __fmul_rn((float) sumi, __fmul_rn(moqae_dev_f16_to_f32(p[0]), xb.d));
+        return s;
     }
 }
 
+/* A block's value from its whole integer sum: (float) sumi * (d_w * d_x) (+ m_w * s_x), as
+ * cpu/kernels-ref.c vec_dot. */
+template <int TYPE> static __device__ __forceinline__ float block_value_q8(uint32_t dm, int sumi, float2 ds) {
+    if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
+        const float dw = moqae_dev_f16_to_f32((uint16_t) (dm & 0xffffu)), mw = moqae_dev_f16_to_f32((uint16_t) (dm >> 16));
+        return __fadd_rn(__fmul_rn((float) sumi, __fmul_rn(dw, ds.x)), __fmul_rn(mw, ds.y));
+    } else {
+        return __fmul_rn((float) sumi, __fmul_rn(moqae_dev_f16_to_f32((uint16_t) dm), ds.x));
+    }
+}
+
+/* UNROLL passes of the group over the row are loaded before any is used (one memory latency per
+ * UNROLL passes); 2 for one token, 1 for up to 8 (registers). */
 template <int TYPE, int NT>
-static __global__ void __launch_bounds__(128)
+static __global__ void __launch_bounds__(128, NT == 1 ? 12 : 4)
 mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
-            const q8x * __restrict__ xq, int n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
-    const int64_t row0 = ((int64_t) blockIdx.x * 4 + threadIdx.x / 32) * MMVQ_ROWS_PER_WARP;
-    const int     lane = threadIdx.x % 32;
+            const q8x * __restrict__ xq, int n_tok, float * __restrict__ y, int64_t ldy, int accumulate, int wpr) {
+    constexpr int UNROLL = NT == 1 ? 2 : 1;
+    __shared__ float red[4][MMVQ_R][NT];
+    const int     warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = lane & 1;
+    const int     grp = warp / wpr, wi = warp % wpr, n_grp = 4 / wpr;
+    const int64_t row0 = ((int64_t) blockIdx.x * n_grp + grp) * MMVQ_R;
     const int64_t nb   = n_cols / 32;
-    float         acc[MMVQ_ROWS_PER_WARP][NT] = {};
-    for (int64_t b = lane; b < nb; b += 32) {
+    const int     step = wpr * 16;
+    float         acc[MMVQ_R][NT];
+#pragma unroll
+    for (int r = 0; r < MMVQ_R; r++) {
 #pragma unroll
         for (int t = 0; t < NT; t++) {
-            if (t < n_tok) {
-                const q8x xb   = xq[(int64_t) t * nb + b];
-                int       xsum = 0;
-                if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
+            acc[r][t] = 0.0f;
+        }
+    }
+    for (int64_t b0 = wi * 16; b0 < nb; b0 += UNROLL * step) { /* uniform over the warp: the shuffles see every lane */
+        wq_half wv[UNROLL][MMVQ_R];
+        xq_half xv[UNROLL][NT];
+        bool    ok[UNROLL];
 #pragma unroll
-                    for (int k = 0; k < 8; k++) {
-                        xsum = __dp4a(xb.q[k], 0x01010101, xsum);
-                    }
-                }
+        for (int u = 0; u < UNROLL; u++) {
+            const int64_t b = b0 + u * step + lane / 2;
+            ok[u]           = b < nb;
+            const int64_t bb = ok[u] ? b : 0;
 #pragma unroll
-                for (int r = 0; r < MMVQ_ROWS_PER_WARP; r++) {
-                    if (row0 + r < n_rows) {
-                        acc[r][t] += block_dot_q8<TYPE>(w + (row0 + r) * row_bytes + b * block_info<TYPE>::bytes, xb, xsum);
+            for (int r = 0; r < MMVQ_R; r++) {
+                const int64_t row = row0 + r < n_rows ? row0 + r : 0;
+                wv[u][r]          = load_half<TYPE>(w + row * row_bytes + bb * block_info<TYPE>::bytes, h);
+            }
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                xv[u][t] = load_xhalf<TYPE>(xq + (int64_t) (t < n_tok ? t : 0) * nb + bb, h);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t < n_tok) {
+#pragma unroll
+                    for (int r = 0; r < MMVQ_R; r++) {
+                        int sumi = ok[u] ? half_dot_q8<TYPE>(wv[u][r], xv[u][t]) : 0;
+                        sumi += __shfl_xor_sync(0xffffffffu, sumi, 1);
+                        if (ok[u] && h == 0) {
+                            acc[r][t] += block_value_q8<TYPE>(wv[u][r].dm, sumi, xv[u][t].ds);
+                        }
                     }
                 }
             }
         }
     }
 #pragma unroll
-    for (int r = 0; r < MMVQ_ROWS_PER_WARP; r++) {
+    for (int r = 0; r < MMVQ_R; r++) {
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             float s = acc[r][t];
@@ -316,11 +377,21 @@ mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
             for (int o = 16; o > 0; o >>= 1) {
                 s += __shfl_xor_sync(0xffffffffu, s, o);
             }
-            if (lane == 0 && row0 + r < n_rows && t < n_tok) {
-                float * yp = y + (int64_t) t * ldy + row0 + r;
-                *yp        = accumulate ? *yp + s : s;
+            if (lane == 0) {
+                red[warp][r][t] = s;
             }
         }
+    }
+    __syncthreads();
+    const int     r = threadIdx.x / NT % MMVQ_R, t = threadIdx.x % NT, g = threadIdx.x / (NT * MMVQ_R);
+    const int64_t row = ((int64_t) blockIdx.x * n_grp + g) * MMVQ_R + r;
+    if (g < n_grp && t < n_tok && row < n_rows) {
+        float s = 0.0f;
+        for (int k = 0; k < wpr; k++) {
+            s += red[g * wpr + k][r][t];
+        }
+        float * yp = y + (int64_t) t * ldy + row;
+        *yp        = accumulate ? *yp + s : s;
     }
 }
 
@@ -579,7 +650,7 @@ static __global__ void get_rows_kernel(const uint8_t * __restrict__ w, size_t ro
 typedef void (*mmv_fn)(const uint8_t *, size_t, int64_t, int64_t, const float *, int, float *, int64_t, int);
 typedef void (*mma_fn)(const uint8_t *, size_t, int64_t, int64_t, const float *, int64_t, float *, int64_t, int);
 typedef void (*rows_fn)(const uint8_t *, size_t, int64_t, const int32_t *, float *);
-typedef void (*mmvq_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int, float *, int64_t, int);
+typedef void (*mmvq_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int, float *, int64_t, int, int);
 typedef void (*imma_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int64_t, float *, int64_t, int);
 
 struct type_ops {
@@ -644,7 +715,7 @@ int moqae_cuda_quantize(const float * x, int64_t n_tok, int64_t n_cols, void * x
     }
     const int64_t nb = n_tok * (n_cols / 32);
     if (nb > 0) {
-        quantize_kernel<<<(unsigned) ((nb + 127) / 128), 128, 0, stream>>>(x, nb, (q8x *) xq);
+        quantize_kernel<<<(unsigned) ((nb + 3) / 4), 128, 0, stream>>>(x, nb, (q8x *) xq);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return MOQAE_OK;
@@ -668,7 +739,7 @@ int moqae_cuda_swiglu_quant(float * g, const float * u, int64_t n_tok, int64_t n
     }
     const int64_t nb = n_tok * (n / 32);
     if (nb > 0) {
-        swiglu_quant_kernel<<<(unsigned) ((nb + 127) / 128), 128, 0, stream>>>(g, u, nb, (q8x *) xq);
+        swiglu_quant_kernel<<<(unsigned) ((nb + 3) / 4), 128, 0, stream>>>(g, u, nb, (q8x *) xq);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return MOQAE_OK;
@@ -686,9 +757,12 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
             break;
         }
         case MOQAE_CUDA_MM_MMVQ: {
-            const unsigned blocks = (unsigned) ((w->n_rows + 4 * MMVQ_ROWS_PER_WARP - 1) / (4 * MMVQ_ROWS_PER_WARP));
+            const int64_t  nb     = w->n_cols / 32;
+            const int      wpr    = nb >= 64 ? 4 : nb >= 32 ? 2 : 1; /* warps per row: 16 blocks each per pass */
+            const int64_t  rpb    = (4 / wpr) * MMVQ_R;              /* rows per thread block                */
+            const unsigned blocks = (unsigned) ((w->n_rows + rpb - 1) / rpb);
             (n_tok == 1 ? ops->mmvq1 : ops->mmvq8)<<<blocks, 128, 0, stream>>>(
-                w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, (int) n_tok, y, ldy, acc);
+                w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, (int) n_tok, y, ldy, acc, wpr);
             break;
         }
         case MOQAE_CUDA_MM_IMMA: {
