@@ -1,12 +1,15 @@
 """router_curves.py — perplexity against KV bits for every kind of policy, same file and windows:
 uniform codecs and sink variants (--kv), recency mixes (sink FP16, newest chunks INT4, oldest INT2:
 --kv sink+int4 with a --kv-budget at the target bits, --kv-overflow demote and -b 32, so the ring demotes
-the oldest chunks as each chunk of the window arrives), learned routers (--router), optional llama.cpp KV types and
-optional extra points from a JSON file (e.g. the attention-mass mixes of train/eval_ppl.py). Writes a
+the oldest chunks as each chunk of the window arrives), learned routers (--router),
+learned routers combined with recency (--hybrid R@BITS: the router picks each new chunk's experts, the ring
+demotes the oldest chunks to keep the budget of BITS per element per layer), optional llama.cpp KV types and
+optional extra points from a JSON file (e.g. the attention-mass mixes of bench/attention_mass.py). Writes a
 JSON of every point, prints a markdown table and draws an SVG plot (no plotting library needed).
 
   python bench/router_curves.py -m MODEL -f wiki.test.raw -c 2048 --chunks 16 \\
-      --routers models/*.gguf --recency 4.0,3.5,3.0,2.5 [--llamacpp q8_0,q4_0] [--extra more.json] \\
+      --routers models/*.gguf --recency 4.0,3.5,3.0,2.5 [--hybrid R.gguf@3.0,R.gguf@3.5] \\
+      [--llamacpp q8_0,q4_0] [--extra more.json] \\
       -o docs/curves-c2048.json --svg docs/curves-c2048.svg
 
 Bits are the mean over windows of the cache at the end of each window (moqae-perplexity's "kv mean"
@@ -60,18 +63,21 @@ def run_llamacpp(args, kv: str) -> dict:
     return {"ppl": ppl, "nominal_bits": b, "effective_bits": b, "command": "python bench/llamacpp_ppl.py ..."}
 
 
-def svg(points: list, path: Path, title: str) -> None:
-    """PPL (log scale) against effective bits, one colour per kind."""
+def svg(points: list, path: Path, title: str, x_range: tuple | None = None) -> None:
+    """PPL (log scale) against effective bits, one colour per kind; x_range (lo, hi): only points in it."""
     import math
 
     W, H, L, B, T, R = 720, 440, 70, 50, 30, 170
+    if x_range:
+        points = [p for p in points if x_range[0] <= p["effective_bits"] <= x_range[1]]
     xs = [p["effective_bits"] for p in points]
     ys = [math.log(p["ppl"]) for p in points]
-    x0, x1 = 0.0, max(xs) * 1.05
+    x0, x1 = (x_range[0], x_range[1]) if x_range else (0.0, max(xs) * 1.05)
     y0, y1 = min(ys) - 0.02, max(ys) + 0.02
     X = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
     Y = lambda y: H - B - (y - y0) / (y1 - y0) * (H - B - T)  # noqa: E731
     colours = {"uniform": "#1f77b4", "sink": "#17becf", "recency": "#ff7f0e", "router": "#d62728",
+               "router+recency": "#9467bd",
                "llama.cpp": "#7f7f7f", "attention-mass": "#2ca02c"}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
@@ -81,8 +87,10 @@ def svg(points: list, path: Path, title: str) -> None:
            f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">effective bits per KV element</text>',
            f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" '
            f'text-anchor="middle">perplexity (log scale)</text>']
-    for b in range(0, int(x1) + 1, 2):
-        out.append(f'<text x="{X(b)}" y="{H - B + 16}" text-anchor="middle">{b}</text>')
+    step = 2 if x1 - x0 > 8 else 0.5
+    for k in range(int((x1 - x0) / step) + 1):
+        b = x0 + k * step
+        out.append(f'<text x="{X(b)}" y="{H - B + 16}" text-anchor="middle">{b:g}</text>')
     for k in range(6):
         y = y0 + (y1 - y0) * k / 5
         out.append(f'<text x="{L - 6}" y="{Y(y) + 4}" text-anchor="end">{math.exp(y):.2f}</text>')
@@ -90,7 +98,7 @@ def svg(points: list, path: Path, title: str) -> None:
         pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["effective_bits"])
         if not pts:
             continue
-        if kind in ("recency", "router", "attention-mass") and len(pts) > 1:
+        if kind in ("recency", "router", "router+recency", "attention-mass") and len(pts) > 1:
             d = " ".join(f"{X(p['effective_bits']):.1f},{Y(math.log(p['ppl'])):.1f}" for p in pts)
             out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="1.5"/>')
         for p in pts:
@@ -112,32 +120,43 @@ def main() -> int:
     ap.add_argument("--fixed", default=",".join(FIXED))
     ap.add_argument("--recency", default="", help="target effective bits of recency mixes, e.g. 4.0,3.5,3.0")
     ap.add_argument("--routers", nargs="*", default=[])
+    ap.add_argument("--hybrid", default="", help="router and per-layer budget bits, e.g. r.gguf@3.0,r.gguf@3.5")
+    ap.add_argument("--hybrid", default="", help="router and per-layer budget bits, e.g. r.gguf@3.0,r.gguf@3.5")
     ap.add_argument("--llamacpp", default="", help="llama.cpp KV types, e.g. q8_0,q4_0")
     ap.add_argument("--extra", default=None, help="JSON list of more points (name, kind, ppl, effective_bits, ...)")
     ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--reuse", default=None, help="an earlier output JSON: its points (by name) are not run again")
     ap.add_argument("--svg", default=None)
+    ap.add_argument("--svg-bits", default=None, help="effective-bits range of the plot, e.g. 2,5 (default: all)")
     a = ap.parse_args()
 
     points = []
     elems = per_token_elems(a.model)
 
-    def add(name, kind, res):
+    old = {p["name"]: p for p in json.loads(Path(a.reuse).read_text())["points"]} if a.reuse else {}
+
+    def add(name, kind, run):
+        res = dict(old[name]) if name in old else run()
         res.update(name=name, kind=kind)
         points.append(res)
         print(f"{name:40s} PPL {res['ppl']:9.4f}  nominal {res['nominal_bits']:6.3f}  effective "
               f"{res['effective_bits']:6.3f}", flush=True)
 
     for kv in filter(None, a.fixed.split(",")):
-        add(kv, "sink" if kv.startswith("sink") else "uniform", run_ppl(a, ["--kv", kv]))
-    for b in filter(None, a.recency.split(",")):
-        budget = int(a.ctx * elems * float(b) / 8)
+        add(kv, "sink" if kv.startswith("sink") else "uniform", lambda: run_ppl(a, ["--kv", kv]))
+    def budgeted(b):
         # micro-batches of one chunk: the ring demotes as each chunk arrives, as in generation
-        add(f"recency@{b}", "recency", run_ppl(a, ["--kv", "sink+int4", "--kv-overflow", "demote", "--kv-budget",
-                                                   str(budget), "-b", "32"]))
+        return ["--kv-overflow", "demote", "--kv-budget", str(int(a.ctx * elems * float(b) / 8)), "-b", "32"]
+
+    for b in filter(None, a.recency.split(",")):
+        add(f"recency@{b}", "recency", lambda: run_ppl(a, ["--kv", "sink+int4"] + budgeted(b)))
     for r in a.routers:
-        add(Path(r).stem, "router", run_ppl(a, ["--router", r]))
+        add(Path(r).stem, "router", lambda: run_ppl(a, ["--router", r]))
+    for h in filter(None, a.hybrid.split(",")):
+        r, b = h.rsplit("@", 1)
+        add(f"{Path(r).stem}+recency@{b}", "router+recency", lambda: run_ppl(a, ["--router", r] + budgeted(b)))
     for kv in filter(None, a.llamacpp.split(",")):
-        add(f"llama.cpp {kv}", "llama.cpp", run_llamacpp(a, kv))
+        add(f"llama.cpp {kv}", "llama.cpp", lambda: run_llamacpp(a, kv))
     if a.extra:
         for p in json.loads(Path(a.extra).read_text()):
             points.append(p)
@@ -153,7 +172,8 @@ def main() -> int:
               f"{p['effective_bits']:.3f} | {mix} |")
     if a.svg:
         svg(points, Path(a.svg), f"{Path(a.model).name}, {Path(a.file).name}, -c {a.ctx}"
-            + (f", {a.chunks} windows" if a.chunks else ""))
+            + (f", {a.chunks} windows" if a.chunks else ""),
+            tuple(float(x) for x in a.svg_bits.split(",")) if a.svg_bits else None)
     return 0
 
 
