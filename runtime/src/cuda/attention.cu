@@ -485,9 +485,9 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         qs[e]       = n < m_rows ? a.q[(long long) (hk * m_rows + n) * D + e % D] * a.scale : 0.0f;
     }
     if (pre) {
-#pragma unroll 8 /* the table's loads issued together: this setup is every call's fixed cost */
+#pragma unroll 8 /* the table's loads issued together, coalesced: this setup is every call's fixed cost */
         for (int e = tid; e < C * (D / 2); e += V3_THREADS) {
-            const int t = e / (D / 2), i = e % (D / 2);
+            const int t = e % C, i = e / C;
             cst[t * CSTLD + i] = make_float2(a.cs_t[(2 * i) * C + t], a.cs_t[(2 * i + 1) * C + t]);
         }
     }
@@ -884,6 +884,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             } else {
                 vbase = a.stage_v + (long long) hk * g.stage_rows * D;
             }
+            const int srows = (int) g.stage_rows, sbase = ring ? 0 : (int) (tile_pos % g.stage_rows); /* one 64-bit modulo */
 #pragma unroll 4
             for (int j = 0; j < C; j++) {
                 float pj[MM];
@@ -891,7 +892,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                 for (int n = 0; n < MM; n++) {
                     pj[n] = __shfl_sync(0xffffffffu, p[n], j);
                 }
-                const long long  rowi = ring ? j : (tile_pos + j) % g.stage_rows;
+                const int        rj   = sbase + j, rowi = rj >= srows && !ring ? rj - srows : rj;
                 const uint16_t * rp   = vbase + rowi * D + lane * E;
                 float            vv[E];
                 if constexpr (E == 4) {

@@ -123,20 +123,22 @@ static __global__ void rms_norm_quant_kernel(const float * __restrict__ x, const
     const float *     xr  = x + (int64_t) blockIdx.x * n;
     float *           yr  = y + (int64_t) blockIdx.x * n;
     double            sum = 0.0;
-#pragma unroll 8 /* the loads of a row issued together (one latency, not n / 256); the sum's order is unchanged */
-    for (int i = threadIdx.x; i < (int) n; i += blockDim.x) {
-        sum += (double) xr[i] * (double) xr[i];
+    if (threadIdx.x < 256) { /* the sum over 256 threads in rms_norm_kernel's order; all warps quantize */
+#pragma unroll 8
+        for (int i = threadIdx.x; i < (int) n; i += 256) {
+            sum += (double) xr[i] * (double) xr[i];
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         sum += __shfl_xor_sync(0xffffffffu, sum, o);
     }
-    if (threadIdx.x % 32 == 0) {
+    if (threadIdx.x % 32 == 0 && threadIdx.x < 256) {
         part[threadIdx.x / 32] = sum;
     }
     __syncthreads();
     if (threadIdx.x < 32) {
-        sum = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.0;
+        sum = threadIdx.x < 256 / 32 ? part[threadIdx.x] : 0.0;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -149,7 +151,7 @@ static __global__ void rms_norm_quant_kernel(const float * __restrict__ x, const
     const float mean  = (float) (part[0] / (double) n);
     const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
     const int   lane  = threadIdx.x & 31;
-#pragma unroll 4
+#pragma unroll 2
     for (int b = threadIdx.x / 32; b < (int) (n / 32); b += blockDim.x / 32) { /* one warp per block of 32 */
         const float v       = __fmul_rn(__fmul_rn(xr[b * 32 + lane], scale), w[b * 32 + lane]);
         yr[b * 32 + lane]   = v;
@@ -727,7 +729,7 @@ int moqae_cuda_rms_norm_quant(const float * x, const float * w, float eps, int64
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA: activations of %lld columns (not a multiple of 32)", (long long) n);
     }
     if (n_rows > 0) {
-        rms_norm_quant_kernel<<<(unsigned) n_rows, 256, 0, stream>>>(x, w, eps, n, y, (q8x *) xq);
+        rms_norm_quant_kernel<<<(unsigned) n_rows, 1024, 0, stream>>>(x, w, eps, n, y, (q8x *) xq);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return MOQAE_OK;
