@@ -121,7 +121,6 @@ def main() -> int:
     ap.add_argument("--recency", default="", help="target effective bits of recency mixes, e.g. 4.0,3.5,3.0")
     ap.add_argument("--routers", nargs="*", default=[])
     ap.add_argument("--hybrid", default="", help="router and per-layer budget bits, e.g. r.gguf@3.0,r.gguf@3.5")
-    ap.add_argument("--hybrid", default="", help="router and per-layer budget bits, e.g. r.gguf@3.0,r.gguf@3.5")
     ap.add_argument("--llamacpp", default="", help="llama.cpp KV types, e.g. q8_0,q4_0")
     ap.add_argument("--extra", default=None, help="JSON list of more points (name, kind, ppl, effective_bits, ...)")
     ap.add_argument("-o", "--out", required=True)
