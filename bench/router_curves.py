@@ -135,7 +135,11 @@ def main() -> int:
     old = {p["name"]: p for p in json.loads(Path(a.reuse).read_text())["points"]} if a.reuse else {}
 
     def add(name, kind, run):
-        res = dict(old[name]) if name in old else run()
+        try:
+            res = dict(old[name]) if name in old else run()
+        except RuntimeError as e:  # e.g. a budget below what the policy can reach: report it, go on
+            print(f"{name}: {e}", file=sys.stderr, flush=True)
+            return
         res.update(name=name, kind=kind)
         points.append(res)
         print(f"{name:40s} PPL {res['ppl']:9.4f}  nominal {res['nominal_bits']:6.3f}  effective "
