@@ -23,12 +23,13 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "train"))
 from reference import (CODEC_INDEX, HardKV, LlamaModel, default_codec_backend, default_key_store, kv_bits,  # noqa: E402
-                       ppl_window, tokenize, tokenizer_info, window_nll)
+                       ppl_tokens, ppl_window, window_nll)
 
 
 def chunk_mass(model: LlamaModel, win: list, C: int) -> torch.Tensor:
@@ -60,7 +61,7 @@ def assignment(mass: torch.Tensor, frac: float, per_layer: bool) -> torch.Tensor
     k = round(frac * (n_c - 1))
     if k == 0:
         return a
-    rows = [mass[il] for il in range(n_layer)] if per_layer else [mass.sum(dim=0)] * 1
+    rows = [mass[il] for il in range(n_layer)] if per_layer else [mass.sum(dim=0)]
     for j, m in enumerate(rows):
         top = torch.topk(m[1:], k).indices + 1
         if per_layer:
@@ -84,11 +85,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     C, n_ctx = 32, a.ctx_size
     fracs = [float(x) for x in a.int4.split(",") if x]
-    info = tokenizer_info(a.model)
-    bos = info["bos"] if info["add_bos"] and info["bos"] >= 0 else None
     with open(a.file, "rb") as f:
-        text = f.read()
-    tokens = tokenize(a.model, text[:n_ctx * (a.chunks + 1) * 16])
+        tokens, bos = ppl_tokens(a.model, f.read(), n_ctx, a.chunks)
     if len(tokens) < n_ctx * a.chunks:
         sys.exit(f"error: the text has {len(tokens)} tokens, fewer than {a.chunks} windows of {n_ctx}")
     model = LlamaModel(a.model)
@@ -108,8 +106,6 @@ def main(argv=None) -> int:
     points = []
     tag = "per layer" if a.per_layer else "shared"
     for f in fracs:
-        import numpy as np
-
         v = np.concatenate(nll[f])
         p = {"name": f"attention mass ({tag}) {int(round(100 * f))}% int4", "kind": "attention-mass",
              "ppl": float(math.exp(v.mean())), "nominal_bits": float(np.mean([b[0] for b in bits[f]])),

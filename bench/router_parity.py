@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "train"))
 
 import moqae_cpp  # noqa: E402
 from eval_ppl import window_assign  # noqa: E402
-from reference import CODECS, LlamaModel, ppl_window, tokenize, tokenizer_info  # noqa: E402
+from reference import CODECS, LlamaModel, ppl_tokens, ppl_window  # noqa: E402
 from router import load_router  # noqa: E402
 
 
@@ -37,10 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     a = ap.parse_args(argv)
     n_ctx = a.ctx_size
-    info = tokenizer_info(a.model)
-    bos = info["bos"] if info["add_bos"] and info["bos"] >= 0 else None
     with open(a.file, "rb") as f:
-        tokens = tokenize(a.model, f.read()[:n_ctx * (a.chunks + 1) * 16])
+        tokens, bos = ppl_tokens(a.model, f.read(), n_ctx, a.chunks)
     model = LlamaModel(a.model)
     router, _ = load_router(a.router, model)
     C = router.cfg.chunk

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference import (CODECS, POLICIES, HardKV, LlamaModel, default_codec_backend, default_key_store,  # noqa: E402
-                       kv_bits, policy_assign, tokenize, tokenizer_info, window_nll)
+                       kv_bits, policy_assign, ppl_tokens, window_nll)
 
 
 def window_assign(model, router, policy, win, C):
@@ -115,14 +115,9 @@ def main(argv=None):
         text = f.read()
     if not text:
         sys.exit(f"error: text file '{a.file}' is empty")
-    info = tokenizer_info(a.model, a.tokenizer)
-    bos = info["bos"] if info["add_bos"] and info["bos"] >= 0 else None
     n_ctx = a.ctx_size
     # tokenize only what the windows need (the tokenizer is fast, but files can be large)
-    need = n_ctx * (a.chunks + 1) if a.chunks else 0
-    tokens = tokenize(a.model, text[:need * 16] if need else text, a.tokenizer)
-    if need and len(tokens) < need:
-        tokens = tokenize(a.model, text, a.tokenizer)
+    tokens, bos = ppl_tokens(a.model, text, n_ctx, a.chunks, a.tokenizer)
     print(f"eval_ppl: tokenized into {len(tokens)} tokens", file=sys.stderr)
     if len(tokens) < 2 * n_ctx:
         sys.exit(f"error: need at least {2 * n_ctx} tokens (2 windows of -c {n_ctx}), the text has {len(tokens)}")

@@ -644,6 +644,19 @@ def tokenizer_info(model: str, tool: str | None = None) -> dict:
     return {k: int(v) for k, v in zip(out[0::2], out[1::2])}
 
 
+def ppl_tokens(model: str, text: bytes, n_ctx: int, n_windows: int, tool: str | None = None) -> tuple:
+    """(tokens, bos) of a text scored as moqae_perplexity scores it: the ids of what n_windows windows of
+    n_ctx need (all of the text when n_windows is 0 or its start falls short), and the BOS id that replaces
+    each window's first token (None when the model adds no BOS)."""
+    info = tokenizer_info(model, tool)
+    bos = info["bos"] if info["add_bos"] and info["bos"] >= 0 else None
+    need = n_ctx * (n_windows + 1) if n_windows else 0
+    tokens = tokenize(model, text[:need * 16] if need else text, tool)
+    if need and len(tokens) < need:
+        tokens = tokenize(model, text, tool)
+    return tokens, bos
+
+
 def nll(logits, tokens, first: int = 0) -> tuple:
     """Sum of -log p(token[t+1]) for t >= first, and the count (logits: [T][n_vocab] from position 0)."""
     lp = torch.log_softmax(logits[:-1].double(), dim=-1)
