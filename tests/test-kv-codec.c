@@ -514,6 +514,29 @@ static void bench(const struct moqae_kv_codec_kernels * const * tabs, int n_tabs
             }
         }
     }
+    /* the encoder (scalar, the same on every CPU): one chunk of one KV head, real-like data */
+    printf("\n%-5s %4s %4s %11s %11s  (ns per chunk)\n", "codec", "C", "D", "encode k", "encode v");
+    for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
+        const struct moqae_kv_shape * s = &shapes[si];
+        for (int c = 0; c < MOQAE_KV_CODEC_COUNT; c++) {
+            make_chunk(x, s->chunk, s->head_dim, s->head_dim, 0);
+            double te[2];
+            for (int kv = 0; kv < 2; kv++) {
+                const int64_t reps = 200;
+                const double  t0   = now_s();
+                for (int64_t k = 0; k < reps; k++) {
+                    if (kv) {
+                        moqae_kv_encode_v((enum moqae_kv_codec) c, s, x, s->head_dim, vrec);
+                    } else {
+                        moqae_kv_encode_k((enum moqae_kv_codec) c, s, x, s->head_dim, krec);
+                    }
+                }
+                te[kv] = (now_s() - t0) / (double) reps;
+            }
+            printf("%-5s %4lld %4lld %11.0f %11.0f\n", moqae_kv_codec_name((enum moqae_kv_codec) c),
+                   (long long) s->chunk, (long long) s->head_dim, te[0] * 1e9, te[1] * 1e9);
+        }
+    }
 }
 
 int main(int argc, char ** argv) {
