@@ -1,10 +1,12 @@
 /*
- * kv-ring.c — the mixed-bit KV ring (kv-cache.h). Per layer, completed chunks are variable-size
- * records appended in position order to a byte arena; a chunk table (position, codec, offset) is
- * shared by all layers, because every layer of a chunk uses the same codec, so a chunk's records sit
- * at the same offset in every layer's arena. The incomplete chunk and the micro-batch being computed
- * live in an f32 staging window. Overflow (the arena or the table full) evicts (shift) or re-encodes
- * (demote) the oldest non-sink chunks and compacts the arenas, or fails (error).
+ * kv-ring.c — the mixed-bit KV ring (kv-cache.h). Completed chunks are variable-size records appended
+ * in position order to one byte arena, chunk by chunk: chunk i's records of layers 0..n_layer-1, each
+ * with its own codec (routers may decide per layer or group), then chunk i+1's. The chunk table holds
+ * each chunk's position and each (chunk, layer) record's codec and offset. One arena for all layers
+ * makes the budget global: layers that a router keeps at INT2 leave their bytes to the layers it keeps
+ * at INT4. The incomplete chunk and the micro-batch being computed live in an f32 staging window.
+ * Overflow (the arena or the table full) evicts (shift) or re-encodes (demote) the oldest non-sink
+ * chunks and compacts the arena, or fails (error).
  *
  * Record of one chunk in one layer: for each KV head h: K record then V record (kv-codec.h).
  */
@@ -29,11 +31,11 @@ struct moqae_kv_cache {
     int64_t                               stage_pos0; /* position of staging row 0 (multiple of C)   */
     struct chunk *                        chunks;     /* [cap_chunks] stored chunks, by position     */
     uint8_t *                             codec;      /* [cap_chunks][n_layer] each record's codec   */
-    size_t *                              off;        /* [cap_chunks][n_layer] offset in its arena   */
+    size_t *                              off;        /* [cap_chunks][n_layer] offset in the arena   */
     int64_t                               n_chunks, cap_chunks;
-    uint8_t *                             arena;      /* [n_layer][layer_cap]                        */
-    size_t                                layer_cap;
-    size_t *                              used;       /* [n_layer] bytes used in each layer's arena  */
+    uint8_t *                             arena;      /* [cap] records, chunk after chunk            */
+    size_t                                cap;        /* the budget: bytes for all encoded chunks    */
+    size_t                                used;       /* bytes of the arena in use (a prefix)        */
     uint8_t *                             new_codec;  /* [max_new][n_layer] chunks of one micro-batch */
     int64_t                               max_new;
     float *                               tmp;        /* [3][C][head_dim] for demotion               */
@@ -91,7 +93,7 @@ static int rec_codec(const struct moqae_kv_cache * kv, int64_t i, int64_t layer)
 /* K record of stored chunk i, layer, KV head h; its V record follows it */
 static uint8_t * rec_k(const struct moqae_kv_cache * kv, int64_t layer, int64_t i, int64_t h) {
     const int c = rec_codec(kv, i, layer);
-    return kv->arena + (size_t) layer * kv->layer_cap + kv->off[i * kv->cfg.n_layer + layer] +
+    return kv->arena + kv->off[i * kv->cfg.n_layer + layer] +
            (size_t) h * (rec_k_bytes(kv, c) + rec_v_bytes(kv, c));
 }
 
@@ -136,35 +138,27 @@ static void unrotate_chunk(const struct moqae_kv_cache * kv, int64_t i, const fl
 
 /* ---- life cycle -------------------------------------------------------------------------------- */
 
-/* Bytes per layer that n_ctx tokens need: the fixed policy's exact size, or for a router the
- * expected bits at the most expensive bytes-per-bit of its experts, plus a quarter for documents
- * that route richer than the calibration text (never more than all chunks at the first expert). */
+/* Bytes that n_ctx tokens need in all layers: the fixed policy's exact size, or for a router the
+ * expected bits at the most expensive bytes-per-bit of its experts, plus a quarter for documents that
+ * route richer than the calibration text (never more than all chunks at the first expert). The arena
+ * is shared by the layers, so only the total matters, however a router splits it between them. */
 static uint64_t sized_capacity(const struct moqae_kv_cache * kv) {
     const struct moqae_kv_config * cfg    = &kv->cfg;
     const int64_t                  n_full = cfg->n_ctx / cfg->chunk;
     const int64_t                  n_sink = n_full > 0 && cfg->policy.sink;
     const uint64_t                 sink   = n_sink ? chunk_bytes(kv, MOQAE_KV_CODEC_F16) : 0;
-    if (cfg->n_expert == 0) {
-        return sink + (uint64_t) (n_full - n_sink) * chunk_bytes(kv, cfg->policy.codec);
-    }
-    const uint64_t worst = (uint64_t) chunk_bytes(kv, cfg->expert[0]);
-    double         per_bit = 0.0;
-    for (int64_t e = 0; e < cfg->n_expert; e++) {
-        const double r = (double) chunk_bytes(kv, cfg->expert[e]) / moqae_kv_codec_bits(cfg->expert[e]);
-        per_bit        = r > per_bit ? r : per_bit;
-    }
-    uint64_t per_chunk = worst;
-    if (cfg->expected_bits > 0.0) {
-        double b = 1.25 * cfg->expected_bits * per_bit;
-        // Routers that decide per layer (or group) keep one layer at a higher expert than the average says
-        // (e.g. every chunk INT4 at one layer, INT2 at another); each layer's region is sized alike, so it
-        // holds at least every chunk at the second expert.
-        if (cfg->n_group > 1 && cfg->n_expert > 1 && b < (double) chunk_bytes(kv, cfg->expert[1])) {
-            b = (double) chunk_bytes(kv, cfg->expert[1]);
+    uint64_t                       per_chunk = chunk_bytes(kv, cfg->policy.codec);
+    if (cfg->n_expert > 0) {
+        const uint64_t worst   = (uint64_t) chunk_bytes(kv, cfg->expert[0]);
+        double         per_bit = 0.0;
+        for (int64_t e = 0; e < cfg->n_expert; e++) {
+            const double r = (double) chunk_bytes(kv, cfg->expert[e]) / moqae_kv_codec_bits(cfg->expert[e]);
+            per_bit        = r > per_bit ? r : per_bit;
         }
-        per_chunk = b < (double) worst ? (uint64_t) b : worst;
+        const double b = 1.25 * cfg->expected_bits * per_bit;
+        per_chunk      = cfg->expected_bits > 0.0 && b < (double) worst ? (uint64_t) b : worst;
     }
-    return sink + (uint64_t) (n_full - n_sink) * per_chunk;
+    return (sink + (uint64_t) (n_full - n_sink) * per_chunk) * (uint64_t) cfg->n_layer;
 }
 
 int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out) {
@@ -205,12 +199,11 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         kv->cfg.n_group = 1;
     }
     /* capacity from n_ctx and the policy's bits (not the FP16 worst case), or the budget */
-    uint64_t cap = cfg->budget > 0 ? (uint64_t) cfg->budget / (uint64_t) cfg->n_layer : sized_capacity(kv);
-    kv->layer_cap = (size_t) cap;
-    uint64_t stage = 0, arena = 0;
+    const uint64_t arena = cfg->budget > 0 ? (uint64_t) cfg->budget : sized_capacity(kv);
+    uint64_t       stage = 0;
     if (!moqae_mul_ok((uint64_t) cfg->n_layer * (uint64_t) cfg->n_head_kv * (uint64_t) kv->stage_rows,
                       (uint64_t) cfg->head_dim * sizeof(float), &stage) ||
-        !moqae_mul_ok(cap, (uint64_t) cfg->n_layer, &arena) || arena > ((uint64_t) 1 << 42)) {
+        arena > ((uint64_t) 1 << 42)) {
         moqae_kv_cache_free(kv);
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "KV cache for n_ctx %lld is too large", (long long) cfg->n_ctx);
     }
@@ -222,7 +215,6 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
     kv->chunks      = calloc((size_t) kv->cap_chunks, sizeof(*kv->chunks));
     kv->codec       = calloc(n_rec, 1);
     kv->off         = calloc(n_rec, sizeof(size_t));
-    kv->used        = calloc((size_t) cfg->n_layer, sizeof(size_t));
     kv->new_codec   = calloc((size_t) kv->max_new * (size_t) cfg->n_layer, 1);
     kv->tmp         = moqae_aligned_alloc(3 * (size_t) cfg->chunk * (size_t) cfg->head_dim * sizeof(float));
     kv->tmp_rec     = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64);
@@ -242,12 +234,13 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         moqae_kv_rope_fill(D, cfg->chunk, 0, kv->theta, kv->cs_t);
     }
     if (!kv->stage_k || !kv->stage_v || !kv->stage_votes || !kv->arena || !kv->chunks || !kv->codec || !kv->off ||
-        !kv->used || !kv->new_codec || !kv->tmp || !kv->tmp_rec) {
+        !kv->new_codec || !kv->tmp || !kv->tmp_rec) {
         moqae_kv_cache_free(kv);
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory: the KV cache needs %.1f MiB",
                           (double) (arena + 2 * stage) / 1048576.0);
     }
-    *out = kv;
+    kv->cap = (size_t) arena;
+    *out    = kv;
     return MOQAE_OK;
 }
 
@@ -262,7 +255,6 @@ void moqae_kv_cache_free(struct moqae_kv_cache * kv) {
     free(kv->chunks);
     free(kv->codec);
     free(kv->off);
-    free(kv->used);
     free(kv->new_codec);
     free(kv->tmp);
     free(kv->tmp_rec);
@@ -276,7 +268,7 @@ void moqae_kv_cache_clear(struct moqae_kv_cache * kv) {
     kv->n_tokens   = 0;
     kv->stage_pos0 = 0;
     kv->n_chunks   = 0;
-    memset(kv->used, 0, (size_t) kv->cfg.n_layer * sizeof(size_t));
+    kv->used       = 0;
 }
 
 int64_t moqae_kv_cache_n_tokens(const struct moqae_kv_cache * kv) {
@@ -321,13 +313,13 @@ static void decide(const struct moqae_kv_cache * kv, int64_t index, uint8_t * co
 
 /* ---- allocation and overflow ------------------------------------------------------------------- */
 
-/* Demotion of chunk i of layer l to new_codec, written in place (the new records are smaller and are
- * written head by head after decoding each old one into tmp). */
-static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec) {
+/* Demotion of chunk i of layer l to new_codec, written at dst, at or below the old records (the new
+ * records are smaller and are written head by head after decoding each old one into tmp, so a new
+ * record never reaches an old one not yet decoded). */
+static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec, uint8_t * dst) {
     const int64_t C   = kv->cfg.chunk, D = kv->cfg.head_dim;
     const int     old = rec_codec(kv, i, l);
     float *       tk  = kv->tmp, *tv = kv->tmp + C * D, *tk2 = kv->tmp + 2 * C * D;
-    uint8_t *     dst = rec_k(kv, l, i, 0);
     const size_t  nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
     for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
         moqae_kv_decode_k((enum moqae_kv_codec) old, &kv->shape, rec_k(kv, l, i, h), tk, D);
@@ -336,38 +328,42 @@ static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int ne
             unrotate_chunk(kv, i, tk, D, tk2);
             memcpy(tk, tk2, (size_t) (C * D) * sizeof(float));
         }
-        /* head h's new records end before head h+1's old ones begin (new sizes are smaller), so
-         * encoding through tmp_rec and copying is safe */
         moqae_kv_encode_k((enum moqae_kv_codec) new_codec, &kv->shape, tk, D, kv->tmp_rec);
         moqae_kv_encode_v((enum moqae_kv_codec) new_codec, &kv->shape, tv, D, kv->tmp_rec + nk);
         memcpy(dst + (size_t) h * (nk + nv), kv->tmp_rec, nk + nv);
     }
 }
 
-/* Replace the records of chunk i in layer l by new_codec's (demotion; -1 removes them), moving the
- * later records so that the arena stays compact. */
-static void layer_replace(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec) {
-    const int64_t L     = kv->cfg.n_layer;
-    const size_t  old   = chunk_bytes(kv, rec_codec(kv, i, l));
-    const size_t  nb    = new_codec < 0 ? 0 : chunk_bytes(kv, new_codec);
-    uint8_t *     base  = kv->arena + (size_t) l * kv->layer_cap;
-    const size_t  tail0 = kv->off[i * L + l] + old;
-    if (new_codec >= 0) {
-        demote_fill(kv, l, i, new_codec);
-        kv->codec[i * L + l] = (uint8_t) new_codec;
+/* Chunk i made smaller: each layer above INT2 re-encoded one codec lower (demote), or every record
+ * removed (drop). The chunk's records move down over the bytes freed, then every later chunk's, so
+ * the arena stays one compact prefix. */
+static void chunk_shrink(struct moqae_kv_cache * kv, int64_t i, bool drop) {
+    const int64_t L   = kv->cfg.n_layer;
+    const size_t  end = i + 1 < kv->n_chunks ? kv->off[(i + 1) * L] : kv->used;
+    size_t        at  = kv->off[i * L];
+    for (int64_t l = 0; l < L && !drop; l++) {
+        const int c  = rec_codec(kv, i, l);
+        const int nc = c < MOQAE_KV_CODEC_Q2 ? c + 1 : c;
+        if (nc != c) {
+            demote_fill(kv, l, i, nc, kv->arena + at);
+            kv->codec[i * L + l] = (uint8_t) nc;
+        } else {
+            memmove(kv->arena + at, kv->arena + kv->off[i * L + l], chunk_bytes(kv, c));
+        }
+        kv->off[i * L + l] = at;
+        at += chunk_bytes(kv, nc);
     }
-    memmove(base + kv->off[i * L + l] + nb, base + tail0, kv->used[l] - tail0);
-    for (int64_t j = i + 1; j < kv->n_chunks; j++) {
-        kv->off[j * L + l] = kv->off[j * L + l] - old + nb;
+    const size_t freed = end - at;
+    memmove(kv->arena + at, kv->arena + end, kv->used - end);
+    for (int64_t r = (i + 1) * L; r < kv->n_chunks * L; r++) {
+        kv->off[r] -= freed;
     }
-    kv->used[l] = kv->used[l] - old + nb;
+    kv->used -= freed;
 }
 
 static void evict(struct moqae_kv_cache * kv, int64_t i) {
     const int64_t L = kv->cfg.n_layer;
-    for (int64_t l = 0; l < L; l++) {
-        layer_replace(kv, l, i, -1);
-    }
+    chunk_shrink(kv, i, true);
     const size_t after = (size_t) (kv->n_chunks - i - 1);
     memmove(&kv->chunks[i], &kv->chunks[i + 1], after * sizeof(struct chunk));
     memmove(kv->codec + i * L, kv->codec + (i + 1) * L, after * (size_t) L);
@@ -377,15 +373,6 @@ static void evict(struct moqae_kv_cache * kv, int64_t i) {
         memmove(kv->cs_p0 + i * D, kv->cs_p0 + (i + 1) * D, after * (size_t) D * sizeof(float));
     }
     kv->n_chunks--;
-}
-
-static void demote(struct moqae_kv_cache * kv, int64_t i) {
-    for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
-        const int c = rec_codec(kv, i, l);
-        if (c < MOQAE_KV_CODEC_Q2) {
-            layer_replace(kv, l, i, c + 1);
-        }
-    }
 }
 
 /* The oldest chunk that overflow may touch: not the sink, not allocated in this micro-batch
@@ -409,22 +396,23 @@ static int64_t victim(const struct moqae_kv_cache * kv, int64_t n_old, bool for_
     return -1;
 }
 
+/* Bytes of a chunk with these per-layer codecs. */
+static size_t codecs_bytes(const struct moqae_kv_cache * kv, const uint8_t * codecs) {
+    size_t n = 0;
+    for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
+        n += chunk_bytes(kv, codecs[l]);
+    }
+    return n;
+}
+
 /* Whether a chunk with these per-layer codecs fits now. */
 static bool fits(const struct moqae_kv_cache * kv, const uint8_t * codecs) {
-    if (kv->n_chunks == kv->cap_chunks) {
-        return false;
-    }
-    for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
-        if (kv->used[l] + chunk_bytes(kv, codecs[l]) > kv->layer_cap) {
-            return false;
-        }
-    }
-    return true;
+    return kv->n_chunks < kv->cap_chunks && kv->used + codecs_bytes(kv, codecs) <= kv->cap;
 }
 
 static int budget_full(const struct moqae_kv_cache * kv, const char * what) {
     return moqae_fail(MOQAE_ERR_CONTEXT_FULL, "context full: the KV budget (%.2f MiB) %s",
-                      (double) kv->layer_cap * (double) kv->cfg.n_layer / 1048576.0, what);
+                      (double) kv->cap / 1048576.0, what);
 }
 
 int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint8_t * votes) {
@@ -448,14 +436,12 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
     }
     /* check first (error policy: nothing may change when it does not fit) */
     if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR) {
-        for (int64_t l = 0; l < L; l++) {
-            size_t need = kv->used[l];
-            for (int64_t i = 0; i < n_new; i++) {
-                need += chunk_bytes(kv, kv->new_codec[i * L + l]);
-            }
-            if (need > kv->layer_cap || n_old + n_new > kv->cap_chunks) {
-                return budget_full(kv, "holds no more chunks; raise --kv-budget or use --kv-overflow shift|demote");
-            }
+        size_t need = kv->used;
+        for (int64_t i = 0; i < n_new; i++) {
+            need += codecs_bytes(kv, kv->new_codec + i * L);
+        }
+        if (need > kv->cap || n_old + n_new > kv->cap_chunks) {
+            return budget_full(kv, "holds no more chunks; raise --kv-budget or use --kv-overflow shift|demote");
         }
     }
     for (int64_t i = 0; i < n_new; i++) {
@@ -470,7 +456,7 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
                                              "older chunk; raise --kv-budget or lower -b");
             }
             if (dem) {
-                demote(kv, v);
+                chunk_shrink(kv, v, false);
             } else {
                 evict(kv, v);
                 n_old--;
@@ -483,8 +469,8 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
         }
         for (int64_t l = 0; l < L; l++) {
             kv->codec[j * L + l] = codecs[l];
-            kv->off[j * L + l]   = kv->used[l];
-            kv->used[l] += chunk_bytes(kv, codecs[l]);
+            kv->off[j * L + l]   = kv->used;
+            kv->used += chunk_bytes(kv, codecs[l]);
         }
     }
     return MOQAE_OK;
@@ -652,12 +638,8 @@ void moqae_kv_cache_stats(const struct moqae_kv_cache * kv, struct moqae_kv_stat
     out->n_tokens       = held;
     out->n_ctx          = kv->cfg.n_ctx;
     const double resid_bytes = (double) resid * per_token_elems * 4.0;
-    double       used        = 0.0;
-    for (int64_t l = 0; l < L; l++) {
-        used += (double) kv->used[l];
-    }
-    out->bytes_used     = (int64_t) (used + resid_bytes);
-    out->bytes_reserved = (int64_t) ((double) kv->layer_cap * (double) L +
+    out->bytes_used          = (int64_t) ((double) kv->used + resid_bytes);
+    out->bytes_reserved      = (int64_t) ((double) kv->cap +
                                      2.0 * (double) (L * kv->cfg.n_head_kv * kv->stage_rows * D) * 4.0);
     if (held > 0) {
         out->nominal_bits   = code_bits / (double) held;
