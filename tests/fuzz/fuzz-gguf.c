@@ -9,6 +9,7 @@
 #define _GNU_SOURCE /* memfd_create */
 
 #include "common.h"
+#include "memfd.h"
 #include "gguf.h"
 #include "moqae.h"
 #include "tokenizer.h"
@@ -17,8 +18,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size);
 
@@ -88,27 +87,16 @@ static void load_tokenizer(const struct moqae_gguf * g) {
 
 /* The model loader takes a path: hand it the bytes through a memfd. */
 static void load_model(const uint8_t * data, size_t size) {
-    const int fd = memfd_create("fuzz-gguf", 0);
+    char      path[64];
+    const int fd = fuzz_memfd("fuzz-gguf", data, size, path);
     if (fd < 0) {
         return;
     }
-    size_t done = 0;
-    while (done < size) {
-        const ssize_t w = write(fd, data + done, size - done);
-        if (w <= 0) {
-            break;
-        }
-        done += (size_t) w;
-    }
-    if (done == size) {
-        char path[64];
-        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-        struct moqae_model * model = NULL;
-        if (moqae_model_load(path, NULL, &model) == MOQAE_OK) {
-            struct moqae_model_info info;
-            (void) moqae_model_get_info(model, &info);
-            moqae_model_free(model);
-        }
+    struct moqae_model * model = NULL;
+    if (moqae_model_load(path, NULL, &model) == MOQAE_OK) {
+        struct moqae_model_info info;
+        (void) moqae_model_get_info(model, &info);
+        moqae_model_free(model);
     }
     close(fd);
 }

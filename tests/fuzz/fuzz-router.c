@@ -8,14 +8,13 @@
  */
 #define _GNU_SOURCE /* memfd_create */
 
+#include "memfd.h"
 #include "moqae.h"
 
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size);
 
@@ -66,26 +65,15 @@ static void use_router(struct moqae_model * model, const struct moqae_router * r
 
 int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     struct moqae_model * model = base_model();
-    const int            fd    = memfd_create("fuzz-router", 0);
+    char                 path[64];
+    const int            fd = fuzz_memfd("fuzz-router", data, size, path);
     if (fd < 0) {
         return 0;
     }
-    size_t done = 0;
-    while (done < size) {
-        const ssize_t w = write(fd, data + done, size - done);
-        if (w <= 0) {
-            break;
-        }
-        done += (size_t) w;
-    }
-    if (done == size) {
-        char path[64];
-        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-        struct moqae_router * router = NULL;
-        if (moqae_router_load(model, path, &router) == MOQAE_OK) {
-            use_router(model, router);
-            moqae_router_free(router);
-        }
+    struct moqae_router * router = NULL;
+    if (moqae_router_load(model, path, &router) == MOQAE_OK) {
+        use_router(model, router);
+        moqae_router_free(router);
     }
     close(fd);
     return 0;
