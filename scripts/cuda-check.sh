@@ -4,11 +4,16 @@
 # attention kernels, logits per KV policy, router decisions, greedy), perplexity GPU vs CPU, time
 # SmolLM2 and the LLaMA-2-7B-shaped Q4_0 model at depth.
 #   scripts/cuda-check.sh [STAGE ...]
-# stages: build stash smol emulate tiny parity floor ppl smolbench make7b router7b 7bprobe 7b32k 7b32kgen
+# stages: build res stash smol emulate tiny parity floor ppl smolbench make7b router7b 7bprobe 7b32k 7b32kgen
 #         7b128k 7brouter32k 7brouter128k fp16 nofit ncu prof7b profsmol sass
+#         llamabuild llamabg llamawait llamabench llama128k (llama.cpp's CUDA build side by side)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
+# llama.cpp: build-llama-src/llama.cpp-src.tar.gz, the llama.cpp vendored by llama-cpp-python 0.3.36's sdist
+# (`pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:`), repacked with what the CMake build
+# of llama-bench needs (CMakeLists.txt, cmake/, common/, ggml/, include/, src/, tools/ but ui/, vendor/,
+# licenses/); built in $HOME/llama, so that a build cut off by one call's limit resumes in the next warm one.
 set -uo pipefail
 OUT=${OUT:-/tmp/cuda-out}
 mkdir -p "$OUT"
@@ -17,6 +22,8 @@ SMOL=/tmp/smol.gguf
 SMOL_ROUTER=models/smollm2-135m-moqae-balanced.gguf
 L7=/tmp/llama7b-q4_0.gguf
 R7=/tmp/router7b.gguf
+LL=$HOME/llama
+LB=$LL/build/bin/llama-bench
 S="$OUT/summary.md"
 note() { echo "$*" | tee -a "$S"; }
 
@@ -68,6 +75,47 @@ for st in $stages; do
         { cmake -S . -B $B -DMOQAE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DMOQAE_BUILD_TESTS=ON &&
           cmake --build $B -j16; } > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
         note "built in $(( $(date +%s) - t0 )) s" ;;
+    res) # registers, shared memory and spills of the decode kernels (the compiler's resource report)
+        cuobjdump -res-usage $B/libmoqae.so 2>&1 | grep -A1 -E "attn_v3_kernel" |
+            grep -oE "_Z[A-Za-z0-9_]+|REG:[0-9]+ STACK:[0-9]+ SHARED:[0-9]+ LOCAL:[0-9]+" | paste - - | tee -a "$S" ;;
+    llamabuild) # llama-bench of llama.cpp's CUDA build (sm_90 only); resumes an unfinished build in $LL/build
+        [ -d $LL/src ] || { mkdir -p $LL/src && tar xzf build-llama-src/llama.cpp-src.tar.gz -C $LL/src; }
+        t0=$(date +%s)
+        { [ -f $LL/build/CMakeCache.txt ] || cmake -S $LL/src -B $LL/build -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+              -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+              -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF; } > "$OUT/llamabuild.log" 2>&1 &&
+            cmake --build $LL/build --target llama-bench -j16 >> "$OUT/llamabuild.log" 2>&1
+        rc=$?
+        echo $rc > $LL/done
+        [ $rc -eq 0 ] || tail -30 "$OUT/llamabuild.log"
+        note "llama.cpp build rc $rc in $(( $(date +%s) - t0 )) s" ;;
+    llamabg) # the same in its own process session: it goes on after this call returns (the machine stays warm 30 s)
+        mkdir -p $LL/out && rm -f $LL/done
+        OUT=$LL/out setsid nohup "$0" llamabuild > $LL/bg.log 2>&1 < /dev/null &
+        note "llama.cpp build started in the background (log $LL/out/llamabuild.log)" ;;
+    llamawait) # until the background build is done (at most 540 s)
+        t0=$(date +%s)
+        while [ ! -f $LL/done ] && [ $(( $(date +%s) - t0 )) -lt 540 ]; do sleep 5; done
+        cp $LL/out/llamabuild.log "$OUT/" 2>/dev/null
+        note "llama.cpp build: $(cat $LL/done 2>/dev/null || echo 'not done') after $(( $(date +%s) - t0 )) s more;" \
+            "$(grep -E '^llama.cpp build' $LL/out/summary.md 2>/dev/null)" ;;
+    llamabench) # llama.cpp and moqae side by side, same machine, same call: 7B-shaped Q4_0 (q4_0 KV vs int4 ring) at
+                # depth 0 and 32768, SmolLM2 pp512/tg128 (f16 KV vs fp16, q4_0 vs int4)
+        $LB -m $L7 -ngl 99 -fa 1 -ctk q4_0 -ctv q4_0 -p 0 -n 32 -d 0,32768 -r 3 2>"$OUT/llama-7b.err" | tee "$OUT/llama-7b.md" |
+            grep -E "^\|" | tee -a "$S"
+        bench7b 7b-int4-d0 -p 0 -n 32 -r 3 --kv int4
+        bench7b 7b-int4-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int4
+        if [ -f $SMOL ]; then
+            for kv in f16 q4_0; do
+                $LB -m $SMOL -ngl 99 -fa 1 -ctk $kv -ctv $kv -p 512 -n 128 -r 5 2>>"$OUT/llama-smol.err" | grep -E "^\|" | tee -a "$S"
+            done
+            for kv in fp16 int4; do
+                $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 128 -r 5 --kv $kv 2>&1 | grep -E "pp|tg" | tee -a "$S"
+            done
+        fi ;;
+    llama128k) # the same at depth 131072 (llama.cpp refills before each repetition: -r 1) and 130944 (moqae)
+        $LB -m $L7 -ngl 99 -fa 1 -ctk q4_0 -ctv q4_0 -p 0 -n 32 -d 131072 -r 1 2>"$OUT/llama-128k.err" | grep -E "^\|" | tee -a "$S"
+        bench7b 7b-int4-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 ;;
     stash)
         mkdir -p "$HOME/stash" && cp split/smol.part0 "$HOME/stash/" && note "stashed part0" ;;
     smol)

@@ -453,6 +453,70 @@ static __host__ __device__ __forceinline__ int v3_raw_stride(int raw_bytes, int 
     return ((raw_bytes + 15) / 16) * 16 + D * 4; /* record pair, then the chunk's cs_p0 */
 }
 
+/* The last steps of one key product (16 tokens x 16 channels per 16-channel block ab, on tensor
+ * cores), shared by the INT4 (ldmatrix) and the INT8 / INT2 paths of attn_v3_kernel: only the token
+ * held by an accumulator row differs between them. Stage 2 of the keys' inverse Hadamard: butterflies
+ * across the D/16 blocks of the accumulators. */
+template <int NA> static __device__ __forceinline__ void v3_stage2(float (&acc)[NA][4]) {
+#pragma unroll
+    for (int h = 1; h < NA; h *= 2) {
+#pragma unroll
+        for (int ab = 0; ab < NA; ab++) {
+            if ((ab & h) == 0) {
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const float x = acc[ab][r], y = acc[ab + h][r];
+                    acc[ab][r]     = x + y;
+                    acc[ab + h][r] = x - y;
+                }
+            }
+        }
+    }
+}
+
+/* RoPE (the tile's R(t), when pre) and the dot products with R(-P0) q: acc[ab][2 hh], acc[ab][2 hh + 1]
+ * are the pair (2i, 2i + 1), i = 8 ab + 4 nt + q4 (columns 2 q4, 2 q4 + 1 of the nt-th B tile), of the
+ * key at token t0 + 8 hh (accumulator rows g8 and g8 + 8); sc[n][hh] gathers this lane's part of the
+ * score of query row n (q0s [MM][D], cst [C][CSTLD] float2). */
+template <int D, int MM>
+static __device__ __forceinline__ void v3_score_rows(const float (&acc)[D / 16][4], int nt, int q4, int t0, bool pre,
+                                                     const float2 * cst, const float * q0s, float (&sc)[MM][2]) {
+    constexpr int CSTLD = v3_layout<D, MM>::CSTLD;
+#pragma unroll
+    for (int ab = 0; ab < D / 16; ab++) {
+        const int i = 8 * ab + 4 * nt + q4;
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const int    t  = t0 + 8 * hh;
+            const float  x = acc[ab][2 * hh], y = acc[ab][2 * hh + 1];
+            const float2 cs = pre ? cst[t * CSTLD + i] : make_float2(1.0f, 0.0f);
+#pragma unroll
+            for (int n = 0; n < MM; n++) {
+                const float2 qq    = *(const float2 *) (q0s + n * D + 2 * i);
+                const float  alpha = x * qq.x + y * qq.y, beta = x * qq.y - y * qq.x;
+                sc[n][hh] += cs.x * alpha + cs.y * beta;
+            }
+        }
+    }
+}
+
+/* Whole scores: the sum over the 4 lanes (q4) of an accumulator row group; the lanes whose token lies
+ * in this product (q4 / 2 == sel) keep the score of their row half q4 % 2 in mine. */
+template <int MM>
+static __device__ __forceinline__ void v3_whole_scores(float (&sc)[MM][2], int q4, int sel, float (&mine)[MM]) {
+#pragma unroll
+    for (int n = 0; n < MM; n++) {
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 1);
+            sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 2);
+        }
+        if ((q4 >> 1) == sel) {
+            mine[n] = (q4 & 1) ? sc[n][1] : sc[n][0];
+        }
+    }
+}
+
 template <int D, int MM>
 static __global__ void __launch_bounds__(V3_THREADS, 2)
 attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a) {
@@ -622,132 +686,50 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                                          h2_1024_nib(x1 >> 4), b01, b89);
                             }
                         }
-#pragma unroll
-                        for (int h = 1; h < NA; h *= 2) { /* stage 2: butterflies across the blocks */
-#pragma unroll
-                            for (int ab = 0; ab < NA; ab++) {
-                                if ((ab & h) == 0) {
-#pragma unroll
-                                    for (int r = 0; r < 4; r++) {
-                                        const float x = acc[ab][r], y = acc[ab + h][r];
-                                        acc[ab][r]     = x + y;
-                                        acc[ab + h][r] = x - y;
-                                    }
-                                }
-                            }
-                        }
-#pragma unroll
-                        for (int ab = 0; ab < NA; ab++) {
-                            const int i = 8 * ab + 4 * nt + q4; /* the pair (2i, 2i+1) = columns 2q4, 2q4+1 */
-#pragma unroll
-                            for (int hh = 0; hh < 2; hh++) {
-                                const int    t  = tau + u + 8 * hh;
-                                const float  x = acc[ab][2 * hh], y = acc[ab][2 * hh + 1];
-                                const float2 cs = pre ? cst[t * CSTLD + i] : make_float2(1.0f, 0.0f);
-#pragma unroll
-                                for (int n = 0; n < MM; n++) {
-                                    const float2 qq    = *(const float2 *) (q0s + n * D + 2 * i);
-                                    const float  alpha = x * qq.x + y * qq.y, beta = x * qq.y - y * qq.x;
-                                    sc[n][hh] += cs.x * alpha + cs.y * beta;
-                                }
-                            }
-                        }
+                        v3_stage2(acc);
+                        v3_score_rows<D, MM>(acc, nt, q4, tau + u, pre, cst, q0s, sc);
                     }
-#pragma unroll
-                    for (int n = 0; n < MM; n++) { /* whole scores: the sum over the 4 lanes of a row group */
-#pragma unroll
-                        for (int hh = 0; hh < 2; hh++) {
-                            sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 1);
-                            sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 2);
-                        }
-                        if ((q4 >> 1) == u) {
-                            mine[n] = (q4 & 1) ? sc[n][1] : sc[n][0];
-                        }
-                    }
+                    v3_whole_scores(sc, q4, u, mine);
                 }
-            } else {
+            } else { /* INT8 / INT2: byte loads, two channel rows per A register */
 #pragma unroll 1
-            for (int mt = 0; mt < 2; mt++) {
-                float sc[MM][2];
+                for (int mt = 0; mt < 2; mt++) {
+                    float sc[MM][2];
 #pragma unroll
-                for (int n = 0; n < MM; n++) {
-                    sc[n][0] = sc[n][1] = 0.0f;
-                }
-#pragma unroll
-                for (int nt = 0; nt < 2; nt++) {
-                    float acc[NA][4];
-#pragma unroll
-                    for (int ab = 0; ab < NA; ab++) {
-                        const float2 cr = *(const float2 *) (corr + 16 * ab + 8 * nt + 2 * q4);
-                        acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
-                        const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
-                        uint32_t        A0, A1, A2, A3;
-                        if (bits == 4) {
-                            const int      o   = mt * 8 + g8;
-                            const uint32_t x01 = r0[o] | ((uint32_t) r0[RB + o] << 8);
-                            const uint32_t x89 = r0[8 * RB + o] | ((uint32_t) r0[9 * RB + o] << 8);
-                            A0 = h2_1024(x01 & 0x0f0fu), A1 = h2_1024((x01 >> 4) & 0x0f0fu);
-                            A2 = h2_1024(x89 & 0x0f0fu), A3 = h2_1024((x89 >> 4) & 0x0f0fu);
-                        } else if (bits == 8) {
-                            const int o0 = 16 * mt + g8, o1 = o0 + 8;
-                            A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
-                            A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
-                            A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
-                            A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
-                        } else {
-                            const int      o = mt * 4 + (g8 & 3), sh = 2 * (g8 >> 2);
-                            const uint32_t x01 = r0[o] | ((uint32_t) r0[RB + o] << 8);
-                            const uint32_t x89 = r0[8 * RB + o] | ((uint32_t) r0[9 * RB + o] << 8);
-                            A0 = h2_1024((x01 >> sh) & 0x0303u), A1 = h2_1024((x01 >> (sh + 4)) & 0x0303u);
-                            A2 = h2_1024((x89 >> sh) & 0x0303u), A3 = h2_1024((x89 >> (sh + 4)) & 0x0303u);
-                        }
-                        const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ sg01[nt];
-                        const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ sg89[nt];
-                        mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
+                    for (int n = 0; n < MM; n++) {
+                        sc[n][0] = sc[n][1] = 0.0f;
                     }
 #pragma unroll
-                    for (int h = 1; h < NA; h *= 2) { /* stage 2: butterflies across the blocks */
+                    for (int nt = 0; nt < 2; nt++) {
+                        float acc[NA][4];
 #pragma unroll
                         for (int ab = 0; ab < NA; ab++) {
-                            if ((ab & h) == 0) {
-#pragma unroll
-                                for (int r = 0; r < 4; r++) {
-                                    const float x = acc[ab][r], y = acc[ab + h][r];
-                                    acc[ab][r]     = x + y;
-                                    acc[ab + h][r] = x - y;
-                                }
+                            const float2 cr = *(const float2 *) (corr + 16 * ab + 8 * nt + 2 * q4);
+                            acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
+                            const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
+                            uint32_t        A0, A1, A2, A3;
+                            if (bits == 8) {
+                                const int o0 = 16 * mt + g8, o1 = o0 + 8;
+                                A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
+                                A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
+                                A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
+                                A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
+                            } else {
+                                const int      o = mt * 4 + (g8 & 3), sh = 2 * (g8 >> 2);
+                                const uint32_t x01 = r0[o] | ((uint32_t) r0[RB + o] << 8);
+                                const uint32_t x89 = r0[8 * RB + o] | ((uint32_t) r0[9 * RB + o] << 8);
+                                A0 = h2_1024((x01 >> sh) & 0x0303u), A1 = h2_1024((x01 >> (sh + 4)) & 0x0303u);
+                                A2 = h2_1024((x89 >> sh) & 0x0303u), A3 = h2_1024((x89 >> (sh + 4)) & 0x0303u);
                             }
+                            const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ sg01[nt];
+                            const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ sg89[nt];
+                            mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
                         }
+                        v3_stage2(acc);
+                        v3_score_rows<D, MM>(acc, nt, q4, 16 * mt + g8, pre, cst, q0s, sc);
                     }
-#pragma unroll
-                    for (int ab = 0; ab < NA; ab++) {
-                        const int i = 8 * ab + 4 * nt + q4; /* the pair (2i, 2i+1) = columns 2q4, 2q4+1 */
-#pragma unroll
-                        for (int hh = 0; hh < 2; hh++) {
-                            const int    t  = 16 * mt + g8 + 8 * hh;
-                            const float  x = acc[ab][2 * hh], y = acc[ab][2 * hh + 1];
-                            const float2 cs = pre ? cst[t * CSTLD + i] : make_float2(1.0f, 0.0f);
-#pragma unroll
-                            for (int n = 0; n < MM; n++) {
-                                const float2 qq    = *(const float2 *) (q0s + n * D + 2 * i);
-                                const float  alpha = x * qq.x + y * qq.y, beta = x * qq.y - y * qq.x;
-                                sc[n][hh] += cs.x * alpha + cs.y * beta;
-                            }
-                        }
-                    }
+                    v3_whole_scores(sc, q4, mt, mine);
                 }
-#pragma unroll
-                for (int n = 0; n < MM; n++) { /* whole scores: the sum over the 4 lanes of a row group */
-#pragma unroll
-                    for (int hh = 0; hh < 2; hh++) {
-                        sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 1);
-                        sc[n][hh] += __shfl_xor_sync(0xffffffffu, sc[n][hh], 2);
-                    }
-                    if ((q4 >> 1) == mt) {
-                        mine[n] = (q4 & 1) ? sc[n][1] : sc[n][0];
-                    }
-                }
-            }
             }
             /* the outlier token, scored apart */
             const int   xi = rk[gk.off_x + 4];
