@@ -439,13 +439,15 @@ static __device__ __forceinline__ void cp_async_wait0() {
     asm volatile("cp.async.wait_group 0;\n" ::);
 }
 
-/* Bytes of v3's shared memory: queries, the RoPE offsets table, per warp two copy buffers, the
- * record's relative scales (f16), the stage-1 start values and R(-P0) q. */
+/* Bytes of v3's shared memory: queries, the RoPE offsets table, kv-layout's FRAC table (lanes index it
+ * by their own scale codes: in constant memory each distinct address of a warp is a serialized replay),
+ * per warp two copy buffers, the record's relative scales (f16), the stage-1 start values and R(-P0) q. */
 template <int D, int MM> struct v3_layout {
     static constexpr int CSTLD = D / 2 + 4; /* float2 per t row: 4 mod 16 keeps the 64-bit loads conflict-free */
     static constexpr int qs    = 0;
     static constexpr int cst   = qs + MM * D * 4;
-    static constexpr int warps = cst + ATT_TILE * CSTLD * 8;
+    static constexpr int frac  = cst + ATT_TILE * CSTLD * 8;
+    static constexpr int warps = frac + 16 * 4;
     static constexpr int warp_fixed = D * 2 + D * 4 + MM * D * 4; /* shat, corr, q0 */
 };
 
@@ -528,6 +530,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     const int     tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, q4 = lane & 3;
     float *       qs   = (float *) (sm + L::qs);
     float2 *      cst  = (float2 *) (sm + L::cst);
+    float *       frac = (float *) (sm + L::frac);
     uint8_t *     wb   = sm + L::warps + warp * warp_bytes;
     uint8_t *     raw0 = wb, *raw1 = wb + raw_stride;
     half *        shat = (half *) (wb + 2 * raw_stride);
@@ -547,6 +550,9 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     for (int e = tid; e < MM * D; e += V3_THREADS) {
         const int n = e / D;
         qs[e]       = n < m_rows ? a.q[(long long) (hk * m_rows + n) * D + e % D] * a.scale : 0.0f;
+    }
+    if (tid < 16) {
+        frac[tid] = kvl_frac((unsigned) tid);
     }
     if (pre) {
 #pragma unroll 8 /* the table's loads issued together, coalesced: this setup is every call's fixed cost */
@@ -579,6 +585,8 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
      * g8 >= 4), and the lane keeps u = q4 / 2, row half q4 % 2; INT8 / INT2 keys give the rows of the
      * mt-th product the tokens 16 mt + g8 (+ 8). */
     const int tau = g8 < 4 ? 2 * g8 : 2 * g8 + 8;
+    /* value groups: G is a multiple of 16 (kv-codec.h), so a lane's E <= 4 channels lie in one group */
+    const int NG = D / g.v_group, lgrp = lane * E / g.v_group;
     const int tq4 = tau + (q4 >> 1) + 8 * (q4 & 1), tq28 = g8 + 8 * q4;
 
     auto issue = [&](int it, uint8_t * buf) {
@@ -632,7 +640,8 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 #pragma unroll
                 for (int e = 0; e < E; e++) {
                     const int  d  = lane * E + e;
-                    const half hh = __float2half(b.sb > 0.0f ? kvl_scale_rel(rk[gk.off_sc + d]) : 0.0f);
+                    const unsigned sa = rk[gk.off_sc + d]; /* kvl_scale_rel with the FRAC table in shared memory */
+                    const half hh = __float2half(b.sb > 0.0f ? xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) : 0.0f);
                     shat[d]       = hh;
                     w[e]          = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb - 1024.0f * __half2float(hh);
                 }
@@ -738,7 +747,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 #pragma unroll
             for (int e = 0; e < E; e++) {
                 const int      d  = lane * E + e;
-                const unsigned lo = kvl_get_code(rk + d * RB, xi, bits), hi = kvl_get_code(rk + gk.off_xhi, d, bits);
+                const unsigned lo = kvl_get_code_q(rk + d * RB, xi, bits), hi = kvl_get_code_q(rk + gk.off_xhi, d, bits);
                 yx[e] = xadd(xmul(xs, (float) ((hi << bits) | lo)), xz);
             }
             warp_fwht<E>(yx, D);
@@ -815,9 +824,10 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         if (quant) {
             const uint8_t * rv   = cur + g.k_pad[ch.codec];
             const kvl_geom  gv   = kvl_geom_v(ch.codec, C, D, g.v_group);
-            const int       bits = gv.bits, RBv = D * bits / 8, NG = D / g.v_group, d0 = lane * E;
+            const int       bits = gv.bits, RBv = D * bits / 8, d0 = lane * E;
             const rec_bases b    = read_bases(rv + gv.off_bases);
-            const float     vsc  = kvl_scale(b.sb, rv[gv.off_sc + tq]);
+            const unsigned  sa   = rv[gv.off_sc + tq]; /* kvl_scale, FRAC from shared memory */
+            const float     vsc  = xmul(xmul(b.sb, frac[sa & 15u]), kvl_pow2_neg(sa >> 4));
             float           pv[MM];
 #pragma unroll
             for (int n = 0; n < MM; n++) {
@@ -828,15 +838,15 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 #pragma unroll
                 for (int n = 0; n < MM; n++) {
                     const float zb = warp_sum(p[n] * z);
+                    if (lgrp == grp) {
 #pragma unroll
-                    for (int e = 0; e < E; e++) {
-                        if ((d0 + e) / g.v_group == grp) {
+                        for (int e = 0; e < E; e++) {
                             orot[n][e] += zb;
                         }
                     }
                 }
             }
-            const int      off = kvl_code_byte(d0, bits), sh = kvl_code_shift(d0, bits);
+            const int      off = kvl_code_byte_q(d0, bits), sh = kvl_code_shift_q(d0, bits);
             const uint32_t msk = bits == 8 ? 0xffffffffu : bits == 4 ? 0x0f0f0f0fu : 0x03030303u;
 #pragma unroll
             for (int j = 0; j < C; j++) {

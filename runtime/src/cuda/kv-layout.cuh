@@ -115,6 +115,21 @@ static __host__ __device__ __forceinline__ unsigned kvl_get_code(const uint8_t *
     return ((unsigned) row[kvl_code_byte(e, bits)] >> kvl_code_shift(e, bits)) & ((1u << bits) - 1u);
 }
 
+/* The same for b in {2, 4, 8} (the quantized codecs) and e >= 0, without divisions: 2b divides 16, so
+ * (e % 16) % 2b = e & (2b - 1) and (e % 16) / 2b is a shift (a device division by a run-time value
+ * costs about 20 instructions; attention's decode loop reads codes this way per chunk). */
+static __host__ __device__ __forceinline__ int kvl_code_byte_q(int e, int bits) {
+    return (e >> 4) * 2 * bits + (e & (2 * bits - 1));
+}
+
+static __host__ __device__ __forceinline__ int kvl_code_shift_q(int e, int bits) {
+    return bits * ((e & 15) >> (bits == 8 ? 4 : bits == 4 ? 3 : 2));
+}
+
+static __host__ __device__ __forceinline__ unsigned kvl_get_code_q(const uint8_t * row, int e, int bits) {
+    return ((unsigned) row[kvl_code_byte_q(e, bits)] >> kvl_code_shift_q(e, bits)) & ((1u << bits) - 1u);
+}
+
 /* The rotation's block: the largest power of two dividing n, and its factors 2^-floor(m/2) (forward),
  * 2^-ceil(m/2) (back), n = 2^m. */
 static __host__ __device__ __forceinline__ int kvl_rot_block(int n) {
