@@ -539,6 +539,40 @@ static void bench(const struct moqae_kv_codec_kernels * const * tabs, int n_tabs
     }
 }
 
+/* The encoder's search error: every SIMD table's err gives the reference's integers (below the limit;
+ * at or above it, both say so), on group-like data, clipped ranges, zero or negative scales, 2-bit and
+ * 8-bit code ranges, tails of every length and non-finite elements. */
+static void test_err(const struct moqae_kv_codec_kernels * const * tabs, int n_tabs) {
+    float x[80];
+    for (int r = 0; r < 400; r++) {
+        const int64_t n = 1 + r % 79;
+        for (int64_t i = 0; i < n; i++) {
+            x[i] = 2.0f * rnd_gauss() + (r % 5 == 0 ? 40.0f * rnd_f() : 0.0f);
+        }
+        if (r % 37 == 3) {
+            x[r % n] = r % 2 ? NAN : INFINITY;
+        }
+        const float qmax  = (float) ((1 << (2 << (r % 3))) - 1); /* 3, 15, 255 */
+        float       scale = (4.0f + rnd_f()) / qmax;
+        scale             = r % 23 == 0 ? 0.0f : r % 29 == 0 ? -scale : r % 7 == 0 ? scale * 0.25f : scale;
+        const float  zero = -2.0f + rnd_f();
+        const double p2k  = ldexp(1.0, 40 - 2 * (r % 9 - 2));
+        const int64_t want = moqae_kv_err_ref(x, n, zero, scale, qmax, p2k, INT64_MAX);
+        for (int t = 0; t < n_tabs; t++) {
+            const int64_t got = tabs[t]->err(x, n, zero, scale, qmax, p2k, INT64_MAX);
+            if (got != want) {
+                fail("%s err, case %d (n %lld): %lld, reference %lld", tabs[t]->name, r, (long long) n,
+                     (long long) got, (long long) want);
+            }
+            const int64_t limit = want / 2 + 1, cut = tabs[t]->err(x, n, zero, scale, qmax, p2k, limit);
+            if ((want < limit) != (cut < limit) || (cut < limit && cut != want)) {
+                fail("%s err with limit %lld, case %d: %lld, reference %lld", tabs[t]->name, (long long) limit, r,
+                     (long long) cut, (long long) want);
+            }
+        }
+    }
+}
+
 int main(int argc, char ** argv) {
     const struct moqae_kv_codec_kernels * tabs[2];
     int                                   n_tabs = 0;
@@ -560,6 +594,7 @@ int main(int argc, char ** argv) {
     printf("%s\n", n_tabs ? "" : " none on this CPU");
 
     test_sizes();
+    test_err(tabs, n_tabs);
     const struct moqae_kv_shape shapes[] = {{32, 64, 32}, {64, 64, 32}, {32, 128, 32}, {64, 128, 64},
                                             {32, 48, 16}, {16, 64, 64}, {32, 64, 64}};
     for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {

@@ -14,9 +14,6 @@
 #include "cpu/kernels.h"
 
 #include <math.h>
-#if defined(__SSE2__) && !defined(MOQAE_SCALAR_ENCODER)
-#include <emmintrin.h>
-#endif
 
 /* Bounds that keep every per-record table on the stack (see moqae_kv_shape_check). */
 #define MAX_CHUNK    256
@@ -350,62 +347,17 @@ static int64_t gather(const struct src * s, int64_t i, int64_t m, float * x) {
     return n;
 }
 
-/* One element's term of group_err: min(floor(e^2 * 2^K), 2^48), e = x - decoded (t >= 0 or NaN; NaN -> 2^48). */
+/* One element's term of the search error: min(floor(e^2 * 2^K), 2^48), e = x - decoded (t >= 0, or NaN
+ * from non-finite input: 2^48). e^2 is exact in double, and scaling it by p2k = 2^K rounds as ldexp does. */
 static inline int64_t err_term(float x, float zero, float scale, float qmax, double p2k) {
     const float  d = x - (mul_rn(scale, quant_code(x, zero, scale, qmax)) + zero);
     const double t = (double) d * (double) d * p2k;
     return t < 0x1p48 ? (int64_t) t : ((int64_t) 1 << 48); /* t >= 0: truncation is floor */
 }
 
-/* sum over the n gathered elements of err_term (e^2 is exact in double, and scaling it by p2k = 2^K
- * rounds as ldexp does). Stops once the sum reaches limit: a result >= limit only says that the true
- * sum is >= limit too (the terms are >= 0). The SSE2 path (x86-64's baseline) does the same IEEE
- * operations four elements at a time, so its sums are the scalar path's exactly. */
-static int64_t group_err(const float * x, int64_t n, float zero, float scale, float qmax, double p2k, int64_t limit) {
-    int64_t acc = 0, e = 0;
-#if defined(__SSE2__) && !defined(MOQAE_SCALAR_ENCODER)
-    if (scale > 0.0f) {
-        const __m128  vz = _mm_set1_ps(zero), vs = _mm_set1_ps(scale), vq = _mm_set1_ps(qmax);
-        const __m128  half = _mm_set1_ps(0.5f), big = _mm_set1_ps(0x1p23f), one = _mm_set1_ps(1.0f);
-        const __m128  absmask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
-        const __m128d vp = _mm_set1_pd(p2k), cap = _mm_set1_pd(0x1p48), magic = _mm_set1_pd(0x1p52);
-        const __m128i magic_bits = _mm_castpd_si128(magic);
-        __m128i       vacc       = _mm_setzero_si128();
-        for (; e + 4 <= n; e += 4) {
-            const __m128 v = _mm_loadu_ps(x + e);
-            const __m128 y = _mm_add_ps(_mm_div_ps(_mm_sub_ps(v, vz), vs), half);
-            /* floor(y): truncate, minus 1 where that rounded up; |y| >= 2^23 (or NaN) is kept as it is */
-            const __m128 tr    = _mm_cvtepi32_ps(_mm_cvttps_epi32(y));
-            const __m128 fl    = _mm_sub_ps(tr, _mm_and_ps(_mm_cmpgt_ps(tr, y), one));
-            const __m128 small = _mm_cmplt_ps(_mm_and_ps(y, absmask), big);
-            const __m128 f     = _mm_or_ps(_mm_and_ps(small, fl), _mm_andnot_ps(small, y));
-            /* clamp to [0, qmax], NaN -> 0: max/min return their second operand when one is NaN */
-            const __m128 q   = _mm_min_ps(_mm_max_ps(f, _mm_setzero_ps()), vq);
-            const __m128 d   = _mm_sub_ps(v, _mm_add_ps(_mm_mul_ps(vs, q), vz));
-            const __m128d dl = _mm_cvtps_pd(d), dh = _mm_cvtps_pd(_mm_movehl_ps(d, d));
-            const __m128d t[2] = {_mm_min_pd(_mm_mul_pd(_mm_mul_pd(dl, dl), vp), cap),
-                                  _mm_min_pd(_mm_mul_pd(_mm_mul_pd(dh, dh), vp), cap)}; /* NaN -> cap */
-            for (int h = 0; h < 2; h++) {
-                /* floor of t in [0, 2^48]: the nearest integer from the 2^52 trick, minus 1 where it is above */
-                const __m128d r = _mm_add_pd(t[h], magic);
-                const __m128i k = _mm_sub_epi64(_mm_castpd_si128(r), magic_bits);
-                const __m128i up = _mm_castpd_si128(_mm_cmpgt_pd(_mm_sub_pd(r, magic), t[h]));
-                vacc             = _mm_add_epi64(vacc, _mm_add_epi64(k, up));
-            }
-            if ((e & 4) == 4) {
-                int64_t lanes[2];
-                _mm_storeu_si128((__m128i *) lanes, vacc);
-                if (lanes[0] + lanes[1] >= limit) {
-                    return lanes[0] + lanes[1];
-                }
-            }
-        }
-        int64_t lanes[2];
-        _mm_storeu_si128((__m128i *) lanes, vacc);
-        acc = lanes[0] + lanes[1];
-    }
-#endif
-    for (; e < n; e++) {
+int64_t moqae_kv_err_ref(const float * x, int64_t n, float zero, float scale, float qmax, double p2k, int64_t limit) {
+    int64_t acc = 0;
+    for (int64_t e = 0; e < n; e++) {
         acc += err_term(x[e], zero, scale, qmax, p2k);
         if ((e & 7) == 7 && acc >= limit) {
             break;
@@ -425,6 +377,7 @@ static unsigned search_run(const struct moqae_kv_geom * g, const struct src * s,
     (void) frexpf(mul_rn(scale_of(b->sb, a0), qmax), &E);
     const double  p2k    = ldexp(1.0, MOQAE_KV_ERR_BITS - 2 * E);
     const int64_t NONE   = INT64_MAX;
+    const moqae_kv_err_fn group_err = moqae_kv_codec_kernels()->err; /* the same integers in every table */
     int64_t       best   = NONE;
     unsigned      best_a = a0;
     uint8_t       zbest[MAX_GROUPS], ztry[MAX_GROUPS];
@@ -821,6 +774,7 @@ static const struct moqae_kv_codec_kernels kernels_ref = {
     .name = "scalar",
     .kq   = {kq_f16_ref, kq_q8_ref, kq_q4_ref, kq_q2_ref},
     .pv   = {pv_f16_ref, pv_q8_ref, pv_q4_ref, pv_q2_ref},
+    .err  = moqae_kv_err_ref,
 };
 
 const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_ref(void) {

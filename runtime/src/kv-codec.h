@@ -185,11 +185,23 @@ typedef void (*moqae_kv_kq_fn)(const struct moqae_kv_shape * s, const struct moq
 typedef void (*moqae_kv_pv_fn)(const struct moqae_kv_shape * s, const uint8_t * rec, int64_t n_q,
                                const float * p, int64_t ld_p, float * out, int64_t ld_o);
 
+/* The encoder's search error (the layout comment's err(zc) for one zero and scale): sum over x[0..n) of
+ * min(floor(e^2 * p2k), 2^48) in int64, e = x - (scale * code(x; zero, scale) + zero) in f32, p2k = 2^K.
+ * It may stop once the sum reaches limit: a result >= limit then only says that the true sum is >= limit
+ * (every term is >= 0). Below limit every table returns the same integer: the SIMD ones do the same IEEE
+ * operations, element by element, with no fused multiply-add. */
+typedef int64_t (*moqae_kv_err_fn)(const float * x, int64_t n, float zero, float scale, float qmax, double p2k,
+                                   int64_t limit);
+
 struct moqae_kv_codec_kernels {
-    const char *   name; /* "scalar", "avx2", "avx512" */
-    moqae_kv_kq_fn kq[MOQAE_KV_CODEC_COUNT];
-    moqae_kv_pv_fn pv[MOQAE_KV_CODEC_COUNT];
+    const char *    name; /* "scalar", "avx2", "avx512" */
+    moqae_kv_kq_fn  kq[MOQAE_KV_CODEC_COUNT];
+    moqae_kv_pv_fn  pv[MOQAE_KV_CODEC_COUNT];
+    moqae_kv_err_fn err;
 };
+
+/* The scalar err (the SIMD ones end with it for their tails). */
+int64_t moqae_kv_err_ref(const float * x, int64_t n, float zero, float scale, float qmax, double p2k, int64_t limit);
 
 /* The scalar reference (decode the chunk with moqae_kv_decode_*, accumulate in double): the SIMD tables' oracle. */
 const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_ref(void);

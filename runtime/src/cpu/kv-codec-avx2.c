@@ -478,6 +478,64 @@ INLINE void pv_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
 }
 
 /* ================================================================================================
+ * the encoder's search error (kv-codec.h moqae_kv_err_fn): 8 elements at a time, the scalar
+ * reference's operations in the same order; the product scale * code is kept apart from the add (the
+ * empty asm) so that the compiler cannot fuse them, as the reference never does
+ * ================================================================================================ */
+
+/* The terms of 8 elements, summed into 4 int64 lanes; lanes whose bit is clear in `live` (all-ones /
+ * zero int32 lanes) add 0. */
+INLINE __m256i err8(__m256 v, __m256i live, __m256 vz, __m256 vs, __m256 vq, __m256d vp) {
+    const __m256d cap = _mm256_set1_pd(0x1p48), magic = _mm256_set1_pd(0x1p52);
+    const __m256  y   = _mm256_add_ps(_mm256_div_ps(_mm256_sub_ps(v, vz), vs), _mm256_set1_ps(0.5f));
+    /* clamp(floor(y), 0, qmax), NaN -> 0: max and min return their second operand on NaN */
+    const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(y), _mm256_setzero_ps()), vq);
+    __m256       p = _mm256_mul_ps(vs, q);
+    __asm__("" : "+x"(p));
+    const __m256 d   = _mm256_sub_ps(v, _mm256_add_ps(p, vz));
+    __m256i      sum = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+        const __m256d dd = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(d, 1) : _mm256_castps256_ps128(d));
+        const __m256d t  = _mm256_min_pd(_mm256_mul_pd(_mm256_mul_pd(dd, dd), vp), cap); /* NaN -> cap */
+        /* floor(t), t in [0, 2^48]: the nearest integer (2^52 trick), minus 1 where it is above t */
+        const __m256d r  = _mm256_add_pd(t, magic);
+        const __m256i k  = _mm256_sub_epi64(_mm256_castpd_si256(r), _mm256_castpd_si256(magic));
+        const __m256i up = _mm256_castpd_si256(_mm256_cmp_pd(_mm256_sub_pd(r, magic), t, _CMP_GT_OQ));
+        const __m256i l  = _mm256_cvtepi32_epi64(h ? _mm256_extracti128_si256(live, 1) : _mm256_castsi256_si128(live));
+        sum              = _mm256_add_epi64(sum, _mm256_and_si256(_mm256_add_epi64(k, up), l));
+    }
+    return sum;
+}
+
+INLINE int64_t hsum64(__m256i v) {
+    int64_t l[4];
+    _mm256_storeu_si256((__m256i *) l, v);
+    return l[0] + l[1] + l[2] + l[3];
+}
+
+static int64_t err_avx2(const float * x, int64_t n, float zero, float scale, float qmax, double p2k, int64_t limit) {
+    if (!(scale > 0.0f)) {
+        return moqae_kv_err_ref(x, n, zero, scale, qmax, p2k, limit);
+    }
+    const __m256  vz = _mm256_set1_ps(zero), vs = _mm256_set1_ps(scale), vq = _mm256_set1_ps(qmax);
+    const __m256d vp   = _mm256_set1_pd(p2k);
+    const __m256i all  = _mm256_set1_epi32(-1);
+    __m256i       vacc = _mm256_setzero_si256();
+    int64_t       e    = 0;
+    for (; e + 8 <= n; e += 8) {
+        vacc = _mm256_add_epi64(vacc, err8(_mm256_loadu_ps(x + e), all, vz, vs, vq, vp));
+        if ((e & 8) && hsum64(vacc) >= limit) { /* every 16 elements */
+            return hsum64(vacc);
+        }
+    }
+    if (e < n) { /* the tail: a masked load, dead lanes add 0 */
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int) (n - e)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        vacc = _mm256_add_epi64(vacc, err8(_mm256_maskload_ps(x + e, live), live, vz, vs, vq, vp));
+    }
+    return hsum64(vacc);
+}
+
+/* ================================================================================================
  * table
  * ================================================================================================ */
 
@@ -500,6 +558,7 @@ static const struct moqae_kv_codec_kernels kernels_avx2 = {
     .name = "avx2",
     .kq   = {kq_f16, kq_q8, kq_q4, kq_q2},
     .pv   = {pv_f16, pv_q8, pv_q4, pv_q2},
+    .err  = err_avx2,
 };
 
 const struct moqae_kv_codec_kernels * moqae_kv_codec_kernels_avx2(void) {
