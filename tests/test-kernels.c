@@ -11,6 +11,7 @@
 #include "cpu/kernels.h"
 #include "quant.h"
 
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -846,6 +847,22 @@ static void test_float_ops(const struct moqae_cpu_kernels * K, int64_t n) {
     R->add(n, y, yr);
     K->add(n, y, yk);
     BITS_ALL("add");
+
+    /* softmax of attention scores (scaled by 1/8): exp within ~1 ulp, the sum in f32 lanes against
+     * double, so a relative error that grows with n / lanes */
+    for (int64_t i = 0; i < n; i++) {
+        yr[i] = yk[i] = 30.0f * rnd_f() + (i % 97 == 5 ? 200.0f : 0.0f);
+    }
+    R->softmax(n, 0.125f, yr);
+    K->softmax(n, 0.125f, yk);
+    CLOSE_ALL("softmax", (double) (n / 8 + 16) * FLT_EPSILON * fabs(yr[i]) + TOL_ELEM_ABS);
+    double tot = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        tot += yk[i];
+    }
+    check_begin(&c, "%s softmax n=%lld sums to 1", K->name, (long long) n);
+    check_close(&c, "sum", tot, 1.0, (double) (n / 8 + 16) * FLT_EPSILON);
+    check_end(&c);
 #undef CLOSE_ALL
 #undef BITS_ALL
     free(x);

@@ -570,18 +570,7 @@ void moqae_kv_cache_attend(const struct moqae_kv_cache * kv, const struct moqae_
             for (int64_t r = r0; r <= r1; r++) {
                 sg[n + r - r0] = K->dot_f32(D, qh + g * D, stage_row(kv->stage_k, kv, layer, hk, r));
             }
-            const int64_t n_all = n + r1 - r0 + 1;
-            float         mx    = -INFINITY;
-            for (int64_t j = 0; j < n_all; j++) {
-                sg[j] *= scale;
-                mx = sg[j] > mx ? sg[j] : mx;
-            }
-            double sum = 0.0;
-            for (int64_t j = 0; j < n_all; j++) {
-                sg[j] = expf(sg[j] - mx);
-                sum += sg[j];
-            }
-            K->scale(n_all, (float) (1.0 / sum), sg);
+            K->softmax(n + r1 - r0 + 1, scale, sg);
             float * og = oh + g * D;
             memset(og, 0, (size_t) D * sizeof(float));
             for (int64_t r = r0; r <= r1; r++) {

@@ -617,6 +617,50 @@ static void swiglu_avx2(int64_t n, float * g, const float * u) {
     }
 }
 
+static void scale_avx2(int64_t n, float a, float * y);
+
+/* softmax_ref with exp8 (about 1 ulp) and f32 lane sums; the tail through the same vector code on a
+ * padded copy, so every element gets the same exp. */
+static void softmax_avx2(int64_t n, float a, float * y) {
+    const __m256 va = _mm256_set1_ps(a);
+    __m256       vm = _mm256_set1_ps(-INFINITY);
+    int64_t      i  = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(y + i), va);
+        _mm256_storeu_ps(y + i, v);
+        vm = _mm256_max_ps(vm, v);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    m4        = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4        = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float mx  = _mm_cvtss_f32(m4);
+    for (int64_t j = i; j < n; j++) {
+        y[j] *= a;
+        mx = y[j] > mx ? y[j] : mx;
+    }
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256       vs  = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(y + i), vmx));
+        _mm256_storeu_ps(y + i, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float sum = hsum8(vs);
+    if (i < n) {
+        float t[8];
+        for (int j = 0; j < 8; j++) {
+            t[j] = i + j < n ? y[i + j] - mx : -INFINITY; /* exp(-inf) = 0 */
+        }
+        const __m256 e = exp8(_mm256_loadu_ps(t));
+        _mm256_storeu_ps(t, e);
+        sum += hsum8(e);
+        for (int64_t j = i; j < n; j++) {
+            y[j] = t[j - i];
+        }
+    }
+    scale_avx2(n, 1.0f / sum, y);
+}
+
 static void scale_avx2(int64_t n, float a, float * y) {
     const __m256 va = _mm256_set1_ps(a);
     int64_t      i  = 0;
@@ -661,6 +705,7 @@ static const struct moqae_cpu_kernels kernels_avx2 = {
     .rms_norm    = rms_norm_avx2,
     .swiglu      = swiglu_avx2,
     .scale       = scale_avx2,
+    .softmax     = softmax_avx2,
     .add         = add_avx2,
 };
 

@@ -771,6 +771,29 @@ static void swiglu_avx512(int64_t n, float * g, const float * u) {
     }
 }
 
+static void scale_avx512(int64_t n, float a, float * y);
+
+/* softmax_ref with exp512 (about 1 ulp) and f32 lane sums; masked tails. */
+static void softmax_avx512(int64_t n, float a, float * y) {
+    const __m512 va = _mm512_set1_ps(a);
+    __m512       vm = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16) 0xffff : lanes16(n - i);
+        const __m512    v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, y + i), va);
+        _mm512_mask_storeu_ps(y + i, m, v);
+        vm = _mm512_mask_max_ps(vm, m, vm, v);
+    }
+    const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+    __m512       vs  = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16) 0xffff : lanes16(n - i);
+        const __m512    e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, y + i), vmx));
+        _mm512_mask_storeu_ps(y + i, m, e);
+        vs = _mm512_mask_add_ps(vs, m, vs, e);
+    }
+    scale_avx512(n, 1.0f / _mm512_reduce_add_ps(vs), y);
+}
+
 static void scale_avx512(int64_t n, float a, float * y) {
     const __m512 va = _mm512_set1_ps(a);
     int64_t      i  = 0;
@@ -819,6 +842,7 @@ static const struct moqae_cpu_kernels kernels_avx512 = {
     .rms_norm    = rms_norm_avx512,
     .swiglu      = swiglu_avx512,
     .scale       = scale_avx512,
+    .softmax     = softmax_avx512,
     .add         = add_avx512,
 };
 

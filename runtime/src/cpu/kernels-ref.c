@@ -311,6 +311,23 @@ static void scale_ref(int64_t n, float a, float * y) {
     }
 }
 
+static void softmax_ref(int64_t n, float a, float * y) {
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        y[i] *= a;
+        mx = y[i] > mx ? y[i] : mx;
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        y[i] = expf(y[i] - mx);
+        sum += y[i];
+    }
+    const float r = (float) (1.0 / sum);
+    for (int64_t i = 0; i < n; i++) {
+        y[i] *= r;
+    }
+}
+
 static void add_ref(int64_t n, const float * x, float * y) {
     for (int64_t i = 0; i < n; i++) {
         y[i] += x[i];
@@ -342,6 +359,7 @@ static const struct moqae_cpu_kernels kernels_ref = {
     .rms_norm    = rms_norm_ref,
     .swiglu      = swiglu_ref,
     .scale       = scale_ref,
+    .softmax     = softmax_ref,
     .add         = add_ref,
 };
 

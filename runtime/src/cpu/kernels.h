@@ -56,6 +56,8 @@ struct moqae_cpu_kernels {
     void (*swiglu)(int64_t n, float * g, const float * u);
     /* y[i] *= a */
     void (*scale)(int64_t n, float a, float * y);
+    /* attention weights: y[i] = exp(a * y[i] - m) / sum_j exp(a * y[j] - m), m = max_j a * y[j] */
+    void (*softmax)(int64_t n, float a, float * y);
     /* y[i] += x[i] */
     void (*add)(int64_t n, const float * x, float * y);
 };
