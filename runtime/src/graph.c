@@ -241,7 +241,12 @@ static void vote_worker(void * arg, int ith, int nth) {
 }
 
 void moqae_graph_votes(struct moqae_context * ctx) {
-    if (ctx->router) {
+    if (!ctx->router) {
+        return;
+    }
+    if (ctx->job_n == 1) { /* decode: one token's MLP costs less than waking the pool */
+        vote_worker(ctx, 0, 1);
+    } else {
         moqae_threadpool_run(ctx->tp, vote_worker, ctx);
     }
 }
