@@ -446,28 +446,31 @@ INLINE void pv_any(const int bits, enum moqae_kv_codec c, const struct moqae_kv_
  * empty asm) so that the compiler cannot fuse them, as the reference never does
  * ================================================================================================ */
 
+/* floor(min(d^2 * 2^K, 2^48)) of 8 f32 differences, added to sum in the lanes of l: NaN -> 2^48; the
+ * floor of t in [0, 2^48] is the nearest integer (2^52 trick) minus 1 where that is above t. */
+INLINE __m512i err_terms8(__m512i sum, __m256 d, __mmask8 l, __m512d vp) {
+    const __m512d  cap = _mm512_set1_pd(0x1p48), magic = _mm512_set1_pd(0x1p52);
+    const __m512d  dd  = _mm512_cvtps_pd(d);
+    const __m512d  t   = _mm512_min_pd(_mm512_mul_pd(_mm512_mul_pd(dd, dd), vp), cap);
+    const __m512d  r   = _mm512_add_pd(t, magic);
+    const __m512i  k   = _mm512_sub_epi64(_mm512_castpd_si512(r), _mm512_castpd_si512(magic));
+    const __mmask8 up  = _mm512_cmp_pd_mask(_mm512_sub_pd(r, magic), t, _CMP_GT_OQ);
+    return _mm512_mask_add_epi64(sum, l, sum, _mm512_mask_sub_epi64(k, up, k, _mm512_set1_epi64(1)));
+}
+
 /* The terms of 16 elements, summed into 8 int64 lanes; lanes outside `live` add 0. */
 INLINE __m512i err16(__m512 v, __mmask16 live, __m512 vz, __m512 vs, __m512 vq, __m512d vp) {
-    const __m512d cap = _mm512_set1_pd(0x1p48), magic = _mm512_set1_pd(0x1p52);
-    const __m512  y   = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(v, vz), vs), _mm512_set1_ps(0.5f));
+    const __m512 y = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(v, vz), vs), _mm512_set1_ps(0.5f));
     /* clamp(floor(y), 0, qmax), NaN -> 0: max and min return their second operand on NaN */
     const __m512 f = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512 q = _mm512_min_ps(_mm512_max_ps(f, _mm512_setzero_ps()), vq);
     __m512       p = _mm512_mul_ps(vs, q);
     __asm__("" : "+v"(p));
-    const __m512 d   = _mm512_sub_ps(v, _mm512_add_ps(p, vz));
-    __m512i      sum = _mm512_setzero_si512();
-    for (int h = 0; h < 2; h++) {
-        const __m512d dd = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), h)));
-        const __m512d t  = _mm512_min_pd(_mm512_mul_pd(_mm512_mul_pd(dd, dd), vp), cap); /* NaN -> cap */
-        /* floor(t), t in [0, 2^48]: the nearest integer (2^52 trick), minus 1 where it is above t */
-        const __m512d  r  = _mm512_add_pd(t, magic);
-        const __m512i  k  = _mm512_sub_epi64(_mm512_castpd_si512(r), _mm512_castpd_si512(magic));
-        const __mmask8 up = _mm512_cmp_pd_mask(_mm512_sub_pd(r, magic), t, _CMP_GT_OQ);
-        const __mmask8 l  = (__mmask8) (live >> (8 * h));
-        sum = _mm512_mask_add_epi64(sum, l, sum, _mm512_mask_sub_epi64(k, up, k, _mm512_set1_epi64(1)));
-    }
-    return sum;
+    const __m512 d    = _mm512_sub_ps(v, _mm512_add_ps(p, vz));
+    const __m256 dlo  = _mm512_castps512_ps256(d);
+    const __m256 dhi  = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1));
+    __m512i      sum  = err_terms8(_mm512_setzero_si512(), dlo, (__mmask8) live, vp);
+    return err_terms8(sum, dhi, (__mmask8) (live >> 8), vp);
 }
 
 static int64_t err_avx512(const float * x, int64_t n, float zero, float scale, float qmax, double p2k,
