@@ -35,7 +35,8 @@ def _base(path: Path, n_layer: int = SHAPE["n_layer"], n_embd: int = SHAPE["n_em
 
 
 def _router(path: Path, model: Path, *, experts=("fp16", "int4", "int2"), share="all", group_size=0, chunk=32,
-            freeze=True, seed=0, scale=400.0, bias=None, expected_bits=16.0, n_layer=SHAPE["n_layer"]) -> Path:
+            freeze=True, seed=0, scale=400.0, bias=None, expected_bits=16.0, n_layer=SHAPE["n_layer"],
+            demote_weight=None) -> Path:
     cfg = RouterConfig(n_embd=SHAPE["n_embd"], n_layer=n_layer, experts=experts, chunk=chunk, hidden=8, share=share,
                        group_size=group_size, freeze=freeze)
     r = Router(cfg, generator=torch.Generator().manual_seed(seed))
@@ -44,7 +45,7 @@ def _router(path: Path, model: Path, *, experts=("fp16", "int4", "int2"), share=
         if bias is not None:  # every token votes for expert `bias`: w3 rows of the others pushed far down
             r.w1.zero_()
             r.w2.zero_()
-    write_router(str(path), r, _base(model, n_layer), 0.5, expected_bits)
+    write_router(str(path), r, _base(model, n_layer), 0.5, expected_bits, demote_weight=demote_weight)
     return path
 
 
@@ -110,6 +111,51 @@ def test_decode_routes_like_prefill(tiny, routers):
         assert a.kv_cache_stats()["n_records"] == b.kv_cache_stats()["n_records"]
         np.testing.assert_allclose(np.array(b.scores[: len(toks)]), np.array(a.scores[: len(toks)]), rtol=0,
                                    atol=2e-4)
+
+
+def test_weighted_demotion_takes_the_cheap_layers_first(tiny, tmp_path):
+    """A router that votes int4 for every chunk, under a budget 5% below what that needs, with
+    --kv-overflow demote. Without demotion weights (recency) the oldest chunks go to int2 in every layer at
+    once; with weights 1e6 for one layer and 1 for the others, only that layer's records are demoted (age x
+    weight ranks them first), so at most one int2 record per chunk, and which layer it is changes the logits."""
+    L = SHAPE["n_layer"]
+
+    def run(name, dw, budget=None):
+        r = _router(tmp_path / f"{name}.gguf", tiny, experts=("int4", "int2"), bias=0, expected_bits=4.0,
+                    demote_weight=dw)
+        with _llm(tiny, r, n_batch=32, logits_all=True, kv_budget=budget,
+                  kv_overflow="demote" if budget else None) as llm:
+            toks = llm.tokenize(TEXT.encode(), add_bos=True)[:480]  # 15 chunks: the sink and 14 routed
+            llm.eval(toks)
+            return llm.kv_cache_stats(), np.array(llm.scores[: len(toks)])
+
+    full, _ = run("plain", None)
+    assert full["n_records"] == {"fp16": L, "int8": 0, "int4": 14 * L, "int2": 0}
+    budget = int(0.95 * full["bytes_used"])
+    recency, _ = run("recency", None, budget)
+    first, lf = run("first", [1e6] + [1.0] * (L - 1), budget)
+    last, ll = run("last", [1.0] * (L - 1) + [1e6], budget)
+    assert recency["n_records"]["int2"] > 0 and recency["n_records"]["int2"] % L == 0, recency
+    for s in (recency, first, last):
+        assert s["bytes_used"] <= budget and sum(s["n_records"].values()) == 15 * L, s
+    for s in (first, last):
+        assert 0 < s["n_records"]["int2"] <= 14, s  # one layer's records only
+        assert s["n_records"]["int2"] < recency["n_records"]["int2"]  # finer than whole chunks
+    assert np.isfinite(lf).all() and np.isfinite(ll).all()
+    assert np.abs(lf - ll).max() > 1e-3  # different layers were demoted
+
+
+def test_bad_demotion_weights(tiny, tmp_path):
+    with pytest.raises(ValueError, match="one weight"):
+        _router(tmp_path / "short.gguf", tiny, demote_weight=[1.0])
+    good = _router(tmp_path / "dw.gguf", tiny, demote_weight=[1.0, 1.2345, 3.0])
+    neg = _replace(good, tmp_path / "neg.gguf", struct.pack("<f", 1.2345), struct.pack("<f", -1.2345))
+    with pytest.raises(moqae_cpp.FormatError, match="layer 1.s weight -1.2345 is not in"):
+        moqae_cpp.Llama(str(tiny), router_path=str(neg))
+    with pytest.raises(moqae_cpp.InvalidArgumentError, match="kv_overflow must be one of"):
+        moqae_cpp.Llama(str(tiny), router_path=str(good), kv_overflow="drop")
+    with pytest.raises(moqae_cpp.InvalidArgumentError, match="kv_budget must be"):
+        moqae_cpp.Llama(str(tiny), router_path=str(good), kv_budget=-1)
 
 
 def test_freeze_off_and_one_expert_everywhere(tiny, tmp_path):

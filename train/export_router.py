@@ -25,7 +25,8 @@ def base_info(model) -> dict:
 
 
 def write_router(path: str, router: Router, base: dict, lambda_: float, expected_bits: float,
-                 calibration: str | None = None) -> None:
+                 calibration: str | None = None, demote_weight=None) -> None:
+    """demote_weight: None, or n_layer positive floats (the optional key moqae-router.demote_weight)."""
     cfg = router.cfg
     if base["n_embd"] != cfg.n_embd or base["n_layer"] != cfg.n_layer:
         raise ValueError("router shape does not match the base model")
@@ -52,6 +53,11 @@ def write_router(path: str, router: Router, base: dict, lambda_: float, expected
     w.add_string(p + "base.fingerprint", base["fingerprint"])
     if calibration:
         w.add_string(p + "calibration", calibration)
+    if demote_weight is not None:
+        dw = [float(x) for x in demote_weight]
+        if len(dw) != cfg.n_layer or not all(0.0 < x <= 1e6 for x in dw):
+            raise ValueError("demote_weight needs one weight in (0, 1e6] per layer")
+        w.add_key_value(p + "demote_weight", dw, GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
     with torch.no_grad():
         for g in range(cfg.n_router):
             for name in ("w1", "w2", "w3"):

@@ -63,6 +63,28 @@ def measure(model: LlamaModel, wins: torch.Tensor, ids, experts: tuple, C: int, 
             "chunk": C, "seq_len": T, "freeze": freeze}
 
 
+def layer_costs(sens: dict, lo: str = "int2", hi: str = "int4") -> torch.Tensor:
+    """[n_layer] the NLL that storing a chunk at expert `lo` instead of `hi` adds, per layer, per scored token
+    that sees the chunk (nats), pooled over the windows and the routed chunks: Σ (S[lo] − S[hi]) / Σ n_seen,
+    n_seen(c) = the scored positions after chunk c (T − 1 − (c + 1)·C)."""
+    S, ex, C, T = sens["S"], list(sens["experts"]), sens["chunk"], sens["seq_len"]
+    d = S[..., ex.index(lo)] - S[..., ex.index(hi)]  # [N][L][n_c]
+    n_c = d.shape[2]
+    first = 1 if sens["freeze"] else 0
+    seen = torch.tensor([max(T - 1 - (c + 1) * C, 0) for c in range(n_c)], dtype=torch.float64)
+    seen[:first] = 0.0
+    return (d[:, :, first:].double().sum((0, 2)) / (seen.sum() * d.shape[0])).float()
+
+
+def demote_weights(costs: torch.Tensor, beta: float) -> list:
+    """The runtime's per-layer demotion weights (kv-cache.h: the record with the largest age × weight goes one
+    codec lower first) from layer_costs(): (cost / mean cost)^(−beta), costs floored at 5% of the mean. beta 0 is
+    the recency order; the larger beta, the more the cheap layers are demoted before the dear ones."""
+    m = float(costs.clamp(min=0).mean())
+    c = costs.clamp(min=0.05 * m) / m
+    return [float(x) for x in c.pow(-beta)]
+
+
 def load_or_measure(path: str | None, key: tuple, model, wins, ids, experts, C, freeze, codec, log=print) -> dict:
     """measure(), through the file path when it holds the same key (model, T, C, experts, freeze, window ids)."""
     if path and os.path.exists(path):

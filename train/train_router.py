@@ -76,6 +76,7 @@ class TrainConfig:
     noise_cache: str | None = None  # with pool: a file that keeps the cache between runs (same model/pool/seed)
     objective: str = "mixture"  # 'mixture' (the soft mixture in the forward) or 'linear' (sensitivity.py)
     sens_cache: str | None = None  # linear: a file that keeps the measured sensitivities between runs
+    demote_beta: float | None = None  # linear: write per-layer demotion weights (sensitivity.demote_weights)
 
 
 def windows_of(tokens: list, T: int, bos) -> torch.Tensor:
@@ -194,7 +195,7 @@ def train(tc: TrainConfig, log=print) -> tuple:
     return finish(tc, log, model, wins, router, experts, history, t_start)
 
 
-def finish(tc, log, model, wins, router, experts, history, t_start):
+def finish(tc, log, model, wins, router, experts, history, t_start, demote_weight=None):
     """expected_bits over the whole calibration text, the export; (router, info)."""
     T = tc.seq_len
     eb, ehist, n = 0.0, {c: 0 for c in experts}, 0
@@ -210,7 +211,7 @@ def finish(tc, log, model, wins, router, experts, history, t_start):
     router = router.cpu()
     if tc.out:
         calib = "/".join(os.path.abspath(tc.calib).split(os.sep)[-2:])
-        write_router(tc.out, router, base_info(model), tc.lam, eb, calibration=calib)
+        write_router(tc.out, router, base_info(model), tc.lam, eb, calibration=calib, demote_weight=demote_weight)
         log(f"train_router: wrote {tc.out}")
     return router, {"expected_bits": eb, "hist": ehist, "history": history}
 
@@ -271,7 +272,15 @@ def train_linear(tc, log, model, wins, rcfg, router, opt, codec, t_start):
             h = " ".join(f"{c} {n}" for c, n in hist.items())
             log(f"step {step:4d}  L {rec['loss']:.4f}  L_model {rec['l_model']:.4f}  L_mem {rec['l_mem']:.4f}  "
                 f"pool: bits {avg:.3f}  predicted NLL {rec['pred_nll']:.4f}  [{h}]")
-    return finish(tc, log, model, wins, router, experts, history, t_start)
+    dw = None
+    if tc.demote_beta is not None:
+        from sensitivity import demote_weights, layer_costs
+        costs = layer_costs(sens)
+        dw = demote_weights(costs, tc.demote_beta)
+        log("train_router: INT4 -> INT2 cost per layer (millinats per token that sees the chunk): "
+            + " ".join(f"{1000 * float(c):.2f}" for c in costs))
+        log(f"train_router: demotion weights (beta {tc.demote_beta}): " + " ".join(f"{w:.3f}" for w in dw))
+    return finish(tc, log, model, wins, router, experts, history, t_start, demote_weight=dw)
 
 
 def main(argv=None):
@@ -306,14 +315,20 @@ def main(argv=None):
     ap.add_argument("--codec", choices=("torch", "c"), default=None,
                     help="who codes the chunks: c (build/kv-codec-dump, the runtime's encoder; the default when "
                          "built) or torch (train/kv_codec.py): the same bytes")
+    ap.add_argument("--demote-beta", type=float, default=None,
+                    help="linear: also write per-layer demotion weights (cost/mean)^-beta from the sensitivities, "
+                         "the order in which --kv-overflow demote takes records one codec lower (0: recency)")
     a = ap.parse_args(argv)
+    if a.demote_beta is not None and (a.objective != "linear" or not 0.0 <= a.demote_beta <= 8.0):
+        ap.error("--demote-beta needs --objective linear and a value in [0, 8]")
     if not 0.0 <= a.lam <= 1.0:
         ap.error("--lambda must be in [0, 1]")
     tc = TrainConfig(model=a.model, calib=a.calib, out=a.out, chunk_size=a.chunk_size, experts=a.experts, lam=a.lam,
                      freeze=not a.no_freeze, share=a.share, steps=a.steps, seq_len=a.seq_len, batch=a.batch,
                      seed=a.seed, device=a.device, hidden=a.hidden, lr=a.lr, threads=a.threads,
                      act_quant=not a.no_act_quant, tokenizer=a.tokenizer, log_every=a.log_every, codec=a.codec,
-                     pool=a.pool, noise_cache=a.noise_cache, objective=a.objective, sens_cache=a.sens_cache)
+                     pool=a.pool, noise_cache=a.noise_cache, objective=a.objective, sens_cache=a.sens_cache,
+                     demote_beta=a.demote_beta)
     train(tc, log=lambda s: print(s, flush=True))
 
 

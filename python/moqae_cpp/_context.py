@@ -11,7 +11,7 @@ import numpy as np
 
 from ._model import Model, _token_array
 from ._native import ffi, lib
-from .errors import ClosedError, _check
+from .errors import ClosedError, InvalidArgumentError, _check
 from ._closable import Closable
 
 
@@ -47,12 +47,16 @@ def moqae_py_ppl_progress(chunk, n_chunks, ppl, user_data):
         return False
 
 
+_OVERFLOW = {"error": 0, "shift": 1, "demote": 2}  # enum moqae_kv_overflow_policy
+
+
 class Context(Closable):
     """A context on model. Options start from moqae_context_default_params(); None keeps the C
     default (n_ctx: the model's training context; n_batch: 512; n_threads: all CPUs; kv: fp16)."""
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int | None = None,
-                 n_threads: int | None = None, kv: str | None = None, router=None):
+                 n_threads: int | None = None, kv: str | None = None, router=None, kv_budget: int | None = None,
+                 kv_overflow: str | None = None):
         self._h = None
         self.model = model  # keeps the model alive while we exist
         self.router = router  # and the router (a moqae_cpp.Router or None)
@@ -67,6 +71,14 @@ class Context(Closable):
         params.kv = self._kv
         if router is not None:
             params.router = router.ptr
+        if kv_budget is not None:
+            if isinstance(kv_budget, bool) or not isinstance(kv_budget, int) or kv_budget < 0:
+                raise InvalidArgumentError(f"kv_budget must be a number of bytes >= 0, got {kv_budget!r}")
+            params.kv_budget = kv_budget
+        if kv_overflow is not None:
+            if kv_overflow not in _OVERFLOW:
+                raise InvalidArgumentError(f"kv_overflow must be one of {', '.join(_OVERFLOW)}, got {kv_overflow!r}")
+            params.kv_overflow = _OVERFLOW[kv_overflow]
         out = ffi.new("struct moqae_context **")
         _check(lib.moqae_context_new(model.ptr, params, out))
         self._h = _ContextHandle(out[0])

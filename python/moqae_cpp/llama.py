@@ -74,7 +74,13 @@ class Llama(Closable):
         n_batch: prompt micro-batch in tokens; None = the C default (512).
         n_threads: worker threads; None = the C default (all online CPUs).
         seed: sampling seed used when a call gives none; None = the C default (0); negative = random.
-        kv: KV cache policy ("fp16" in this version); None = the C default.
+        kv: KV cache policy ("fp16", "int8", "int4", "int2", "sink+int4", "sink+int2"; the CLI's --kv);
+            None = the C default (fp16).
+        kv_budget: bytes for the encoded KV chunks (the CLI's --kv-budget); None or 0 = sized from
+            n_ctx and the policy or the router's expected bits.
+        kv_overflow: what a full KV cache does: "error" (the C default), "shift" (drop the oldest
+            chunks) or "demote" (re-encode the oldest chunks to fewer bits; a router file with
+            demotion weights orders the records by age x weight of their layer).
         n_gpu_layers: layers to offload to CUDA (0 = CPU only; ignored with a warning without CUDA).
         use_mlock: lock the weights in RAM; None = the C default (no).
         logits_all: keep the logits of every evaluated token (needed for `logprobs`), not only the
@@ -89,7 +95,7 @@ class Llama(Closable):
     def __init__(self, model_path: str | os.PathLike, *, router_path: str | os.PathLike | None = None,
                  n_gpu_layers: int = 0, use_mlock: bool | None = None, seed: int | None = None, n_ctx: int = 512,
                  n_batch: int | None = None, n_threads: int | None = None, kv: str | None = None,
-                 logits_all: bool = False, last_n_tokens_size: int | None = None, verbose: bool = False,
+                 kv_budget: int | None = None, kv_overflow: str | None = None, logits_all: bool = False, last_n_tokens_size: int | None = None, verbose: bool = False,
                  **kwargs: Any):
         self._model: Model | None = None
         self._router: Router | None = None
@@ -110,7 +116,7 @@ class Llama(Closable):
             if router_path is not None:
                 self._router = Router(self._model, router_path)
             self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv=kv,
-                                router=self._router)
+                                router=self._router, kv_budget=kv_budget, kv_overflow=kv_overflow)
         except BaseException:
             if self._router is not None:
                 self._router.close()

@@ -192,7 +192,7 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx, c->n_batch,
                                   router ? router->chunk : p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
                                   (enum moqae_kv_overflow) p.kv_overflow, 0, { 0 }, 1, hp->n_layer, 0.0,
-                                  keys_pre_rope(), hp->n_rot, hp->rope_base };
+                                  keys_pre_rope(), hp->n_rot, hp->rope_base, NULL };
     if (router) {
         kc.n_expert = router->n_expert;
         for (int64_t e = 0; e < router->n_expert; e++) {
@@ -201,6 +201,7 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
         kc.n_group       = router->n_router;
         kc.group_size    = router->group_size;
         kc.expected_bits = router->expected_bits;
+        kc.demote_weight = router->demote_weight;
         c->router_scratch_floats = (hp->n_embd + moqae_router_scratch_floats(router) + 15) / 16 * 16;
         c->votes          = calloc((size_t) (c->n_batch * router->n_router), 1);
         c->router_scratch = moqae_aligned_alloc((size_t) c->router_scratch_floats * (size_t) n_threads * sizeof(float));

@@ -64,6 +64,10 @@ struct moqae_kv_config {
     bool                   keys_pre_rope;
     int64_t                n_rot;
     float                  rope_base;
+    /* Demotion order (--kv-overflow demote): NULL = recency (the oldest chunk, every layer above INT2,
+     * one codec lower); else [n_layer] positive weights from the router file: the record (chunk i,
+     * layer l) with the largest age_i * demote_weight[l] goes one codec lower first (age in chunks). */
+    const float *          demote_weight;
 };
 
 int  moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out);

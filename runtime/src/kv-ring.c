@@ -44,6 +44,9 @@ struct moqae_kv_cache {
     float *                               cs_t;       /* [D/2][2][C] offsets within a chunk          */
     float *                               cs_p0;      /* [cap_chunks][D/2][2] each stored chunk's P0 */
     uint8_t *                             tmp_rec;    /* one record                                  */
+    float *                               dw;         /* [n_layer] demotion weights, or NULL (recency) */
+    uint8_t *                             mark;       /* [cap_chunks][n_layer] records to demote       */
+    int64_t *                             next;       /* [n_layer] per-layer scan position             */
 };
 
 /* ---- policies ---------------------------------------------------------------------------------- */
@@ -218,6 +221,20 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
     kv->new_codec   = calloc((size_t) kv->max_new * (size_t) cfg->n_layer, 1);
     kv->tmp         = moqae_aligned_alloc(3 * (size_t) cfg->chunk * (size_t) cfg->head_dim * sizeof(float));
     kv->tmp_rec     = moqae_aligned_alloc(2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64);
+    if (cfg->demote_weight) {
+        kv->dw   = malloc((size_t) cfg->n_layer * sizeof(float));
+        kv->mark = calloc(n_rec, 1);
+        kv->next = calloc((size_t) cfg->n_layer, sizeof(int64_t));
+        for (int64_t l = 0; kv->dw && l < cfg->n_layer; l++) {
+            if (!(cfg->demote_weight[l] > 0.0f && isfinite(cfg->demote_weight[l]))) {
+                moqae_kv_cache_free(kv);
+                return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV cache: demotion weight of layer %lld is %g, not positive",
+                                  (long long) l, (double) cfg->demote_weight[l]);
+            }
+            kv->dw[l] = cfg->demote_weight[l];
+        }
+        kv->cfg.demote_weight = kv->dw;
+    }
     if (cfg->keys_pre_rope) {
         const int64_t D = cfg->head_dim;
         kv->theta   = calloc((size_t) D / 2, sizeof(float));
@@ -234,7 +251,7 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         moqae_kv_rope_fill(D, cfg->chunk, 0, kv->theta, kv->cs_t);
     }
     if (!kv->stage_k || !kv->stage_v || !kv->stage_votes || !kv->arena || !kv->chunks || !kv->codec || !kv->off ||
-        !kv->new_codec || !kv->tmp || !kv->tmp_rec) {
+        !kv->new_codec || !kv->tmp || !kv->tmp_rec || (cfg->demote_weight && (!kv->dw || !kv->mark || !kv->next))) {
         moqae_kv_cache_free(kv);
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory: the KV cache needs %.1f MiB",
                           (double) (arena + 2 * stage) / 1048576.0);
@@ -261,6 +278,9 @@ void moqae_kv_cache_free(struct moqae_kv_cache * kv) {
     free(kv->theta);
     free(kv->cs_t);
     free(kv->cs_p0);
+    free(kv->dw);
+    free(kv->mark);
+    free(kv->next);
     free(kv);
 }
 
@@ -396,6 +416,69 @@ static int64_t victim(const struct moqae_kv_cache * kv, int64_t n_old, bool for_
     return -1;
 }
 
+/* Weighted demotion (cfg.demote_weight): marks records to take one codec lower, largest
+ * age * weight[layer] first (ties: the older chunk, then the lower layer), until `need` bytes would be
+ * freed or no record is left (the sink, chunks of this micro-batch (index >= n_old) and INT2 records are
+ * not candidates). Each layer's candidate is its oldest unmarked record above INT2, so one pick costs
+ * O(n_layer). Returns the first marked chunk, or -1 if nothing could be marked. */
+static int64_t mark_weighted(struct moqae_kv_cache * kv, int64_t n_old, int64_t now, size_t need) {
+    const int64_t L = kv->cfg.n_layer, C = kv->cfg.chunk;
+    int64_t       first = -1;
+    size_t        freed = 0;
+    for (int64_t l = 0; l < L; l++) {
+        kv->next[l] = 0;
+    }
+    while (freed < need) {
+        int64_t best_l = -1;
+        double  best   = -1.0;
+        for (int64_t l = 0; l < L; l++) {
+            int64_t i = kv->next[l];
+            while (i < n_old && ((kv->cfg.policy.sink && kv->chunks[i].pos == 0) || kv->mark[i * L + l] ||
+                                 rec_codec(kv, i, l) >= MOQAE_KV_CODEC_Q2)) {
+                i++;
+            }
+            kv->next[l] = i;
+            if (i < n_old) {
+                const double key = (double) (now - kv->chunks[i].pos / C) * kv->dw[l];
+                if (key > best || (key == best && i < kv->next[best_l])) {
+                    best   = key;
+                    best_l = l;
+                }
+            }
+        }
+        if (best_l < 0) {
+            break;
+        }
+        const int64_t i = kv->next[best_l];
+        const int     c = rec_codec(kv, i, best_l);
+        kv->mark[i * L + best_l] = 1;
+        freed += chunk_bytes(kv, c) - chunk_bytes(kv, c + 1);
+        first = first < 0 || i < first ? i : first;
+    }
+    return first;
+}
+
+/* The marked records (from chunk `first` on) re-encoded one codec lower; every record from there moves
+ * down over the bytes freed, so the arena stays one compact prefix. Clears the marks. */
+static void shrink_marked(struct moqae_kv_cache * kv, int64_t first) {
+    const int64_t L  = kv->cfg.n_layer;
+    size_t        at = kv->off[first * L];
+    for (int64_t r = first * L; r < kv->n_chunks * L; r++) {
+        const int64_t i = r / L, l = r % L;
+        const int     c = rec_codec(kv, i, l);
+        if (kv->mark[r]) {
+            demote_fill(kv, l, i, c + 1, kv->arena + at);
+            kv->codec[r] = (uint8_t) (c + 1);
+            kv->mark[r]  = 0;
+        } else if (at != kv->off[r]) {
+            memmove(kv->arena + at, kv->arena + kv->off[r], chunk_bytes(kv, c));
+        }
+        kv->off[r] = at;
+        at += chunk_bytes(kv, kv->codec[r]);
+    }
+    kv->used = at;
+}
+
 /* Bytes of a chunk with these per-layer codecs. */
 static size_t codecs_bytes(const struct moqae_kv_cache * kv, const uint8_t * codecs) {
     size_t n = 0;
@@ -447,8 +530,16 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
     for (int64_t i = 0; i < n_new; i++) {
         const uint8_t * codecs = kv->new_codec + i * L;
         while (!fits(kv, codecs)) {
-            const bool    dem = kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE && kv->n_chunks < kv->cap_chunks;
-            const int64_t v   = victim(kv, n_old, dem);
+            const bool dem = kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE && kv->n_chunks < kv->cap_chunks;
+            if (dem && kv->dw) {
+                const size_t  want  = kv->used + codecs_bytes(kv, codecs) - kv->cap;
+                const int64_t first = mark_weighted(kv, n_old, kv->n_tokens / C + i, want);
+                if (first >= 0) {
+                    shrink_marked(kv, first);
+                    continue;
+                }
+            }
+            const int64_t v = dem && kv->dw ? -1 : victim(kv, n_old, dem);
             if (v < 0 || kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR) {
                 return budget_full(kv, dem ? "cannot hold the chunks of this micro-batch even after demoting every "
                                              "older chunk to int2; raise --kv-budget or lower -b"

@@ -34,6 +34,30 @@ static int get_required(int st, const char * key) {
     return st;
 }
 
+/* Optional: the per-layer demotion weights (f32[n_layer], each positive and finite). */
+static int load_demote_weight(struct moqae_router * r) {
+    const struct moqae_gguf_kv * w = moqae_gguf_find_kv(r->gguf, KEY("demote_weight"));
+    if (!w) {
+        return MOQAE_OK;
+    }
+    if (w->type != MOQAE_GGUF_ARRAY || w->arr_type != MOQAE_GGUF_FLOAT32 || w->arr_n != (uint64_t) r->n_layer) {
+        return moqae_fail(MOQAE_ERR_FORMAT, "key '%s' must be an array of %lld f32 (one per layer)", KEY("demote_weight"),
+                          (long long) r->n_layer);
+    }
+    if (!(r->demote_weight = malloc((size_t) r->n_layer * sizeof(float)))) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for the router");
+    }
+    for (int64_t l = 0; l < r->n_layer; l++) {
+        const double v = moqae_gguf_arr_f64(w, (uint64_t) l);
+        if (!(v > 0.0 && v <= 1e6)) {
+            return moqae_fail(MOQAE_ERR_FORMAT, "key '%s': layer %lld's weight %g is not in (0, 1e6]",
+                              KEY("demote_weight"), (long long) l, v);
+        }
+        r->demote_weight[l] = (float) v;
+    }
+    return MOQAE_OK;
+}
+
 /* The experts: codec names and bits, highest precision first, no repeats. */
 static int load_experts(struct moqae_router * r) {
     const struct moqae_gguf_kv * names = NULL, * bits = NULL;
@@ -205,6 +229,9 @@ static int load(struct moqae_router * r, const struct moqae_model * m) {
     if (!r->w1 || !r->w2 || !r->w3) {
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for the router");
     }
+    if ((st = load_demote_weight(r))) {
+        return st;
+    }
     for (int64_t g = 0; g < r->n_router; g++) {
         if ((st = load_tensor(r, g, "w1", r->n_embd, r->hidden, &r->w1[g])) ||
             (st = load_tensor(r, g, "w2", r->n_embd, r->hidden, &r->w2[g])) ||
@@ -247,6 +274,7 @@ void moqae_router_free(struct moqae_router * r) {
     free(r->w1);
     free(r->w2);
     free(r->w3);
+    free(r->demote_weight);
     free(r);
 }
 

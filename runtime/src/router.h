@@ -29,6 +29,7 @@ struct moqae_router {
     const float **       w1;          /* [n_router] -> [R][n_embd]           */
     const float **       w2;          /* [n_router] -> [R][n_embd]           */
     const float **       w3;          /* [n_router] -> [E][R]                */
+    float *              demote_weight; /* [n_layer] or NULL (optional key)   */
 };
 
 /* Floats of scratch one call of moqae_router_vote needs. */
