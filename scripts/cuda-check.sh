@@ -4,8 +4,9 @@
 # attention kernels, logits per KV policy, router decisions, greedy), perplexity GPU vs CPU, time
 # SmolLM2 and the LLaMA-2-7B-shaped Q4_0 model at depth.
 #   scripts/cuda-check.sh [STAGE ...]
-# stages: build res stash smol emulate tiny parity floor ppl smolbench make7b router7b 7bprobe 7b32k 7b32kgen
-#         7b128k 7brouter32k 7brouter128k fp16 nofit ncu prof7b profsmol sass
+# stages: build res stash smol emulate tiny attnpv parity floor ppl smolbench make7b router7b 7bprobe 7b32k 7b32kgen
+#         7b32kold 7b128k 7b128kold 7brouter32k 7brouter128k fp16 nofit ncu prof7b profsmol sass
+#         (the *old stages and attnpv: v3's INT4 values on CUDA cores, MOQAE_CUDA_PV=0, the fourth increment's path)
 #         llamabuild llamabg llamawait llamabench llama128k (llama.cpp's CUDA build side by side)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
@@ -130,6 +131,11 @@ for st in $stages; do
         $B/cuda-parity /tmp/tiny.gguf > "$OUT/parity-tiny.log" 2>&1
         grep -E "^codec|^attention|^kv|^greedy|^model|failed|error" "$OUT/parity-tiny.log" | tee -a "$S"
         note "parity tiny: $(tail -1 "$OUT/parity-tiny.log")" ;;
+    attnpv) # the attention checks under the other INT4 value paths (MOQAE_CUDA_PV=0: CUDA cores, =2: tensor cores
+            # with the codes as normal f16); no model: cuda-parity stops after its codec and attention checks
+        for m in 0 2; do
+            MOQAE_CUDA_PV=$m $B/cuda-parity /nonexistent.gguf 2>&1 | grep -E "^attention" | sed "s/^/PV=$m /" | tee -a "$S"
+        done ;;
     parity)
         $B/cuda-parity $SMOL --router $SMOL_ROUTER > "$OUT/parity.log" 2>&1
         grep -E "^codec|^attention|^kv|^greedy|^model|^router|failed|error" "$OUT/parity.log" | tee -a "$S"
@@ -159,6 +165,10 @@ for st in $stages; do
         bench7b 7b-probe -p 512 -n 32 -r 3 --kv int4 ;;
     7b32k)
         bench7b 7b-int4-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int4 ;;
+    7b32kold) # v3's INT4 values on CUDA cores (the fourth increment's loop), for a before/after in one call
+        MOQAE_CUDA_PV=0 bench7b 7b-int4-32k-old -c 131072 --depth 32768 -n 32 -r 3 --kv int4 ;;
+    7b128kold)
+        MOQAE_CUDA_PV=0 bench7b 7b-int4-128k-old -c 131072 --depth 130944 -n 32 -r 3 --kv int4 ;;
     7b32kgen) # the generic attention kernel for decode (comparison with v3)
         MOQAE_CUDA_ATTN=1 bench7b 7b-int4-32k-generic -c 32896 --depth 32768 -n 16 -r 3 --kv int4 ;;
     7b128k)

@@ -420,6 +420,17 @@ static __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const voi
                  : "r"(sa));
 }
 
+static __device__ __forceinline__ half2 u32_as_h2(uint32_t x) {
+    half2 h;
+    memcpy(&h, &x, 4);
+    return h;
+}
+static __device__ __forceinline__ uint32_t h2_as_u32(half2 h) {
+    uint32_t x;
+    memcpy(&x, &h, 4);
+    return x;
+}
+
 /* nibbles 0 and 4 of x (bits 0-3 and 16-19) -> half2 (1024 + n0, 1024 + n4) */
 static __device__ __forceinline__ uint32_t h2_1024_nib(uint32_t x) {
     return (x & 0x000f000fu) | 0x64006400u;
@@ -519,6 +530,94 @@ static __device__ __forceinline__ void v3_whole_scores(float (&sc)[MM][2], int q
     }
 }
 
+/* Values of an INT4 record on tensor cores (D 128, one query row), the product transposed: channels
+ * as M, the chunk's 32 tokens as K, the weights as N. O[ch] += sum_j p_j scale_j code_j[ch]
+ * + sum_j p_j zero_j,g(ch), scale_j = sb rel_j. The codes are token-major rows of 64 bytes (byte B of a
+ * row: channels 16 (B / 8) + B % 8 (low nibble) and + 8 (high)); ldmatrix.trans of 8 token rows x 16
+ * bytes hands lane (g8, q4) tokens 2 q4, 2 q4 + 1 (low, high half) of bytes 2 g8, 2 g8 + 1, i.e. one
+ * half2 of each of 4 channels: a mask makes it an A register, the code c as the f16 subnormal c 2^-24
+ * (nibble c = 0, 2) or 16 c 2^-24 (c = 1, 3), exact, no offset to subtract. B: w_j = p_j rel_j 2^14
+ * (<= 2^14) as hi + lo f16 in the even / odd columns (every lane's accumulators get hi and lo of two
+ * channel rows); products exact, f32 sums. Per 16 tokens 2 ldmatrix.x4 give 8 A tiles = 128 channels:
+ * 16 mma per record instead of 32 x (shuffle, load, 4 converts, 4 FMA) per lane. The four lanes of a
+ * quad hold the same rows; lane q4 keeps tile x = q4 / 2, row half q4 % 2: orot4[e] is the channel
+ * 32 q4 + 16 (g8 / 4) + 2 (g8 % 4) + e / 2 + 8 (e % 2). tq: the lane's token (INT4 key order); p: its
+ * weight; vrow: the lane's ldmatrix row offset. */
+template <bool NRM>
+static __device__ __forceinline__ uint32_t v3_code_h2(uint32_t x, uint32_t m) {
+    if (NRM) { /* normal f16: 1024 + c - 1024 (exact) */
+        const uint32_t h = (x & m) | 0x64006400u;
+        return h2_as_u32(__hsub2(u32_as_h2(h), __floats2half2_rn(1024.0f, 1024.0f)));
+    }
+    return x & m; /* the subnormal c 2^-24 */
+}
+
+template <bool NRM>
+static __device__ __forceinline__ void v3_values_int4_tc(const uint8_t * rv, const kvl_geom gv, int NG, int tq,
+                                                         int lgrp4, int vrow, float p, const float * frac,
+                                                         float (&orot4)[4]) {
+    const int       lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
+    const rec_bases b    = read_bases(rv + gv.off_bases);
+    const unsigned  sa   = rv[gv.off_sc + tq];
+    const float     w    = p * xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) * 16384.0f;
+    const half      wh   = __float2half_rn(w);
+    const half      wl   = __float2half_rn(w - __half2float(wh));
+    const uint32_t  pk   = (uint32_t) __half_as_ushort(wh) | ((uint32_t) __half_as_ushort(wl) << 16);
+    float           zs   = 0.0f; /* sum_j p_j zero_j of this lane's group */
+    for (int grp = 0; grp < NG; grp++) {
+        const float zb = warp_sum(p * kvl_zero(b.zl, b.zs, rv[gv.off_zc + tq * NG + grp]));
+        zs             = lgrp4 == grp ? zb : zs;
+    }
+    const uint32_t bsel = (g8 & 1) ? 0x7632u : 0x5410u; /* column g8: hi (even) or lo (odd) halves */
+    float          acc[2][4][4];
+#pragma unroll
+    for (int x = 0; x < 2; x++) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                acc[x][c][r] = 0.0f;
+            }
+        }
+    }
+#pragma unroll
+    for (int ks = 0; ks < 2; ks++) {
+        /* B: weights of tokens 16 ks + 2 q4, + 1 (b0) and + 8, + 9 (b1), held by lanes 16 ks + 4 q4 + 0, 2, 1, 3 */
+        const int      sl = 16 * ks + 4 * q4;
+        const uint32_t u0 = __shfl_sync(0xffffffffu, pk, sl), u1 = __shfl_sync(0xffffffffu, pk, sl + 2);
+        const uint32_t u8 = __shfl_sync(0xffffffffu, pk, sl + 1), u9 = __shfl_sync(0xffffffffu, pk, sl + 3);
+        const uint32_t b0 = __byte_perm(u0, u1, bsel), b1 = __byte_perm(u8, u9, bsel);
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+            /* matrices: tokens 16 ks + 0..7 / 8..15 (k halves) x bytes 32 x + 0..15 / 16..31 (row halves) */
+            uint32_t r[4];
+            ldsm_x4_trans(r, rv + vrow + ks * 16 * 64 + 32 * x);
+            uint32_t lo[4], hi[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                lo[i] = r[i], hi[i] = r[i] >> 8;
+            }
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const uint32_t m = (c & 1) ? 0x00f000f0u : 0x000f000fu;
+                const uint32_t(&v)[4] = c < 2 ? lo : hi;
+                mma16816(acc[x][c], v3_code_h2<NRM>(v[0], m), v3_code_h2<NRM>(v[1], m), v3_code_h2<NRM>(v[2], m),
+                         v3_code_h2<NRM>(v[3], m), b0, b1);
+            }
+        }
+    }
+    /* nibble c of the 16-bit word at bytes B, B + 1: channel offsets 0, 8, 1, 9; codes scaled 2^-24 (c even)
+     * or 2^-20 (c odd), weights 2^14 */
+    const bool  xs = q4 >> 1, hs = q4 & 1;
+    const float f0 = xmul(b.sb, NRM ? 1.0f / 16384.0f : 1024.0f), f1 = xmul(b.sb, NRM ? 1.0f / 262144.0f : 64.0f);
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const float s0 = xs ? (hs ? acc[1][c][2] : acc[1][c][0]) : (hs ? acc[0][c][2] : acc[0][c][0]);
+        const float s1 = xs ? (hs ? acc[1][c][3] : acc[1][c][1]) : (hs ? acc[0][c][3] : acc[0][c][1]);
+        orot4[c] += (s0 + s1) * ((c & 1) ? f1 : f0) + zs;
+    }
+}
+
 template <int D, int MM>
 static __global__ void __launch_bounds__(V3_THREADS, 2)
 attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a) {
@@ -588,6 +687,17 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     /* value groups: G is a multiple of 16 (kv-codec.h), so a lane's E <= 4 channels lie in one group */
     const int NG = D / g.v_group, lgrp = lane * E / g.v_group;
     const int tq4 = tau + (q4 >> 1) + 8 * (q4 & 1), tq28 = g8 + 8 * q4;
+    /* INT4 values on tensor cores (D 128, MM 1; v3_values_int4_tc): this lane's value channels lie in
+     * one 16-channel block, 32 q4 + 16 (g8 / 4); its group, and its ldmatrix row address in a record */
+    constexpr bool PV_TC = D == 128 && MM == 1;
+    const bool     pv_tc = PV_TC && a.pv_cores != 1;
+    const int      lgrp4 = (32 * q4 + 16 * (g8 >> 2)) / g.v_group;
+    const int      vrow  = ((lane >> 4) * 8 + (lane & 7)) * (D / 2) + 16 * ((lane >> 3) & 1);
+    float          orot4[E]; /* INT4 values' rotated sums in v3_values_int4_tc's channel order */
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        orot4[e] = 0.0f;
+    }
 
     auto issue = [&](int it, uint8_t * buf) {
         if (it < s1 && it < n_vis) {
@@ -818,10 +928,30 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             for (int e = 0; e < E; e++) {
                 op[n][e] *= cr, orot[n][e] *= cr;
             }
+            if constexpr (PV_TC) {
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    orot4[e] *= cr;
+                }
+            }
         }
 
         /* ---- values ---- */
-        if (quant) {
+        bool pv_done = false;
+        if constexpr (PV_TC) {
+            if (quant && nib4 && pv_tc) {
+                const uint8_t * rv = cur + g.k_pad[ch.codec];
+                const kvl_geom  gv = kvl_geom_v(2, C, D, g.v_group);
+                if (a.pv_cores == 2) {
+                    v3_values_int4_tc<true>(rv, gv, NG, tq, lgrp4, vrow, p[0], frac, orot4);
+                } else {
+                    v3_values_int4_tc<false>(rv, gv, NG, tq, lgrp4, vrow, p[0], frac, orot4);
+                }
+                pv_done = true;
+            }
+        }
+        if (pv_done) {
+        } else if (quant) {
             const uint8_t * rv   = cur + g.k_pad[ch.codec];
             const kvl_geom  gv   = kvl_geom_v(ch.codec, C, D, g.v_group);
             const int       bits = gv.bits, RBv = D * bits / 8, d0 = lane * E;
@@ -908,6 +1038,19 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         __syncwarp(); /* every lane is done with cur before it is refilled */
     }
     cp_async_wait0();
+    if constexpr (PV_TC) { /* INT4 value sums into the lane-channel order (channel 4 lane + e), through raw0 */
+        __syncwarp();
+        float * ob = (float *) raw0;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            ob[32 * q4 + 16 * (g8 >> 2) + 2 * (g8 & 3) + (e >> 1) + 8 * (e & 1)] = orot4[e];
+        }
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            orot[0][e] += ob[lane * E + e];
+        }
+    }
 
     /* the warp's rotated value sums turned back, then the block's warps merged */
     {
@@ -1070,7 +1213,14 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
         attr = bytes;
     }
     const int group = a->n_head / g->n_head_kv;
-    attn_v3_kernel<D, MM><<<dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream>>>(*g, *a);
+    static int pv_cores = -1; /* MOQAE_CUDA_PV=0: INT4 values on CUDA cores; =2: tensor cores, codes as normal f16 */
+    if (pv_cores < 0) {
+        const char * e = getenv("MOQAE_CUDA_PV");
+        pv_cores       = e && *e == '0' ? 1 : e && *e == '2' ? 2 : 0;
+    }
+    struct moqae_cuda_attn_args aa = *a;
+    aa.pv_cores                    = pv_cores;
+    attn_v3_kernel<D, MM><<<dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream>>>(*g, aa);
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {
         merge_kernel<<<(unsigned) (g->n_head_kv * group), D, 0, stream>>>(*g, *a, 1, group, 1);

@@ -36,6 +36,10 @@ struct moqae_cuda_attn_args {
                                                   buffers                                          */
     float                           scale;
     int                             kernel;    /* 0: moqae_cuda_attn_pick's choice; tests may name one */
+    int                             pv_cores;  /* set by the launcher from MOQAE_CUDA_PV=0: v3 sums INT4
+                                                  values on CUDA cores (the fourth increment's path, for
+                                                  comparison); otherwise on tensor cores (D 128, one query
+                                                  head per KV head)                                 */
 };
 
 /* Which kernel: the one choice point ("supported" derives from it). */
