@@ -3,7 +3,9 @@ uniform codecs and sink variants (--kv), recency mixes (sink FP16, newest chunks
 --kv sink+int4 with a --kv-budget at the target bits, --kv-overflow demote and -b 32, so the ring demotes
 the oldest chunks as each chunk of the window arrives), learned routers (--router),
 learned routers combined with recency (--hybrid R@BITS: the router picks each new chunk's experts, the ring
-demotes the oldest chunks to keep the budget of BITS per element per layer), optional llama.cpp KV types and
+demotes the oldest chunks to keep the budget of BITS per element per layer), routers with learned demotion
+weights (--ordered R@BITS: the same, but the ring demotes single (chunk, layer) records by age x the layer's
+weight, docs/ROUTER-FORMAT.md), optional llama.cpp KV types and
 optional extra points from a JSON file (e.g. the attention-mass mixes of bench/attention_mass.py). Writes a
 JSON of every point, prints a markdown table and draws an SVG plot (no plotting library needed).
 
@@ -77,7 +79,7 @@ def svg(points: list, path: Path, title: str, x_range: tuple | None = None) -> N
     X = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
     Y = lambda y: H - B - (y - y0) / (y1 - y0) * (H - B - T)  # noqa: E731
     colours = {"uniform": "#1f77b4", "sink": "#17becf", "recency": "#ff7f0e", "router": "#d62728",
-               "router+recency": "#9467bd",
+               "router+recency": "#9467bd", "learned order": "#8c564b",
                "llama.cpp": "#7f7f7f", "attention-mass": "#2ca02c"}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
@@ -98,7 +100,7 @@ def svg(points: list, path: Path, title: str, x_range: tuple | None = None) -> N
         pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["effective_bits"])
         if not pts:
             continue
-        if kind in ("recency", "router", "router+recency", "attention-mass") and len(pts) > 1:
+        if kind in ("recency", "router", "router+recency", "learned order", "attention-mass") and len(pts) > 1:
             d = " ".join(f"{X(p['effective_bits']):.1f},{Y(math.log(p['ppl'])):.1f}" for p in pts)
             out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="1.5"/>')
         for p in pts:
@@ -121,6 +123,9 @@ def main() -> int:
     ap.add_argument("--recency", default="", help="target effective bits of recency mixes, e.g. 4.0,3.5,3.0")
     ap.add_argument("--routers", nargs="*", default=[])
     ap.add_argument("--hybrid", default="", help="router and per-layer budget bits, e.g. r.gguf@3.0,r.gguf@3.5")
+    ap.add_argument("--ordered", default="",
+                    help="routers with demotion weights (train_router.py --demote-beta) and budget bits: the ring "
+                         "demotes record by record in the learned order, e.g. r.gguf@3.5")
     ap.add_argument("--llamacpp", default="", help="llama.cpp KV types, e.g. q8_0,q4_0")
     ap.add_argument("--extra", default=None, help="JSON list of more points (name, kind, ppl, effective_bits, ...)")
     ap.add_argument("-o", "--out", required=True)
@@ -158,6 +163,9 @@ def main() -> int:
     for h in filter(None, a.hybrid.split(",")):
         r, b = h.rsplit("@", 1)
         add(f"{Path(r).stem}+recency@{b}", "router+recency", lambda: run_ppl(a, ["--router", r] + budgeted(b)))
+    for h in filter(None, a.ordered.split(",")):
+        r, b = h.rsplit("@", 1)
+        add(f"{Path(r).stem}+order@{b}", "learned order", lambda: run_ppl(a, ["--router", r] + budgeted(b)))
     for kv in filter(None, a.llamacpp.split(",")):
         add(f"llama.cpp {kv}", "llama.cpp", lambda: run_llamacpp(a, kv))
     if a.extra:

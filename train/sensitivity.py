@@ -79,10 +79,10 @@ def layer_costs(sens: dict, lo: str = "int2", hi: str = "int4") -> torch.Tensor:
 def demote_weights(costs: torch.Tensor, beta: float) -> list:
     """The runtime's per-layer demotion weights (kv-cache.h: the record with the largest age × weight goes one
     codec lower first) from layer_costs(): (cost / mean cost)^(−beta), costs floored at 5% of the mean. beta 0 is
-    the recency order; the larger beta, the more the cheap layers are demoted before the dear ones."""
+    the recency order; the larger beta, the more the cheap layers are demoted before the dear ones. Capped at 1e6."""
     m = float(costs.clamp(min=0).mean())
     c = costs.clamp(min=0.05 * m) / m
-    return [float(x) for x in c.pow(-beta)]
+    return [min(float(x), 1e6) for x in c.pow(-beta)]  # the format's range: (0, 1e6]
 
 
 def load_or_measure(path: str | None, key: tuple, model, wins, ids, experts, C, freeze, codec, log=print) -> dict:
