@@ -143,6 +143,18 @@ def test_weighted_demotion_takes_the_cheap_layers_first(tiny, tmp_path):
         assert s["n_records"]["int2"] < recency["n_records"]["int2"]  # finer than whole chunks
     assert np.isfinite(lf).all() and np.isfinite(ll).all()
     assert np.abs(lf - ll).max() > 1e-3  # different layers were demoted
+    # a budget that cannot hold the next chunk even with every older record at int2: a clear error, and
+    # nothing demoted (the records are as before the failed eval)
+    r = _router(tmp_path / "tight.gguf", tiny, experts=("int4", "int2"), bias=0, expected_bits=4.0,
+                demote_weight=[1.0] * L)
+    with _llm(tiny, r, n_batch=32, kv_budget=int(0.5 * full["bytes_used"]), kv_overflow="demote") as llm:
+        toks = llm.tokenize(TEXT.encode(), add_bos=True)[:480]
+        n = 0
+        with pytest.raises(moqae_cpp.ContextFullError, match="nothing was demoted"):
+            for n in range(0, 480, 32):
+                before = llm.kv_cache_stats()["n_records"]
+                llm.eval(toks[n:n + 32])
+        assert n > 32 and llm.kv_cache_stats()["n_records"] == before
 
 
 def test_bad_demotion_weights(tiny, tmp_path):

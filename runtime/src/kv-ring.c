@@ -527,6 +527,20 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
             return budget_full(kv, "holds no more chunks; raise --kv-budget or use --kv-overflow shift|demote");
         }
     }
+    if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE) { /* demote nothing when even all of it would not do */
+        size_t need = 0;
+        for (int64_t i = 0; i < n_new; i++) {
+            need += codecs_bytes(kv, kv->new_codec + i * L);
+        }
+        for (int64_t r = 0; r < n_old * L; r++) {
+            const bool sink = kv->cfg.policy.sink && kv->chunks[r / L].pos == 0;
+            need += chunk_bytes(kv, sink ? rec_codec(kv, r / L, r % L) : MOQAE_KV_CODEC_Q2);
+        }
+        if (need > kv->cap) {
+            return budget_full(kv, "cannot hold the chunks of this micro-batch even with every older chunk at "
+                                   "int2 (nothing was demoted); raise --kv-budget or lower -b");
+        }
+    }
     for (int64_t i = 0; i < n_new; i++) {
         const uint8_t * codecs = kv->new_codec + i * L;
         while (!fits(kv, codecs)) {
