@@ -154,7 +154,8 @@ def main() -> int:
         add(kv, "sink" if kv.startswith("sink") else "uniform", lambda: run_ppl(a, ["--kv", kv]))
     def budgeted(b):
         # micro-batches of one chunk: the ring demotes as each chunk arrives, as in generation
-        return ["--kv-overflow", "demote", "--kv-budget", str(int(a.ctx * elems * float(b) / 8)), "-b", "32"]
+        # --kv-bits b: a budget of ctx * elems * b / 8 bytes
+        return ["--kv-overflow", "demote", "--kv-bits", str(b), "-b", "32"]
 
     for b in filter(None, a.recency.split(",")):
         add(f"recency@{b}", "recency", lambda: run_ppl(a, ["--kv", "sink+int4"] + budgeted(b)))

@@ -40,6 +40,10 @@ check cli "$build/moqae-cli" -m "$model" -p "The three primary colors are" -n 16
 check cli-sampled "$build/moqae-cli" -m "$model" -p "Once upon a time" -n 8 -s 7 -t 2 --repeat-penalty 1.1
 check ring-demote "$build/moqae-cli" -m "$model" -p "Count: 1, 2, 3," -n 80 -c 512 --kv int8 --kv-budget 512K \
     --kv-overflow demote --temp 0 -t 2
+# the balanced router's learned demotion order (record by record), then a chunk that cannot fit even with
+# every older record at int2 (a clean stop, nothing demoted)
+check ring-weighted "$build/moqae-cli" -m "$model" -p "Count: 1, 2, 3," -n 150 -c 512 \
+    --router models/smollm2-135m-moqae-balanced.gguf --kv-budget 1250K --kv-overflow demote --temp 0 -t 2
 check ring-shift "$build/moqae-cli" -m "$model" -p "Count: 1, 2, 3," -n 80 -c 64 --kv sink+int4 --kv-overflow shift \
     --temp 0 -t 2
 check perplexity "$build/moqae-perplexity" -m "$model" -f tests/data/wikitext-2-test-head.txt -c 128 --chunks 2 -t 2

@@ -157,6 +157,28 @@ def test_weighted_demotion_takes_the_cheap_layers_first(tiny, tmp_path):
         assert n > 32 and llm.kv_cache_stats()["n_records"] == before
 
 
+def test_kv_bits_sets_the_budget(tiny, bin_dir):
+    """kv_bits = B: a budget of B effective bits per element over n_ctx tokens; a full context then averages at
+    most B bits. Bad values and kv_bits with kv_budget are clear errors, in Python and in the CLI."""
+    toks = list(range(3, 259)) * 2  # 512 tokens: every chunk complete, no f16 window left
+
+    def bits(kv, **kw):
+        with moqae_cpp.Llama(str(tiny), kv=kv, n_ctx=512, n_batch=32, **kw) as llm:
+            llm.eval(toks)
+            return llm.kv_cache_stats()
+
+    e4, e2 = bits("int4")["effective_bits"], bits("int2")["effective_bits"]  # head_dim 16: metadata-heavy
+    B = (e4 + e2) / 2
+    s = bits("int4", kv_bits=B, kv_overflow="demote")
+    assert e2 <= s["effective_bits"] <= B and s["n_records"]["int2"] > 0 and s["n_records"]["int4"] > 0, (s, e4, e2)
+    with pytest.raises(moqae_cpp.InvalidArgumentError, match="either kv_budget or kv_bits"):
+        moqae_cpp.Llama(str(tiny), kv="int4", kv_bits=3.0, kv_budget=1 << 20)
+    with pytest.raises(moqae_cpp.InvalidArgumentError, match="kv_bits must be between 1 and 16"):
+        moqae_cpp.Llama(str(tiny), kv="int4", kv_bits=0.5)
+    clean_failure(run_tool([bin_dir / "moqae-cli", "-m", tiny, "--kv-bits", "17", "-p", "hi", "-n", "1"]),
+                  "--kv-bits expects bits per element between 1 and 16")
+
+
 def test_bad_demotion_weights(tiny, tmp_path):
     with pytest.raises(ValueError, match="one weight"):
         _router(tmp_path / "short.gguf", tiny, demote_weight=[1.0])

@@ -317,10 +317,11 @@ def main(argv=None):
                          "built) or torch (train/kv_codec.py): the same bytes")
     ap.add_argument("--demote-beta", type=float, default=None,
                     help="linear: also write per-layer demotion weights (cost/mean)^-beta from the sensitivities, "
-                         "the order in which --kv-overflow demote takes records one codec lower (0: recency)")
+                         "the order in which --kv-overflow demote takes records one codec lower (0: recency, record by record; "
+                         "negative: the reverse of the learned order, an ablation)")
     a = ap.parse_args(argv)
-    if a.demote_beta is not None and (a.objective != "linear" or not 0.0 <= a.demote_beta <= 8.0):
-        ap.error("--demote-beta needs --objective linear and a value in [0, 8]")
+    if a.demote_beta is not None and (a.objective != "linear" or not -8.0 <= a.demote_beta <= 8.0):
+        ap.error("--demote-beta needs --objective linear and a value in [-8, 8]")
     if not 0.0 <= a.lam <= 1.0:
         ap.error("--lambda must be in [0, 1]")
     tc = TrainConfig(model=a.model, calib=a.calib, out=a.out, chunk_size=a.chunk_size, experts=a.experts, lam=a.lam,

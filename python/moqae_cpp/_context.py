@@ -56,7 +56,7 @@ class Context(Closable):
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int | None = None,
                  n_threads: int | None = None, kv: str | None = None, router=None, kv_budget: int | None = None,
-                 kv_overflow: str | None = None):
+                 kv_overflow: str | None = None, kv_bits: float | None = None):
         self._h = None
         self.model = model  # keeps the model alive while we exist
         self.router = router  # and the router (a moqae_cpp.Router or None)
@@ -75,6 +75,10 @@ class Context(Closable):
             if isinstance(kv_budget, bool) or not isinstance(kv_budget, int) or kv_budget < 0:
                 raise InvalidArgumentError(f"kv_budget must be a number of bytes >= 0, got {kv_budget!r}")
             params.kv_budget = kv_budget
+        if kv_bits is not None:
+            if isinstance(kv_bits, bool) or not isinstance(kv_bits, (int, float)):
+                raise InvalidArgumentError(f"kv_bits must be a number of bits per element, got {kv_bits!r}")
+            params.kv_bits = float(kv_bits)  # the C library checks the range
         if kv_overflow is not None:
             if kv_overflow not in _OVERFLOW:
                 raise InvalidArgumentError(f"kv_overflow must be one of {', '.join(_OVERFLOW)}, got {kv_overflow!r}")

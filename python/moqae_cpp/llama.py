@@ -78,6 +78,8 @@ class Llama(Closable):
             None = the C default (fp16).
         kv_budget: bytes for the encoded KV chunks (the CLI's --kv-budget); None or 0 = sized from
             n_ctx and the policy or the router's expected bits.
+        kv_bits: instead of kv_budget, a budget of this many effective bits per KV element over n_ctx
+            tokens (the CLI's --kv-bits), e.g. 3.0 with kv_overflow="demote".
         kv_overflow: what a full KV cache does: "error" (the C default), "shift" (drop the oldest
             chunks) or "demote" (re-encode the oldest chunks to fewer bits; a router file with
             demotion weights orders the records by age x weight of their layer).
@@ -95,7 +97,8 @@ class Llama(Closable):
     def __init__(self, model_path: str | os.PathLike, *, router_path: str | os.PathLike | None = None,
                  n_gpu_layers: int = 0, use_mlock: bool | None = None, seed: int | None = None, n_ctx: int = 512,
                  n_batch: int | None = None, n_threads: int | None = None, kv: str | None = None,
-                 kv_budget: int | None = None, kv_overflow: str | None = None, logits_all: bool = False, last_n_tokens_size: int | None = None, verbose: bool = False,
+                 kv_budget: int | None = None, kv_bits: float | None = None, kv_overflow: str | None = None,
+                 logits_all: bool = False, last_n_tokens_size: int | None = None, verbose: bool = False,
                  **kwargs: Any):
         self._model: Model | None = None
         self._router: Router | None = None
@@ -116,7 +119,8 @@ class Llama(Closable):
             if router_path is not None:
                 self._router = Router(self._model, router_path)
             self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv=kv,
-                                router=self._router, kv_budget=kv_budget, kv_overflow=kv_overflow)
+                                router=self._router, kv_budget=kv_budget, kv_overflow=kv_overflow,
+                                kv_bits=kv_bits)
         except BaseException:
             if self._router is not None:
                 self._router.close()

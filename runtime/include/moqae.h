@@ -214,6 +214,9 @@ struct moqae_context_params {
     int32_t kv_chunk;  /* tokens per KV chunk (32 or 64); 0 = 32, or the router's chunk size        */
     const struct moqae_router * router; /* NULL = every chunk by the kv policy; else the router picks
                           each chunk's expert (kv must then be NULL). Must outlive the context.       */
+    double  kv_bits;   /* instead of kv_budget: a budget of kv_bits effective bits per KV element over
+                          n_ctx tokens (n_ctx x 2 x n_layer x n_head_kv x head_dim x kv_bits / 8
+                          bytes), in [1, 16]; 0 = unused. Pair it with kv_overflow DEMOTE.            */
 };
 
 /* What a full KV cache does (moqae_context_params.kv_overflow). */

@@ -166,6 +166,17 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "n_ctx %lld is too large (max %lld)", (long long) n_ctx,
                           (long long) 1 << 24);
     }
+    if (p.kv_bits != 0.0) {
+        if (p.kv_budget != 0) {
+            return moqae_fail(MOQAE_ERR_INVALID_ARG, "give either kv_budget or kv_bits, not both");
+        }
+        if (!(p.kv_bits >= 1.0 && p.kv_bits <= 16.0)) {
+            return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_bits must be between 1 and 16 bits per element, got %g",
+                              p.kv_bits);
+        }
+        const double elems = 2.0 * (double) (hp->n_layer * hp->n_head_kv * hp->head_dim) * (double) n_ctx;
+        p.kv_budget        = (int64_t) (elems * p.kv_bits / 8.0);
+    }
     if (n_ctx > hp->n_ctx_train) {
         moqae_log(MOQAE_LOG_WARN, "n_ctx %lld exceeds the model's training context %lld", (long long) n_ctx,
                   (long long) hp->n_ctx_train);

@@ -25,7 +25,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: moqae-cli -m MODEL [-p TEXT | -f FILE] [-n N] [-c N] [-b N] [-t N] [-s SEED] [--temp T]\n"
             "                 [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R] [--repeat-last-n N]\n"
-            "                 [--kv POLICY] [--kv-budget BYTES] [--kv-overflow P] [--no-special] [-v]\n"
+            "                 [--kv POLICY] [--kv-budget BYTES | --kv-bits B] [--kv-overflow P] [--no-special] [-v]\n"
             "  -m MODEL          GGUF model file\n"
             "  -p TEXT           prompt text            -f FILE  read the prompt from FILE\n"
             "  -n N              tokens to generate (default 128; -1 = until end of text or context full)\n"

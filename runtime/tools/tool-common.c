@@ -166,6 +166,7 @@ void tool_install_logger(bool verbose) {
 const char * const TOOL_KV_USAGE =
     "  --kv POLICY       KV cache: fp16, int8, int4, int2, sink+int8, sink+int4, sink+int2 (default fp16)\n"
     "  --kv-budget BYTES bytes for the encoded KV chunks (suffixes K, M, G; default: sized from -c)\n"
+    "  --kv-bits B       KV budget of B effective bits per element over -c tokens (instead of --kv-budget)\n"
     "  --kv-overflow P   when the KV cache is full: error, shift (drop oldest chunks), demote (fewer bits)\n"
     "  --kv-chunk N      tokens per KV chunk: 32 (default) or 64\n"
     "  --router R.gguf   a MoQAE router picks each chunk's expert (instead of --kv)\n"
@@ -204,6 +205,16 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
             } else {
                 *ok = false;
                 tool_error("--kv-overflow expects error, shift or demote, got '%s'", s);
+            }
+        }
+    } else if (!strcmp(a, "--kv-bits")) {
+        const char * s = NULL;
+        if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {
+            char * end = NULL;
+            cp->kv_bits = strtod(s, &end);
+            if (end == s || *end != '\0' || !(cp->kv_bits >= 1.0 && cp->kv_bits <= 16.0)) {
+                *ok = false;
+                tool_error("--kv-bits expects bits per element between 1 and 16 (e.g. 3.5), got '%s'", s);
             }
         }
     } else if (!strcmp(a, "--kv-budget")) {
