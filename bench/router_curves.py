@@ -31,15 +31,6 @@ FIXED = ["fp16", "int8", "int4", "int2", "sink+int4", "sink+int2"]
 LLAMACPP_BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
 
 
-def per_token_elems(model: str) -> int:
-    """K and V elements one token stores over all layers: 2 * n_layer * n_head_kv * head_dim."""
-    import moqae_cpp
-
-    with moqae_cpp.Model(model) as m:
-        i = m.info
-    return 2 * i["n_layer"] * i["n_head_kv"] * i["head_dim"]
-
-
 def run_ppl(args, extra: list) -> dict:
     cmd = [str(ROOT / "build" / "moqae-perplexity"), "-m", args.model, "-f", args.file, "-c", str(args.ctx),
            "-t", str(args.threads)] + (["--chunks", str(args.chunks)] if args.chunks else []) + extra
@@ -135,7 +126,6 @@ def main() -> int:
     a = ap.parse_args()
 
     points = []
-    elems = per_token_elems(a.model)
 
     old = {p["name"]: p for p in json.loads(Path(a.reuse).read_text())["points"]} if a.reuse else {}
 
