@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Perplexity on long documents: the first WINDOWS windows of CTX tokens of every text file in DIR, for
-# each KV policy given (a --kv policy name, or a router file ending in .gguf). Prints one row per
+# each KV policy given (a --kv policy name, or a router file ending in .gguf; either with @BITS: under a
+# budget of BITS effective bits per element, --kv-overflow demote -b 32). Prints one row per
 # document and policy, then the mean NLL over documents (every window scores the same number of tokens,
 # so exp(mean log PPL) is the PPL of all scored tokens together).
 #   bench/long_docs.sh MODEL DIR CTX WINDOWS THREADS POLICY...
@@ -13,7 +14,11 @@ echo "| --- | --- | ---: | --- |"
 declare -A sum n
 for doc in "$dir"/*.txt; do
     for p in "$@"; do
-        if [[ $p == *.gguf ]]; then kvarg=(--router "$p"); name=$(basename "$p" .gguf); else kvarg=(--kv "$p"); name=$p; fi
+        pol=${p%@*} extra=()
+        [[ $p == *@* ]] && extra=(--kv-bits "${p##*@}" --kv-overflow demote -b 32)
+        if [[ $pol == *.gguf ]]; then kvarg=(--router "$pol"); name=$(basename "$pol" .gguf); else kvarg=(--kv "$pol"); name=$pol; fi
+        [[ $p == *@* ]] && name="$name@${p##*@}"
+        kvarg+=("${extra[@]}")
         out=$(build/moqae-perplexity -m "$model" -f "$doc" -c "$ctx" --chunks "$windows" -t "$threads" "${kvarg[@]}" 2>&1)
         ppl=$(grep -o "PPL = [0-9.]*" <<<"$out" | cut -c7-)
         bits=$(grep -m1 -o "[0-9.]* nominal / [0-9.]* effective" <<<"$out" | sed 's/ effective//; s/ nominal//')
@@ -23,6 +28,8 @@ for doc in "$dir"/*.txt; do
     done
 done
 for p in "$@"; do
-    name=$p; [[ $p == *.gguf ]] && name=$(basename "$p" .gguf)
+    pol=${p%@*} name=$pol
+    [[ $pol == *.gguf ]] && name=$(basename "$pol" .gguf)
+    [[ $p == *@* ]] && name="$name@${p##*@}"
     echo "| **all $(( n[$name] )) documents** | $name | $(python3 -c "import math; print(f'{math.exp(${sum[$name]} / ${n[$name]}):.4f}')") | |"
 done
