@@ -37,17 +37,20 @@ static struct moqae_model * base_model(void) {
     return g_model;
 }
 
-static void use_router(struct moqae_model * model, const struct moqae_router * router) {
+/* Decode a context's worth of tokens through the router; kv_bits > 0: under that budget (bits per
+ * element), so that the ring demotes records (in the file's learned order if it has one). */
+static void use_router(struct moqae_model * model, const struct moqae_router * router, double kv_bits) {
     struct moqae_router_info ri;
     if (moqae_router_get_info(router, &ri) != MOQAE_OK) {
         abort();
     }
     struct moqae_context_params cp = moqae_context_default_params();
-    cp.n_ctx       = 2 * ri.chunk_size + 8;
+    cp.n_ctx       = kv_bits > 0.0 ? 136 : 2 * ri.chunk_size + 8;
     cp.n_batch     = ri.chunk_size + 3; /* micro-batches that straddle chunks */
     cp.n_threads   = 1;
     cp.router      = router;
     cp.kv_overflow = MOQAE_KV_OVERFLOW_POLICY_DEMOTE;
+    cp.kv_bits     = kv_bits;
     struct moqae_context * ctx = NULL;
     if (moqae_context_new(model, &cp, &ctx) != MOQAE_OK) {
         return;
@@ -72,7 +75,8 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     }
     struct moqae_router * router = NULL;
     if (moqae_router_load(model, path, &router) == MOQAE_OK) {
-        use_router(model, router);
+        use_router(model, router, 0.0);
+        use_router(model, router, 6.0);
         moqae_router_free(router);
     }
     close(fd);

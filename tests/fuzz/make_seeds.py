@@ -162,13 +162,15 @@ def router_corpus(d: Path, base: Path) -> None:
             "fingerprint": model_fingerprint(str(base))}
     for i, (experts, chunk, share, freeze) in enumerate([
             (("fp16", "int4", "int2"), 32, "all", True), (("fp16", "int8", "int4", "int2"), 64, "none", False),
-            (("int4", "int2"), 32, "all", False), (("fp16", "int2"), 32, "none", True)]):
+            (("int4", "int2"), 32, "all", False), (("fp16", "int2"), 32, "none", True),
+            (("fp16", "int4", "int2"), 32, "all", True)]):
         cfg = RouterConfig(n_embd=n_embd, n_layer=n_layer, experts=experts, chunk=chunk, hidden=4, share=share,
                            freeze=freeze)
         router = Router(cfg, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
             router.w3.mul_(400.0)  # confident, varied votes
-        write_router(str(d / f"router-{i}"), router, info, 0.5, 4.0, calibration="seed")
+        dw = [0.5 + 0.25 * l for l in range(n_layer)] if i == 4 else None  # demotion weights: router-4 only
+        write_router(str(d / f"router-{i}"), router, info, 0.5, 4.0, calibration="seed", demote_weight=dw)
 
 
 def main() -> int:
