@@ -431,9 +431,13 @@ static __device__ __forceinline__ uint32_t h2_as_u32(half2 h) {
     return x;
 }
 
-/* nibbles 0 and 4 of x (bits 0-3 and 16-19) -> half2 (1024 + n0, 1024 + n4) */
-static __device__ __forceinline__ uint32_t h2_1024_nib(uint32_t x) {
-    return (x & 0x000f000fu) | 0x64006400u;
+/* nibbles 0 and 4 of x (bits 0-3 and 16-19) -> half2 (1024 + n0, 1024 + n4): one LOP3 (a & b) | c with
+ * k = 0x64006400 in a register that ptxas cannot see as a constant (with two immediates it emits an AND
+ * and an OR: 2 of the ~12 instructions per key mma) */
+static __device__ __forceinline__ uint32_t h2_1024_nib(uint32_t x, uint32_t k) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(0x000f000f), "r"(k));
+    return d;
 }
 
 static __device__ __forceinline__ void cp_async16(void * smem, const void * gmem) {
@@ -687,6 +691,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     /* value groups: G is a multiple of 16 (kv-codec.h), so a lane's E <= 4 channels lie in one group */
     const int NG = D / g.v_group, lgrp = lane * E / g.v_group;
     const int tq4 = tau + (q4 >> 1) + 8 * (q4 & 1), tq28 = g8 + 8 * q4;
+    const uint32_t k6464 = 0x64006400u | ((uint32_t) a.raw_bytes >> 31); /* raw_bytes >= 0: h2_1024_nib's k */
     /* INT4 values on tensor cores (D 128, MM 1; v3_values_int4_tc): this lane's value channels lie in
      * one 16-channel block, 32 q4 + 16 (g8 / 4); its group, and its ldmatrix row address in a record */
     constexpr bool PV_TC = D == 128 && MM == 1;
@@ -801,8 +806,8 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                                 const uint32_t x0 = r[2 * k] >> (8 * u), x1 = r[2 * k + 1] >> (8 * u);
                                 const uint32_t b01 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4) ^ s01;
                                 const uint32_t b89 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4 + 8) ^ s89;
-                                mma16816(acc[ab + k], h2_1024_nib(x0), h2_1024_nib(x0 >> 4), h2_1024_nib(x1),
-                                         h2_1024_nib(x1 >> 4), b01, b89);
+                                mma16816(acc[ab + k], h2_1024_nib(x0, k6464), h2_1024_nib(x0 >> 4, k6464),
+                                         h2_1024_nib(x1, k6464), h2_1024_nib(x1 >> 4, k6464), b01, b89);
                             }
                         }
                         v3_stage2(acc);
