@@ -512,9 +512,10 @@ static int greedy(struct moqae_model * m, const char * kv, const char * text, in
     return 0;
 }
 
-/* --logits OUT MODEL NGL: the fp16-KV logits of the prompt (micro-batches of 64) and of 40 one-token
- * steps fed a fixed sequence (the prompt's first tokens), as raw floats: runs of the CPU under
- * different MOQAE_CPU ISAs and of the GPU, compared with --compare, give the CPU's own noise floor. */
+/* --logits OUT MODEL NGL: the logits of the prompt (micro-batches of 64) and of 40 one-token steps fed
+ * a fixed sequence (the prompt's first tokens), as raw floats, with the KV policy MOQAE_PARITY_KV (default
+ * fp16): runs of the CPU under different MOQAE_CPU ISAs and of the GPU, compared with --compare, give the
+ * CPU's own noise floor. */
 static int dump_logits(const char * out, const char * path, int ngl) {
     struct moqae_model *      m  = NULL;
     struct moqae_model_params mp = moqae_model_default_params();
@@ -525,7 +526,8 @@ static int dump_logits(const char * out, const char * path, int ngl) {
     FILE *                 f = fopen(out, "wb");
     struct moqae_model_info info;
     if (!f || moqae_model_load(path, &mp, &m) || moqae_tokenize(m, PROMPT, strlen(PROMPT), true, false, toks, 1024, &n) ||
-        ctx_new(m, "fp16", 64, &c) || moqae_decode(c, toks, n, n)) {
+        ctx_new(m, getenv("MOQAE_PARITY_KV") ? getenv("MOQAE_PARITY_KV") : "fp16", 64, &c) ||
+        moqae_decode(c, toks, n, n)) {
         printf("logits: %s\n", moqae_last_error());
         return 1;
     }
