@@ -395,11 +395,17 @@ static void evict(struct moqae_kv_cache * kv, int64_t i) {
     kv->n_chunks--;
 }
 
+/* Whether stored chunk i is the attention sink that overflow never touches (chunk 0 under a sink
+ * policy or a router's routing freezing). */
+static bool is_sink(const struct moqae_kv_cache * kv, int64_t i) {
+    return kv->cfg.policy.sink && kv->chunks[i].pos == 0;
+}
+
 /* The oldest chunk that overflow may touch: not the sink, not allocated in this micro-batch
  * (index < n_old), and for demotion not already at the lowest codec in every layer. -1 if none. */
 static int64_t victim(const struct moqae_kv_cache * kv, int64_t n_old, bool for_demotion) {
     for (int64_t i = 0; i < n_old; i++) {
-        if (kv->cfg.policy.sink && kv->chunks[i].pos == 0) {
+        if (is_sink(kv, i)) {
             continue;
         }
         if (for_demotion) {
@@ -433,8 +439,8 @@ static int64_t mark_weighted(struct moqae_kv_cache * kv, int64_t n_old, int64_t 
         double  best   = -1.0;
         for (int64_t l = 0; l < L; l++) {
             int64_t i = kv->next[l];
-            while (i < n_old && ((kv->cfg.policy.sink && kv->chunks[i].pos == 0) || kv->mark[i * L + l] ||
-                                 rec_codec(kv, i, l) >= MOQAE_KV_CODEC_Q2)) {
+            while (i < n_old &&
+                   (is_sink(kv, i) || kv->mark[i * L + l] || rec_codec(kv, i, l) >= MOQAE_KV_CODEC_Q2)) {
                 i++;
             }
             kv->next[l] = i;
@@ -518,23 +524,19 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
         decide(kv, kv->n_tokens / C + i, kv->new_codec + i * L);
     }
     /* check first (error policy: nothing may change when it does not fit) */
+    size_t new_bytes = 0; /* the new chunks at the codecs decided for them */
+    for (int64_t i = 0; i < n_new; i++) {
+        new_bytes += codecs_bytes(kv, kv->new_codec + i * L);
+    }
     if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_ERROR) {
-        size_t need = kv->used;
-        for (int64_t i = 0; i < n_new; i++) {
-            need += codecs_bytes(kv, kv->new_codec + i * L);
-        }
-        if (need > kv->cap || n_old + n_new > kv->cap_chunks) {
+        if (kv->used + new_bytes > kv->cap || n_old + n_new > kv->cap_chunks) {
             return budget_full(kv, "holds no more chunks; raise --kv-budget or use --kv-overflow shift|demote");
         }
     }
-    if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE) { /* demote nothing when even all of it would not do */
-        size_t need = 0;
-        for (int64_t i = 0; i < n_new; i++) {
-            need += codecs_bytes(kv, kv->new_codec + i * L);
-        }
+    if (kv->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE && kv->used + new_bytes > kv->cap) {
+        size_t need = new_bytes; /* demote nothing when even every older record at int2 would not do */
         for (int64_t r = 0; r < n_old * L; r++) {
-            const bool sink = kv->cfg.policy.sink && kv->chunks[r / L].pos == 0;
-            need += chunk_bytes(kv, sink ? rec_codec(kv, r / L, r % L) : MOQAE_KV_CODEC_Q2);
+            need += chunk_bytes(kv, is_sink(kv, r / L) ? rec_codec(kv, r / L, r % L) : MOQAE_KV_CODEC_Q2);
         }
         if (need > kv->cap) {
             return budget_full(kv, "cannot hold the chunks of this micro-batch even with every older chunk at "
