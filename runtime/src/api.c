@@ -114,6 +114,13 @@ static bool keys_pre_rope(void) {
     return !(e && !strcmp(e, "post"));
 }
 
+/* Test hook: MOQAE_KV_ALIGN=16 pads the CPU ring's records to 16 bytes as the GPU ring's are, so that
+ * budgets, demotions and evictions compare exactly between the two paths (tests/tools/cuda-parity.c). */
+static int64_t kv_rec_align(void) {
+    const char * e = getenv("MOQAE_KV_ALIGN");
+    return e && !strcmp(e, "16") ? 16 : 0;
+}
+
 int moqae_context_new(struct moqae_model * model, const struct moqae_context_params * params,
                       struct moqae_context ** out) {
     if (!out) {
@@ -203,7 +210,7 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx, c->n_batch,
                                   router ? router->chunk : p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
                                   (enum moqae_kv_overflow) p.kv_overflow, 0, { 0 }, 1, hp->n_layer, 0.0,
-                                  keys_pre_rope(), hp->n_rot, hp->rope_base, NULL };
+                                  keys_pre_rope(), hp->n_rot, hp->rope_base, NULL, kv_rec_align(), NULL };
     if (router) {
         kc.n_expert = router->n_expert;
         for (int64_t e = 0; e < router->n_expert; e++) {

@@ -5,9 +5,11 @@
  * is built with MOQAE_CUDA=ON; backend-cuda-stub.c answers "no CUDA" otherwise. The CPU path
  * (graph.c, kv-ring.c) is the reference: the GPU computes the same attention rule (kv-cache.h)
  * with the same codec bytes (kv-codec.h) and the same chunk decisions (the router votes on the host,
- * from the token embeddings, as graph.c does; the chunk's codec is an input of the GPU ring). Not
- * here: partial offload (n_gpu_layers < n_layer is MOQAE_ERR_UNSUPPORTED for now), the overflow
- * policies shift/demote on the GPU, routers with a decision per group of layers.
+ * from the token embeddings, as graph.c does) and the same ring bookkeeping: the GPU ring is kv-ring.c
+ * without data (kv-cache.h's arena_ops), so routing (one decision per chunk or per group of layers),
+ * the budget and the overflow policies (shift, demote by recency or by the router's learned order)
+ * take the CPU ring's decisions, and their record moves and re-encodings reach the device arena.
+ * Not here: partial offload (n_gpu_layers < n_layer is MOQAE_ERR_UNSUPPORTED for now).
  */
 #ifndef MOQAE_BACKEND_CUDA_H
 #define MOQAE_BACKEND_CUDA_H
@@ -37,7 +39,7 @@ void moqae_cuda_model_free(struct moqae_cuda_model * cm);
 /* A device context on model m (which has a cuda model, m->cuda): the KV ring sized from cfg (as
  * kv-ring.c sizes it), the f16 staging window, scratch for cfg->n_batch tokens.
  * MOQAE_ERR_OUT_OF_MEMORY naming the bytes when it does not fit; MOQAE_ERR_UNSUPPORTED for what the
- * GPU path lacks (kv_chunk 64, overflow shift/demote). */
+ * GPU path lacks (kv_chunk 64, head_dim other than 64/128). */
 int  moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_config * cfg,
                             struct moqae_cuda_context ** out);
 void moqae_cuda_context_free(struct moqae_cuda_context * cc);

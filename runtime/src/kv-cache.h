@@ -20,6 +20,7 @@
 #include "kv-codec.h"
 #include "moqae.h"
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct moqae_kv_cache;
@@ -40,6 +41,16 @@ struct moqae_kv_policy {
  * "q8", ... aliases are not accepted: one spelling each). MOQAE_ERR_INVALID_ARG with a message
  * listing the valid names otherwise. */
 int moqae_kv_policy_parse(const char * s, struct moqae_kv_policy * out);
+
+/* A ring whose records live elsewhere (the CUDA backend's arena in device memory): the ring keeps its
+ * bookkeeping (chunk table, offsets, decisions, overflow policy) and hands every byte it would touch
+ * in its arena to these, in order. Each returns MOQAE_OK or an error status with its message set. */
+struct moqae_kv_arena_ops {
+    void * user;
+    int (*read)(void * user, size_t off, size_t n, void * dst);        /* arena[off, off + n) -> dst */
+    int (*write)(void * user, size_t off, size_t n, const void * src); /* src -> arena[off, off + n) */
+    int (*move)(void * user, size_t dst, size_t src, size_t n);        /* memmove, dst < src          */
+};
 
 struct moqae_kv_config {
     int64_t                n_layer;
@@ -68,7 +79,25 @@ struct moqae_kv_config {
      * one codec lower); else [n_layer] positive weights from the router file: the record (chunk i,
      * layer l) with the largest age_i * demote_weight[l] goes one codec lower first (age in chunks). */
     const float *          demote_weight;
+    /* Each K and V record padded to a multiple of rec_align bytes (0 or 1: packed; the GPU ring: 16). */
+    int64_t                rec_align;
+    /* NULL: the ring holds its records. Else a ring without data (no arena, no staging window): prepare
+     * and commit keep the bookkeeping and send the arena's byte operations to arena_ops; store and
+     * attend must not be called. */
+    const struct moqae_kv_arena_ops * arena_ops;
 };
+
+/* The chunk table of a ring, for a backend that keeps the records itself (arena_ops). */
+struct moqae_kv_table {
+    int64_t         n_chunks, cap_chunks, n_layer;
+    const int64_t * pos;   /* [n_chunks] position of each chunk's first token                          */
+    const uint8_t * codec; /* [n_chunks][n_layer] enum moqae_kv_codec of each record                   */
+    const size_t *  off;   /* [n_chunks][n_layer] byte offset of each record in the arena              */
+    const float *   cs_p0; /* [n_chunks][head_dim] each chunk's start rotation (keys before RoPE), or NULL */
+    size_t          cap, used; /* arena bytes: capacity, in use (a prefix)                             */
+    const uint8_t * arena; /* the records (NULL in a ring with arena_ops)                            */
+};
+void moqae_kv_cache_table(const struct moqae_kv_cache * kv, struct moqae_kv_table * out);
 
 int  moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache ** out);
 void moqae_kv_cache_free(struct moqae_kv_cache * kv);

@@ -6,7 +6,10 @@
  * makes the budget global: layers that a router keeps at INT2 leave their bytes to the layers it keeps
  * at INT4. The incomplete chunk and the micro-batch being computed live in an f32 staging window.
  * Overflow (the arena or the table full) evicts (shift) or re-encodes (demote) the oldest non-sink
- * chunks and compacts the arena, or fails (error).
+ * chunks and compacts the arena, or fails (error). A ring built with arena_ops keeps only this
+ * bookkeeping: its arena and staging window are the CUDA backend's, and the arena's byte operations
+ * (record moves, the demotions' reads and writes) go to the ops, so the GPU ring takes every decision
+ * the CPU ring takes.
  *
  * Record of one chunk in one layer: for each KV head h: K record then V record (kv-codec.h).
  */
@@ -14,10 +17,6 @@
 #include "kv-cache.h"
 
 #include <math.h>
-
-struct chunk {
-    int64_t pos; /* position of the chunk's first token (a multiple of C) */
-};
 
 struct moqae_kv_cache {
     struct moqae_kv_config                cfg;
@@ -29,7 +28,7 @@ struct moqae_kv_cache {
     uint8_t *                             stage_votes; /* [stage_rows][n_group] router votes         */
     int64_t                               stage_rows; /* C + n_batch                                 */
     int64_t                               stage_pos0; /* position of staging row 0 (multiple of C)   */
-    struct chunk *                        chunks;     /* [cap_chunks] stored chunks, by position     */
+    int64_t *                             pos;        /* [cap_chunks] each stored chunk's first token */
     uint8_t *                             codec;      /* [cap_chunks][n_layer] each record's codec   */
     size_t *                              off;        /* [cap_chunks][n_layer] offset in the arena   */
     int64_t                               n_chunks, cap_chunks;
@@ -47,6 +46,9 @@ struct moqae_kv_cache {
     float *                               dw;         /* [n_layer] demotion weights, or NULL (recency) */
     uint8_t *                             mark;       /* [cap_chunks][n_layer] records to demote       */
     int64_t *                             next;       /* [n_layer] per-layer scan position             */
+    const struct moqae_kv_arena_ops *     ops;        /* records elsewhere (cfg.arena_ops), or NULL    */
+    uint8_t *                             ops_rec;    /* [2][one chunk of one layer at FP16]: demotion
+                                                         through ops reads and writes whole records here */
 };
 
 /* ---- policies ---------------------------------------------------------------------------------- */
@@ -76,12 +78,17 @@ int moqae_kv_policy_parse(const char * s, struct moqae_kv_policy * out) {
 
 /* ---- geometry ---------------------------------------------------------------------------------- */
 
+static size_t padded(const struct moqae_kv_cache * kv, size_t n) {
+    const size_t a = kv->cfg.rec_align > 1 ? (size_t) kv->cfg.rec_align : 1;
+    return (n + a - 1) / a * a;
+}
+
 static size_t rec_k_bytes(const struct moqae_kv_cache * kv, int codec) {
-    return moqae_kv_k_bytes((enum moqae_kv_codec) codec, &kv->shape);
+    return padded(kv, moqae_kv_k_bytes((enum moqae_kv_codec) codec, &kv->shape));
 }
 
 static size_t rec_v_bytes(const struct moqae_kv_cache * kv, int codec) {
-    return moqae_kv_v_bytes((enum moqae_kv_codec) codec, &kv->shape);
+    return padded(kv, moqae_kv_v_bytes((enum moqae_kv_codec) codec, &kv->shape));
 }
 
 /* bytes of one chunk in one layer (all KV heads) */
@@ -211,11 +218,17 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "KV cache for n_ctx %lld is too large", (long long) cfg->n_ctx);
     }
     const size_t n_rec = (size_t) kv->cap_chunks * (size_t) cfg->n_layer;
-    kv->stage_k     = moqae_aligned_alloc(stage);
-    kv->stage_v     = moqae_aligned_alloc(stage);
+    kv->ops            = cfg->arena_ops;
+    if (kv->ops) { /* the records and the staging window live with the ops' owner */
+        stage       = 0;
+        kv->ops_rec = calloc(2, chunk_bytes(kv, MOQAE_KV_CODEC_F16));
+    } else {
+        kv->stage_k = moqae_aligned_alloc(stage);
+        kv->stage_v = moqae_aligned_alloc(stage);
+        kv->arena   = moqae_aligned_alloc(arena ? arena : 64);
+    }
     kv->stage_votes = calloc((size_t) kv->stage_rows * (size_t) kv->cfg.n_group, 1);
-    kv->arena       = moqae_aligned_alloc(arena ? arena : 64);
-    kv->chunks      = calloc((size_t) kv->cap_chunks, sizeof(*kv->chunks));
+    kv->pos         = calloc((size_t) kv->cap_chunks, sizeof(int64_t));
     kv->codec       = calloc(n_rec, 1);
     kv->off         = calloc(n_rec, sizeof(size_t));
     kv->new_codec   = calloc((size_t) kv->max_new * (size_t) cfg->n_layer, 1);
@@ -250,12 +263,14 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         }
         moqae_kv_rope_fill(D, cfg->chunk, 0, kv->theta, kv->cs_t);
     }
-    if (!kv->stage_k || !kv->stage_v || !kv->stage_votes || !kv->arena || !kv->chunks || !kv->codec || !kv->off ||
-        !kv->new_codec || !kv->tmp || !kv->tmp_rec || (cfg->demote_weight && (!kv->dw || !kv->mark || !kv->next))) {
+    if ((kv->ops ? !kv->ops_rec : !kv->stage_k || !kv->stage_v || !kv->arena) || !kv->stage_votes || !kv->pos ||
+        !kv->codec || !kv->off || !kv->new_codec || !kv->tmp || !kv->tmp_rec ||
+        (cfg->demote_weight && (!kv->dw || !kv->mark || !kv->next))) {
         moqae_kv_cache_free(kv);
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory: the KV cache needs %.1f MiB",
                           (double) (arena + 2 * stage) / 1048576.0);
     }
+    memset(kv->tmp_rec, 0, 2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64); /* record padding */
     kv->cap = (size_t) arena;
     *out    = kv;
     return MOQAE_OK;
@@ -269,7 +284,8 @@ void moqae_kv_cache_free(struct moqae_kv_cache * kv) {
     free(kv->stage_v);
     free(kv->stage_votes);
     free(kv->arena);
-    free(kv->chunks);
+    free(kv->pos);
+    free(kv->ops_rec);
     free(kv->codec);
     free(kv->off);
     free(kv->new_codec);
@@ -333,59 +349,85 @@ static void decide(const struct moqae_kv_cache * kv, int64_t index, uint8_t * co
 
 /* ---- allocation and overflow ------------------------------------------------------------------- */
 
-/* Demotion of chunk i of layer l to new_codec, written at dst, at or below the old records (the new
- * records are smaller and are written head by head after decoding each old one into tmp, so a new
- * record never reaches an old one not yet decoded). */
-static void demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec, uint8_t * dst) {
-    const int64_t C   = kv->cfg.chunk, D = kv->cfg.head_dim;
-    const int     old = rec_codec(kv, i, l);
-    float *       tk  = kv->tmp, *tv = kv->tmp + C * D, *tk2 = kv->tmp + 2 * C * D;
-    const size_t  nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
+/* Memmove within the arena (dst < src), here or through the ops. */
+static int arena_move(struct moqae_kv_cache * kv, size_t dst, size_t src, size_t n) {
+    if (kv->ops) {
+        return kv->ops->move(kv->ops->user, dst, src, n);
+    }
+    memmove(kv->arena + dst, kv->arena + src, n);
+    return MOQAE_OK;
+}
+
+/* Demotion of chunk i of layer l to new_codec, written at arena offset dst, at or below the old
+ * records (the new records are smaller and are written head by head after decoding each old one into
+ * tmp, so a new record never reaches an old one not yet decoded; through ops the whole old record is
+ * read first and the new one written after). */
+static int demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec, size_t dst) {
+    const int64_t   C   = kv->cfg.chunk, D = kv->cfg.head_dim;
+    const int       old = rec_codec(kv, i, l);
+    float *         tk  = kv->tmp, *tv = kv->tmp + C * D, *tk2 = kv->tmp + 2 * C * D;
+    const size_t    nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
+    const size_t    ok = rec_k_bytes(kv, old), ov = rec_v_bytes(kv, old), src = kv->off[i * kv->cfg.n_layer + l];
+    const uint8_t * in  = kv->arena + src;
+    uint8_t *       out = kv->arena + dst;
+    if (kv->ops) {
+        in  = kv->ops_rec;
+        out = kv->ops_rec + chunk_bytes(kv, MOQAE_KV_CODEC_F16);
+        const int st = kv->ops->read(kv->ops->user, src, chunk_bytes(kv, old), kv->ops_rec);
+        if (st) {
+            return st;
+        }
+    }
     for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
-        moqae_kv_decode_k((enum moqae_kv_codec) old, &kv->shape, rec_k(kv, l, i, h), tk, D);
-        moqae_kv_decode_v((enum moqae_kv_codec) old, &kv->shape, rec_v(kv, l, i, h), tv, D);
+        moqae_kv_decode_k((enum moqae_kv_codec) old, &kv->shape, in + (size_t) h * (ok + ov), tk, D);
+        moqae_kv_decode_v((enum moqae_kv_codec) old, &kv->shape, in + (size_t) h * (ok + ov) + ok, tv, D);
         if (rotated(kv, new_codec) && !rotated(kv, old)) { /* FP16 keys are after RoPE */
             unrotate_chunk(kv, i, tk, D, tk2);
             memcpy(tk, tk2, (size_t) (C * D) * sizeof(float));
         }
         moqae_kv_encode_k((enum moqae_kv_codec) new_codec, &kv->shape, tk, D, kv->tmp_rec);
         moqae_kv_encode_v((enum moqae_kv_codec) new_codec, &kv->shape, tv, D, kv->tmp_rec + nk);
-        memcpy(dst + (size_t) h * (nk + nv), kv->tmp_rec, nk + nv);
+        memcpy(out + (size_t) h * (nk + nv), kv->tmp_rec, nk + nv);
     }
+    return kv->ops ? kv->ops->write(kv->ops->user, dst, chunk_bytes(kv, new_codec), out) : MOQAE_OK;
 }
 
 /* Chunk i made smaller: each layer above INT2 re-encoded one codec lower (demote), or every record
  * removed (drop). The chunk's records move down over the bytes freed, then every later chunk's, so
  * the arena stays one compact prefix. */
-static void chunk_shrink(struct moqae_kv_cache * kv, int64_t i, bool drop) {
+static int chunk_shrink(struct moqae_kv_cache * kv, int64_t i, bool drop) {
     const int64_t L   = kv->cfg.n_layer;
     const size_t  end = i + 1 < kv->n_chunks ? kv->off[(i + 1) * L] : kv->used;
     size_t        at  = kv->off[i * L];
-    for (int64_t l = 0; l < L && !drop; l++) {
+    int           st  = MOQAE_OK;
+    for (int64_t l = 0; l < L && !drop && !st; l++) {
         const int c  = rec_codec(kv, i, l);
         const int nc = c < MOQAE_KV_CODEC_Q2 ? c + 1 : c;
         if (nc != c) {
-            demote_fill(kv, l, i, nc, kv->arena + at);
+            st = demote_fill(kv, l, i, nc, at);
             kv->codec[i * L + l] = (uint8_t) nc;
-        } else {
-            memmove(kv->arena + at, kv->arena + kv->off[i * L + l], chunk_bytes(kv, c));
+        } else if (at != kv->off[i * L + l]) {
+            st = arena_move(kv, at, kv->off[i * L + l], chunk_bytes(kv, c));
         }
         kv->off[i * L + l] = at;
         at += chunk_bytes(kv, nc);
     }
     const size_t freed = end - at;
-    memmove(kv->arena + at, kv->arena + end, kv->used - end);
+    if (!st && kv->used > end && at < end) {
+        st = arena_move(kv, at, end, kv->used - end);
+    }
     for (int64_t r = (i + 1) * L; r < kv->n_chunks * L; r++) {
         kv->off[r] -= freed;
     }
     kv->used -= freed;
+    return st;
 }
 
-static void evict(struct moqae_kv_cache * kv, int64_t i) {
-    const int64_t L = kv->cfg.n_layer;
-    chunk_shrink(kv, i, true);
+static int evict(struct moqae_kv_cache * kv, int64_t i) {
+    const int64_t L  = kv->cfg.n_layer;
+    const int     st = chunk_shrink(kv, i, true);
     const size_t after = (size_t) (kv->n_chunks - i - 1);
-    memmove(&kv->chunks[i], &kv->chunks[i + 1], after * sizeof(struct chunk));
+    memmove(&kv->pos[i], &kv->pos[i + 1], after * sizeof(int64_t));
     memmove(kv->codec + i * L, kv->codec + (i + 1) * L, after * (size_t) L);
     memmove(kv->off + i * L, kv->off + (i + 1) * L, after * (size_t) L * sizeof(size_t));
     if (kv->cs_p0) {
@@ -393,12 +435,13 @@ static void evict(struct moqae_kv_cache * kv, int64_t i) {
         memmove(kv->cs_p0 + i * D, kv->cs_p0 + (i + 1) * D, after * (size_t) D * sizeof(float));
     }
     kv->n_chunks--;
+    return st;
 }
 
 /* Whether stored chunk i is the attention sink that overflow never touches (chunk 0 under a sink
  * policy or a router's routing freezing). */
 static bool is_sink(const struct moqae_kv_cache * kv, int64_t i) {
-    return kv->cfg.policy.sink && kv->chunks[i].pos == 0;
+    return kv->cfg.policy.sink && kv->pos[i] == 0;
 }
 
 /* The oldest chunk that overflow may touch: not the sink, not allocated in this micro-batch
@@ -445,7 +488,7 @@ static int64_t mark_weighted(struct moqae_kv_cache * kv, int64_t n_old, int64_t 
             }
             kv->next[l] = i;
             if (i < n_old) {
-                const double key = (double) (now - kv->chunks[i].pos / C) * kv->dw[l];
+                const double key = (double) (now - kv->pos[i] / C) * kv->dw[l];
                 if (key > best || (key == best && i < kv->next[best_l])) {
                     best   = key;
                     best_l = l;
@@ -466,23 +509,25 @@ static int64_t mark_weighted(struct moqae_kv_cache * kv, int64_t n_old, int64_t 
 
 /* The marked records (from chunk `first` on) re-encoded one codec lower; every record from there moves
  * down over the bytes freed, so the arena stays one compact prefix. Clears the marks. */
-static void shrink_marked(struct moqae_kv_cache * kv, int64_t first) {
+static int shrink_marked(struct moqae_kv_cache * kv, int64_t first) {
     const int64_t L  = kv->cfg.n_layer;
     size_t        at = kv->off[first * L];
+    int           st = MOQAE_OK;
     for (int64_t r = first * L; r < kv->n_chunks * L; r++) {
         const int64_t i = r / L, l = r % L;
         const int     c = rec_codec(kv, i, l);
         if (kv->mark[r]) {
-            demote_fill(kv, l, i, c + 1, kv->arena + at);
+            st           = st ? st : demote_fill(kv, l, i, c + 1, at);
             kv->codec[r] = (uint8_t) (c + 1);
             kv->mark[r]  = 0;
-        } else if (at != kv->off[r]) {
-            memmove(kv->arena + at, kv->arena + kv->off[r], chunk_bytes(kv, c));
+        } else if (at != kv->off[r] && !st) {
+            st = arena_move(kv, at, kv->off[r], chunk_bytes(kv, c));
         }
         kv->off[r] = at;
         at += chunk_bytes(kv, kv->codec[r]);
     }
     kv->used = at;
+    return st;
 }
 
 /* Bytes of a chunk with these per-layer codecs. */
@@ -551,7 +596,10 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
                 const size_t  want  = kv->used + codecs_bytes(kv, codecs) - kv->cap;
                 const int64_t first = mark_weighted(kv, n_old, kv->n_tokens / C + i, want);
                 if (first >= 0) {
-                    shrink_marked(kv, first);
+                    const int st = shrink_marked(kv, first);
+                    if (st) {
+                        return st;
+                    }
                     continue;
                 }
             }
@@ -562,17 +610,16 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
                                            : "cannot hold the chunks of this micro-batch even after evicting every "
                                              "older chunk; raise --kv-budget or lower -b");
             }
-            if (dem) {
-                chunk_shrink(kv, v, false);
-            } else {
-                evict(kv, v);
-                n_old--;
+            const int st = dem ? chunk_shrink(kv, v, false) : evict(kv, v);
+            if (st) {
+                return st; /* the arena's owner failed (a device error): the ring must be cleared */
             }
+            n_old -= !dem;
         }
         const int64_t j = kv->n_chunks++;
-        kv->chunks[j].pos = (kv->n_tokens / C + i) * C;
+        kv->pos[j] = (kv->n_tokens / C + i) * C;
         if (kv->cs_p0) {
-            moqae_kv_rope_fill(kv->cfg.head_dim, 1, kv->chunks[j].pos, kv->theta, kv->cs_p0 + j * kv->cfg.head_dim);
+            moqae_kv_rope_fill(kv->cfg.head_dim, 1, kv->pos[j], kv->theta, kv->cs_p0 + j * kv->cfg.head_dim);
         }
         for (int64_t l = 0; l < L; l++) {
             kv->codec[j * L + l] = codecs[l];
@@ -588,10 +635,10 @@ int moqae_kv_cache_prepare(struct moqae_kv_cache * kv, int64_t n_tok, const uint
 /* The index of the stored chunk at position pos (it was allocated by prepare), or -1. */
 static int64_t find_chunk(const struct moqae_kv_cache * kv, int64_t pos) {
     for (int64_t i = kv->n_chunks - 1; i >= 0; i--) {
-        if (kv->chunks[i].pos == pos) {
+        if (kv->pos[i] == pos) {
             return i;
         }
-        if (kv->chunks[i].pos < pos) {
+        if (kv->pos[i] < pos) {
             break;
         }
     }
@@ -659,7 +706,7 @@ void moqae_kv_cache_attend(const struct moqae_kv_cache * kv, const struct moqae_
         float *       oh  = out + (t * n_head + hk * group) * D;
         int64_t       n   = 0;       /* scores so far in each row */
         int64_t       nc  = 0;       /* stored chunks before the own chunk */
-        while (nc < kv->n_chunks && kv->chunks[nc].pos < own) {
+        while (nc < kv->n_chunks && kv->pos[nc] < own) {
             nc++;
         }
         for (int64_t g = 0; g < group; g++) {
@@ -700,7 +747,7 @@ void moqae_kv_cache_commit(struct moqae_kv_cache * kv, int64_t n_tok) {
     const int64_t pos0 = kv->n_tokens / C * C; /* the new incomplete chunk starts here */
     const int64_t keep = kv->n_tokens - pos0, from = pos0 - kv->stage_pos0;
     if (from > 0 && keep > 0) {
-        for (int64_t l = 0; l < kv->cfg.n_layer; l++) {
+        for (int64_t l = 0; l < kv->cfg.n_layer && !kv->ops; l++) {
             for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
                 memmove(stage_row(kv->stage_k, kv, l, h, 0), stage_row(kv->stage_k, kv, l, h, from),
                         (size_t) (keep * D) * sizeof(float));
@@ -741,4 +788,17 @@ void moqae_kv_cache_stats(const struct moqae_kv_cache * kv, struct moqae_kv_stat
         out->nominal_bits   = code_bits / (double) held;
         out->effective_bits = (double) out->bytes_used * 8.0 / ((double) held * per_token_elems);
     }
+}
+
+void moqae_kv_cache_table(const struct moqae_kv_cache * kv, struct moqae_kv_table * out) {
+    out->n_chunks   = kv->n_chunks;
+    out->cap_chunks = kv->cap_chunks;
+    out->n_layer    = kv->cfg.n_layer;
+    out->pos        = kv->pos;
+    out->codec      = kv->codec;
+    out->off        = kv->off;
+    out->cs_p0      = kv->cs_p0;
+    out->cap        = kv->cap;
+    out->used       = kv->used;
+    out->arena      = kv->arena;
 }

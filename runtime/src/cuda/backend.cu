@@ -4,10 +4,12 @@
  * mixed-bit ring, the f16 staging window, scratch), and the llama forward of one micro-batch as a
  * sequence of launches on the context's stream (graph.c's order). Decode steps (one token, one
  * logits row) replay a CUDA graph captured once: every kernel reads the step's positions from the
- * device-side moqae_cuda_dyn, so the same graph serves every step. The chunk table (position,
- * codec, offset of each completed chunk) lives on the host and is mirrored to the device per
- * micro-batch: the codec of a chunk is an input, decided on the host (fixed policy now, the router
- * later). Not here: partial offload, overflow shift/demote on the GPU, chunk size 64.
+ * device-side moqae_cuda_dyn, so the same graph serves every step. The ring's bookkeeping is
+ * kv-ring.c's (a ring without data, records padded to 16 bytes): each micro-batch's prepare decides
+ * the new chunks' codecs and offsets and applies the overflow policy, whose record moves (coalesced,
+ * device to device) and demotions (the record read to the host, re-encoded by kv-codec.c, written
+ * back) reach the device arena in order; the chunk table is mirrored to the device per layer, only
+ * the new rows unless records moved. Not here: partial offload, chunk size 64.
  */
 #include "attention.cuh"
 #include "kv-codec.cuh"
@@ -189,11 +191,16 @@ struct moqae_cuda_context {
     struct moqae_kv_config          cfg;
     struct moqae_cuda_ring_geom     geom;
     cudaStream_t                    stream;
+    /* The ring's bookkeeping: kv-ring.c without data (cfg.arena_ops), records padded to 16 bytes, so
+     * the GPU ring takes the CPU ring's decisions (routing, overflow, demotion order) and the device
+     * arena mirrors its offsets. */
+    struct moqae_kv_cache *         kv;
+    struct moqae_kv_arena_ops       ops;
 
     /* device: one allocation */
     uint8_t *                 dbuf;
     size_t                    arena_bytes, stage_bytes, scratch_bytes;
-    uint8_t *                 arena;  /* [n_layer][layer_cap]                                      */
+    uint8_t *                 arena;  /* the ring's records, at the offsets of kv's table          */
     uint16_t *                stage_k, *stage_v; /* [n_layer][n_head_kv][stage_rows][D] f16        */
     float *                   x, *xn, *q, *k, *v, *att, *gate, *up, *logits, *part;
     int32_t *                 ids;
@@ -202,22 +209,24 @@ struct moqae_cuda_context {
     float *                   cs_t;    /* keys before RoPE: [D/2][2][C] (NULL: keys after RoPE)      */
     float *                   cs_p0;   /* [cap_chunks][D/2][2] each table entry's start              */
     struct moqae_cuda_dyn *   dyn;
-    struct moqae_cuda_chunk * table;
+    struct moqae_cuda_chunk * table;   /* [n_layer][cap_chunks] each layer's records                 */
+    uint8_t *                 move_tmp; /* overlapping arena moves go through here (overflow policies) */
+    size_t                    move_tmp_bytes;
 
     /* host (pinned) */
-    struct moqae_cuda_chunk * h_table;
+    struct moqae_cuda_chunk * h_table; /* [n_layer][cap_chunks]                                      */
     struct moqae_cuda_dyn *   h_dyn;
     int32_t *                 h_ids;
     float *                   h_rope;  /* [n_batch][n_rot/2][2]                                     */
     float *                   h_cs_p0; /* [cap_chunks][D/2][2]                                      */
-    float *                   theta;   /* [D/2] (malloc) the ring's angles, as kv-ring.c              */
-    uint8_t *                 h_votes; /* [C + n_batch] router votes from position votes_pos0 on     */
-    int64_t                   votes_pos0;
+    uint8_t *                 h_rec;   /* one chunk of one layer at FP16: demotions' reads and writes */
 
-    size_t  layer_cap, used;
-    int64_t n_chunks, cap_chunks, n_tokens;
+    int64_t cap_chunks;
     int     n_split_decode, max_split_prefill;
     int     raw_bytes; /* largest quantized record pair the ring may hold (v3's copy buffers) */
+    size_t  mv_dst, mv_src, mv_n; /* the move the ring asked for, not yet enqueued (coalesced)          */
+    bool    dirty;                /* records moved or changed codec: upload the whole table           */
+    bool    broken;               /* a device error left the arena and the table apart: clear first   */
 
     cudaGraphExec_t graph;
     int             graph_state; /* 0: not yet (run eagerly once), 1: eager done, 2: captured, -1: off */
@@ -227,27 +236,66 @@ static size_t chunk_bytes(const struct moqae_cuda_context * cc, int codec) {
     return (size_t) cc->geom.n_head_kv * (size_t) (cc->geom.k_pad[codec] + cc->geom.v_pad[codec]);
 }
 
-/* The codec of the chunk with index `index`: kv-ring.c decide() with one decision for every layer
- * (the sink, the fixed policy, or the majority of its tokens' router votes, ties to the lower index). */
-static int chunk_codec(const struct moqae_cuda_context * cc, int64_t index) {
-    const struct moqae_kv_config * cfg = &cc->cfg;
-    if (cfg->policy.sink && index == 0) {
-        return MOQAE_KV_CODEC_F16;
+/* ---- the ring's byte operations on the device arena (kv-cache.h's struct moqae_kv_arena_ops) ----- */
+
+/* Enqueue the pending move (dst < src). Pieces that overlap their source go through move_tmp; pieces
+ * are taken in ascending order, so a piece's target only covers source bytes already copied. */
+static int flush_move(struct moqae_cuda_context * cc) {
+    const size_t n = cc->mv_n, delta = cc->mv_src - cc->mv_dst;
+    uint8_t *    dst = cc->arena + cc->mv_dst;
+    const uint8_t * src = cc->arena + cc->mv_src;
+    cudaStream_t s      = cc->stream;
+    cc->mv_n            = 0;
+    if (n <= delta || delta >= cc->move_tmp_bytes) { /* pieces of delta bytes do not overlap */
+        for (size_t done = 0; done < n; done += delta) {
+            MOQAE_CUDA_CHECK(cudaMemcpyAsync(dst + done, src + done, std::min(delta, n - done), cudaMemcpyDeviceToDevice, s));
+        }
+        return MOQAE_OK;
     }
-    if (cfg->n_expert == 0) {
-        return (int) cfg->policy.codec;
+    for (size_t done = 0; done < n; done += cc->move_tmp_bytes) {
+        const size_t k = std::min(cc->move_tmp_bytes, n - done);
+        MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->move_tmp, src + done, k, cudaMemcpyDeviceToDevice, s));
+        MOQAE_CUDA_CHECK(cudaMemcpyAsync(dst + done, cc->move_tmp, k, cudaMemcpyDeviceToDevice, s));
     }
-    const int64_t   C = cfg->chunk;
-    const uint8_t * v = cc->h_votes + (index * C - cc->votes_pos0);
-    int64_t         count[MOQAE_KV_CODEC_COUNT] = { 0 };
-    for (int64_t t = 0; t < C; t++) {
-        count[v[t] < cfg->n_expert ? v[t] : 0]++;
+    return MOQAE_OK;
+}
+
+static int ring_move(void * user, size_t dst, size_t src, size_t n) {
+    struct moqae_cuda_context * cc = (struct moqae_cuda_context *) user;
+    cc->dirty                      = true;
+    if (cc->mv_n > 0 && cc->mv_src + cc->mv_n == src && cc->mv_dst + cc->mv_n == dst) {
+        cc->mv_n += n; /* the next record moves by the same distance: one copy */
+        return MOQAE_OK;
     }
-    int64_t best = 0;
-    for (int64_t e = 1; e < cfg->n_expert; e++) {
-        best = count[e] > count[best] ? e : best;
+    MOQAE_TRY(flush_move(cc));
+    cc->mv_dst = dst, cc->mv_src = src, cc->mv_n = n;
+    return MOQAE_OK;
+}
+
+static int ring_read(void * user, size_t off, size_t n, void * dst) {
+    struct moqae_cuda_context * cc = (struct moqae_cuda_context *) user;
+    cc->dirty                      = true;
+    if (n > chunk_bytes(cc, MOQAE_KV_CODEC_F16) || !cc->h_rec) {
+        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA ring: a read of %zu bytes", n);
     }
-    return (int) cfg->expert[best];
+    MOQAE_TRY(flush_move(cc));
+    MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->h_rec, cc->arena + off, n, cudaMemcpyDeviceToHost, cc->stream));
+    MOQAE_CUDA_CHECK(cudaStreamSynchronize(cc->stream));
+    memcpy(dst, cc->h_rec, n);
+    return MOQAE_OK;
+}
+
+static int ring_write(void * user, size_t off, size_t n, const void * src) {
+    struct moqae_cuda_context * cc = (struct moqae_cuda_context *) user;
+    cc->dirty                      = true;
+    if (n > chunk_bytes(cc, MOQAE_KV_CODEC_F16) || !cc->h_rec) {
+        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA ring: a write of %zu bytes", n);
+    }
+    MOQAE_TRY(flush_move(cc));
+    memcpy(cc->h_rec, src, n);
+    MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->arena + off, cc->h_rec, n, cudaMemcpyHostToDevice, cc->stream));
+    MOQAE_CUDA_CHECK(cudaStreamSynchronize(cc->stream)); /* h_rec is reused by the next operation */
+    return MOQAE_OK;
 }
 
 void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
@@ -260,7 +308,7 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
     if (cc->dbuf) {
         cudaFree(cc->dbuf);
     }
-    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0 };
+    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0, cc->h_rec };
     for (void * p : pinned) {
         if (p) {
             cudaFreeHost(p);
@@ -269,18 +317,21 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
     if (cc->stream) {
         cudaStreamDestroy(cc->stream);
     }
-    free(cc->theta);
-    free(cc->h_votes);
+    moqae_kv_cache_free(cc->kv);
     free(cc);
 }
 
-static int context_alloc(struct moqae_cuda_context * cc) {
+static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
     const struct moqae_hparams * hp = &cc->m->hp;
     const int64_t B = cc->cfg.n_batch, E = hp->n_embd, dq = hp->n_head * hp->head_dim, dkv = hp->n_head_kv * hp->head_dim;
-    const int64_t D = hp->head_dim;
+    const int64_t D = hp->head_dim, L = hp->n_layer;
     const size_t  part = std::max(moqae_cuda_attn_part_floats(&cc->geom, 1, hp->n_head, cc->n_split_decode),
                                   moqae_cuda_attn_part_floats(&cc->geom, B, hp->n_head, cc->max_split_prefill));
-    const bool    pre  = cc->theta != NULL;
+    const bool    pre  = theta != NULL;
+    struct moqae_kv_table tab;
+    moqae_kv_cache_table(cc->kv, &tab);
+    /* overflow policies move records inside the arena; overlapping moves go through a buffer */
+    cc->move_tmp_bytes = cc->cfg.overflow != MOQAE_KV_OVERFLOW_ERROR ? std::min<size_t>(tab.cap, (size_t) 64 << 20) : 0;
     struct {
         void ** p;
         size_t  bytes;
@@ -292,18 +343,19 @@ static int context_alloc(struct moqae_cuda_context * cc) {
         { (void **) &cc->logits, (size_t) (LOGITS_ROWS * hp->n_vocab) * 4 }, { (void **) &cc->part, part * 4 },
         { (void **) &cc->ids, (size_t) B * 4 },             { (void **) &cc->dyn, sizeof(struct moqae_cuda_dyn) },
         { (void **) &cc->xq, moqae_cuda_quant_bytes(B, std::max({ E, dq, hp->n_ff })) },
-        { (void **) &cc->table, (size_t) cc->cap_chunks * sizeof(struct moqae_cuda_chunk) },
+        { (void **) &cc->table, (size_t) (L * cc->cap_chunks) * sizeof(struct moqae_cuda_chunk) },
         { (void **) &cc->rope_cs, (size_t) (B * hp->n_rot) * 4 },
         { (void **) &cc->cs_t, pre ? (size_t) (D * cc->cfg.chunk) * 4 : 0 },
         { (void **) &cc->cs_p0, pre ? (size_t) (cc->cap_chunks * D) * 4 : 0 },
+        { (void **) &cc->move_tmp, cc->move_tmp_bytes },
     };
     size_t scratch = 0;
     for (auto & e : t) {
         scratch += (e.bytes + 255) / 256 * 256;
     }
     const size_t stage_rows = (size_t) cc->geom.stage_rows;
-    cc->stage_bytes   = 2 * (size_t) hp->n_layer * (size_t) hp->n_head_kv * stage_rows * (size_t) hp->head_dim * 2;
-    cc->arena_bytes   = cc->layer_cap * (size_t) hp->n_layer;
+    cc->stage_bytes   = 2 * (size_t) L * (size_t) hp->n_head_kv * stage_rows * (size_t) hp->head_dim * 2;
+    cc->arena_bytes   = (tab.cap + 255) / 256 * 256;
     cc->scratch_bytes = scratch;
     const size_t total = cc->arena_bytes + cc->stage_bytes + scratch;
     size_t free_b = 0, total_b = 0;
@@ -347,17 +399,20 @@ static int context_alloc(struct moqae_cuda_context * cc) {
     /* staging rows beyond what was written must read as finite numbers (they are masked, and a
      * masked weight 0 times a NaN would still poison P V) */
     MOQAE_CUDA_CHECK(cudaMemset(cc->stage_k, 0, cc->stage_bytes));
-    MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_table, (size_t) cc->cap_chunks * sizeof(struct moqae_cuda_chunk)));
+    MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_table, (size_t) (L * cc->cap_chunks) * sizeof(struct moqae_cuda_chunk)));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_dyn, sizeof(struct moqae_cuda_dyn)));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_ids, (size_t) B * 4));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_rope, (size_t) (B * hp->n_rot) * 4));
+    if (cc->cfg.overflow != MOQAE_KV_OVERFLOW_ERROR) {
+        MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_rec, chunk_bytes(cc, MOQAE_KV_CODEC_F16)));
+    }
     if (pre) {
         MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_cs_p0, (size_t) (cc->cap_chunks * D) * 4));
         float * cs = (float *) malloc((size_t) (D * cc->cfg.chunk) * 4);
         if (!cs) {
             return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
         }
-        moqae_kv_rope_fill(D, cc->cfg.chunk, 0, cc->theta, cs);
+        moqae_kv_rope_fill(D, cc->cfg.chunk, 0, theta, cs);
         err = cudaMemcpy(cc->cs_t, cs, (size_t) (D * cc->cfg.chunk) * 4, cudaMemcpyHostToDevice);
         free(cs);
         MOQAE_CUDA_CHECK(err);
@@ -370,40 +425,11 @@ static int context_alloc(struct moqae_cuda_context * cc) {
     return MOQAE_OK;
 }
 
-/* Bytes per layer that n_ctx tokens need: kv-ring.c sized_capacity with the GPU's padded records (the
- * fixed policy's exact size; for a router the expected bits at the most expensive bytes per bit of
- * its experts plus a quarter, never more than every chunk at the first expert). */
-static size_t sized_capacity(const struct moqae_cuda_context * cc) {
-    const struct moqae_kv_config * cfg    = &cc->cfg;
-    const int64_t                  n_full = cfg->n_ctx / cfg->chunk;
-    const int64_t                  n_sink = n_full > 0 && cfg->policy.sink;
-    const size_t                   sink   = n_sink ? chunk_bytes(cc, MOQAE_KV_CODEC_F16) : 0;
-    if (cfg->n_expert == 0) {
-        return sink + (size_t) (n_full - n_sink) * chunk_bytes(cc, cfg->policy.codec);
-    }
-    const size_t worst   = chunk_bytes(cc, cfg->expert[0]);
-    double       per_bit = 0.0;
-    for (int64_t e = 0; e < cfg->n_expert; e++) {
-        const double r = (double) chunk_bytes(cc, cfg->expert[e]) / moqae_kv_codec_bits(cfg->expert[e]);
-        per_bit        = r > per_bit ? r : per_bit;
-    }
-    size_t per_chunk = worst;
-    if (cfg->expected_bits > 0.0) {
-        const double b = 1.25 * cfg->expected_bits * per_bit;
-        per_chunk      = b < (double) worst ? (size_t) b : worst;
-    }
-    return sink + (size_t) (n_full - n_sink) * per_chunk;
-}
-
 int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_config * cfg,
                            struct moqae_cuda_context ** out) {
     *out = NULL;
     if (!m->cuda) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA context on a model without GPU weights");
-    }
-    if (cfg->overflow != MOQAE_KV_OVERFLOW_ERROR) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED,
-                          "--kv-overflow shift/demote is not supported on the GPU yet (issue 7): use error, or -ngl 0");
     }
     if (!moqae_cuda_attn_supported((int) cfg->head_dim, (int) cfg->chunk)) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED,
@@ -411,28 +437,8 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
                           "%lld); use -ngl 0",
                           (long long) cfg->head_dim, (long long) cfg->chunk);
     }
-    if (cfg->n_expert > 0 && cfg->n_group != 1) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED,
-                          "the GPU ring takes one router decision per chunk for every layer (share = all); this router "
-                          "decides per group of layers (%lld decisions); use -ngl 0",
-                          (long long) cfg->n_group);
-    }
     if (cfg->n_batch > 65535) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "the GPU path takes micro-batches of at most 65535 tokens");
-    }
-    if (cfg->keys_pre_rope && (cfg->n_rot < 2 || cfg->n_rot > cfg->head_dim || cfg->n_rot % 2 || !(cfg->rope_base > 0.0f))) {
-        return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV cache: bad RoPE shape");
-    }
-    struct moqae_kv_shape shape = { cfg->chunk, cfg->head_dim, MOQAE_KV_V_GROUP };
-    if (cfg->head_dim % MOQAE_KV_V_GROUP != 0) {
-        shape.v_group = cfg->head_dim;
-    }
-    for (int64_t e = 0; e <= cfg->n_expert; e++) {
-        const enum moqae_kv_codec c  = e < cfg->n_expert ? cfg->expert[e] : cfg->policy.codec;
-        const int                 st = moqae_kv_shape_check(c, &shape);
-        if (st) {
-            return st;
-        }
     }
     struct moqae_cuda_context * cc = (struct moqae_cuda_context *) calloc(1, sizeof(*cc));
     if (!cc) {
@@ -441,6 +447,19 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
     cc->m   = m;
     cc->cm  = m->cuda;
     cc->cfg = *cfg;
+    cc->ops = { cc, ring_read, ring_write, ring_move };
+    struct moqae_kv_config kc = *cfg; /* the bookkeeping ring: kv-ring.c checks the shape, RoPE, weights */
+    kc.rec_align              = MOQAE_CUDA_REC_ALIGN;
+    kc.arena_ops              = &cc->ops;
+    int st                    = moqae_kv_cache_new(&kc, &cc->kv);
+    if (st) {
+        free(cc);
+        return st;
+    }
+    struct moqae_kv_shape shape = { cfg->chunk, cfg->head_dim, MOQAE_KV_V_GROUP };
+    if (cfg->head_dim % MOQAE_KV_V_GROUP != 0) {
+        shape.v_group = cfg->head_dim;
+    }
     struct moqae_cuda_ring_geom * g = &cc->geom;
     g->chunk      = (int) cfg->chunk;
     g->head_dim   = (int) cfg->head_dim;
@@ -453,45 +472,51 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
         g->k_pad[c]   = (long long) moqae_cuda_align((size_t) g->k_bytes[c]);
         g->v_pad[c]   = (long long) moqae_cuda_align((size_t) g->v_bytes[c]);
     }
-    for (int64_t e = 0; e <= cfg->n_expert; e++) { /* the quantized codecs the ring may hold */
+    /* the quantized codecs the ring may hold: the experts' (or the policy's), and under demote every
+     * lower one down to INT2 (an FP16 expert's chunks may become INT8) */
+    int top = MOQAE_KV_CODEC_Q2;
+    for (int64_t e = 0; e <= cfg->n_expert; e++) {
         const int c = (int) (e < cfg->n_expert ? cfg->expert[e] : cfg->policy.codec);
+        top         = std::min(top, c);
         if (c != MOQAE_KV_CODEC_F16) {
             cc->raw_bytes = std::max(cc->raw_bytes, (int) (g->k_pad[c] + g->v_pad[c]));
         }
     }
+    for (int c = std::max(top, (int) MOQAE_KV_CODEC_Q8); cfg->overflow == MOQAE_KV_OVERFLOW_DEMOTE && c <= MOQAE_KV_CODEC_Q2; c++) {
+        cc->raw_bytes = std::max(cc->raw_bytes, (int) (g->k_pad[c] + g->v_pad[c]));
+    }
     cc->cap_chunks = cfg->n_ctx / cfg->chunk + 1;
-    cc->layer_cap  = cfg->budget > 0 ? (size_t) cfg->budget / (size_t) cfg->n_layer : sized_capacity(cc);
-    cc->layer_cap  = (cc->layer_cap + 255) / 256 * 256; /* every layer's arena starts aligned (records are 16-aligned) */
-    int st         = MOQAE_OK;
+    cc->dirty      = true;
+    float * theta  = NULL;
     if (cfg->keys_pre_rope) {
         const int64_t D = cfg->head_dim;
-        cc->theta       = (float *) calloc((size_t) D / 2, sizeof(float));
-        if (!cc->theta) {
+        theta           = (float *) calloc((size_t) D / 2, sizeof(float));
+        if (!theta) {
             moqae_cuda_context_free(cc);
             return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
         }
         for (int64_t i = 0; i < cfg->n_rot / 2; i++) { /* kv-ring.c: pos * base^(-2i / n_rot), in double */
-            cc->theta[i] = (float) pow((double) cfg->rope_base, -2.0 * (double) i / (double) cfg->n_rot);
+            theta[i] = (float) pow((double) cfg->rope_base, -2.0 * (double) i / (double) cfg->n_rot);
         }
-    }
-    if (cfg->n_expert > 0 && !(cc->h_votes = (uint8_t *) calloc((size_t) (cfg->chunk + cfg->n_batch), 1))) {
-        moqae_cuda_context_free(cc);
-        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
     }
     const int64_t max_tiles = cc->cap_chunks + 1;
     const int     n_sm      = m->cuda->n_sm > 0 ? m->cuda->n_sm : 1;
     if ((st = moqae_cuda_attn_decode_split(g, cc->raw_bytes, (int) (m->hp.n_head / m->hp.n_head_kv), n_sm, max_tiles,
                                            &cc->n_split_decode))) {
+        free(theta);
         moqae_cuda_context_free(cc);
         return st;
     }
     cc->max_split_prefill = 4;
     if ((st = cudaStreamCreateWithFlags(&cc->stream, cudaStreamNonBlocking)) != cudaSuccess) {
         cc->stream = NULL;
+        free(theta);
         moqae_cuda_context_free(cc);
         return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA: cudaStreamCreate: %s", cudaGetErrorString((cudaError_t) st));
     }
-    if ((st = context_alloc(cc))) {
+    st = context_alloc(cc, theta);
+    free(theta);
+    if (st) {
         moqae_cuda_context_free(cc);
         return st;
     }
@@ -500,33 +525,37 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
 }
 
 void moqae_cuda_context_clear(struct moqae_cuda_context * cc) {
-    cc->n_tokens   = 0;
-    cc->n_chunks   = 0;
-    cc->used       = 0;
-    cc->votes_pos0 = 0;
+    moqae_kv_cache_clear(cc->kv);
+    cc->mv_n   = 0;
+    cc->dirty  = true;
+    cc->broken = false;
 }
 
 int64_t moqae_cuda_n_tokens(const struct moqae_cuda_context * cc) {
-    return cc->n_tokens;
+    return moqae_kv_cache_n_tokens(cc->kv);
 }
 
 void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_stats * out) {
     memset(out, 0, sizeof(*out));
     const struct moqae_hparams * hp = &cc->m->hp;
-    const int64_t C = cc->cfg.chunk;
-    const double  per_token_elems = 2.0 * (double) (hp->n_layer * hp->n_head_kv * hp->head_dim);
-    double        code_bits = 0.0;
-    for (int64_t i = 0; i < cc->n_chunks; i++) {
-        out->n_chunks[cc->h_table[i].codec]++;
-        out->n_records[cc->h_table[i].codec] += hp->n_layer;
-        code_bits += (double) moqae_kv_codec_bits((enum moqae_kv_codec) cc->h_table[i].codec) * (double) C;
+    const int64_t C = cc->cfg.chunk, L = hp->n_layer, n_tokens = moqae_kv_cache_n_tokens(cc->kv);
+    const double  per_token_elems = 2.0 * (double) (L * hp->n_head_kv * hp->head_dim);
+    double        code_bits = 0.0; /* per layer, summed over tokens (kv-ring.c's stats) */
+    struct moqae_kv_table t;
+    moqae_kv_cache_table(cc->kv, &t);
+    for (int64_t r = 0; r < t.n_chunks * L; r++) {
+        out->n_records[t.codec[r]]++;
+        code_bits += (double) moqae_kv_codec_bits((enum moqae_kv_codec) t.codec[r]) * (double) C / (double) L;
     }
-    const int64_t resid = cc->n_tokens - cc->n_tokens / C * C; /* the f16 residual window */
-    const int64_t held  = cc->n_chunks * C + resid;
+    for (int e = 0; e < 4; e++) {
+        out->n_chunks[e] = (out->n_records[e] + L / 2) / L;
+    }
+    const int64_t resid = n_tokens - n_tokens / C * C; /* the f16 residual window */
+    const int64_t held  = t.n_chunks * C + resid;
     code_bits += 16.0 * (double) resid;
     out->n_tokens       = held;
     out->n_ctx          = cc->cfg.n_ctx;
-    out->bytes_used     = (int64_t) ((double) cc->used * (double) hp->n_layer + (double) resid * per_token_elems * 2.0);
+    out->bytes_used     = (int64_t) ((double) t.used + (double) resid * per_token_elems * 2.0);
     out->bytes_reserved = (int64_t) (cc->arena_bytes + cc->stage_bytes);
     if (held > 0) {
         out->nominal_bits   = code_bits / (double) held;
@@ -535,12 +564,14 @@ void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_s
 }
 
 int moqae_cuda_chunk_codecs(const struct moqae_cuda_context * cc, uint8_t * codecs, int64_t cap, int64_t * n) {
-    *n = cc->n_chunks;
-    if (cc->n_chunks > cap) {
-        return moqae_fail(MOQAE_ERR_BUFFER_TOO_SMALL, "%lld chunks, room for %lld", (long long) cc->n_chunks, (long long) cap);
+    struct moqae_kv_table t;
+    moqae_kv_cache_table(cc->kv, &t);
+    *n = t.n_chunks;
+    if (t.n_chunks > cap) {
+        return moqae_fail(MOQAE_ERR_BUFFER_TOO_SMALL, "%lld chunks, room for %lld", (long long) t.n_chunks, (long long) cap);
     }
-    for (int64_t i = 0; i < cc->n_chunks; i++) {
-        codecs[i] = (uint8_t) cc->h_table[i].codec;
+    for (int64_t i = 0; i < t.n_chunks; i++) {
+        codecs[i] = t.codec[i * t.n_layer]; /* layer 0's */
     }
     return MOQAE_OK;
 }
@@ -591,12 +622,12 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
         MOQAE_TRY(moqae_cuda_matmul(&L->wv, cc->xn, cc->xq, n_tok, cc->v, L->wv.n_rows, false, s));
         MOQAE_TRY(moqae_cuda_rope(cc->q, cc->k, n_tok, hp->n_head, nkv, D, hp->n_rot, cc->rope_cs, s));
         uint16_t * sk = cc->stage_k + (size_t) il * stage_layer, *sv = cc->stage_v + (size_t) il * stage_layer;
-        uint8_t *  ar = cc->arena + (size_t) il * cc->layer_cap;
+        const struct moqae_cuda_chunk * tab = cc->table + il * cc->cap_chunks; /* this layer's records */
         MOQAE_TRY(moqae_cuda_kv_store(&cc->geom, sk, sv, cc->k, cc->v, n_tok, cc->dyn, s));
-        MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, ar, cc->table, cc->cs_t, cc->cs_p0, max_enc, cc->dyn, s));
+        MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, cc->arena, tab, cc->cs_t, cc->cs_p0, max_enc, cc->dyn, s));
         struct moqae_cuda_attn_args a;
-        a.q = cc->q, a.out = cc->att, a.part = cc->part, a.arena = ar, a.stage_k = sk, a.stage_v = sv;
-        a.table = cc->table, a.cs_t = cc->cs_t, a.cs_p0 = cc->cs_p0, a.dyn = cc->dyn, a.n_tok = (int) n_tok;
+        a.q = cc->q, a.out = cc->att, a.part = cc->part, a.arena = cc->arena, a.stage_k = sk, a.stage_v = sv;
+        a.table = tab, a.cs_t = cc->cs_t, a.cs_p0 = cc->cs_p0, a.dyn = cc->dyn, a.n_tok = (int) n_tok;
         a.n_head = (int) hp->n_head, a.n_split = n_split, a.scale = 1.0f / sqrtf((float) D), a.raw_bytes = cc->raw_bytes;
         a.kernel = 0;
         MOQAE_TRY(moqae_cuda_attention(&cc->geom, &a, s));
@@ -680,57 +711,54 @@ static void rope_table(struct moqae_cuda_context * cc, int64_t pos0, int64_t n) 
 
 int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_job * job) {
     const struct moqae_hparams * hp = &cc->m->hp;
-    const int64_t                C = cc->cfg.chunk, T = job->n, D = hp->head_dim;
+    const int64_t                C = cc->cfg.chunk, T = job->n, D = hp->head_dim, L = hp->n_layer;
+    if (cc->broken) {
+        return moqae_fail(MOQAE_ERR_INTERNAL, "an earlier CUDA error left this context's KV ring inconsistent; clear "
+                                              "the context (moqae_context_clear) before decoding again");
+    }
     if (T < 1 || T > cc->cfg.n_batch || job->n_out < 0 || job->n_out > T) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA forward: bad micro-batch (%lld tokens, %lld logits)",
                           (long long) T, (long long) job->n_out);
     }
-    if (cc->n_tokens + T > cc->cfg.n_ctx) {
-        return moqae_fail(MOQAE_ERR_CONTEXT_FULL, "context full: %lld tokens in the context + %lld new > n_ctx %lld",
-                          (long long) cc->n_tokens, (long long) T, (long long) cc->cfg.n_ctx);
+    if (cc->cfg.n_expert > 0 && !job->votes) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA forward: a routed context needs the micro-batch's votes");
     }
-    if (cc->cfg.n_expert > 0) {
-        if (!job->votes) {
-            return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA forward: a routed context needs the micro-batch's votes");
+    /* prepare: kv-ring.c gives the chunks this micro-batch completes their codecs and places, applying
+     * the overflow policy (its moves and demotions reach the device arena through cc->ops, in order);
+     * nothing changes when they do not fit under --kv-overflow error */
+    const int64_t n_past = moqae_kv_cache_n_tokens(cc->kv), n_new = (n_past + T) / C - n_past / C;
+    struct moqae_kv_table t;
+    moqae_kv_cache_table(cc->kv, &t);
+    const int64_t n_before = t.n_chunks;
+    int           st       = moqae_kv_cache_prepare(cc->kv, T, job->votes);
+    const int     fl       = flush_move(cc); /* what it moved before failing stays moved (shift) */
+    st                     = st ? st : fl;
+    if (st == MOQAE_ERR_INTERNAL) {
+        cc->broken = true;
+    }
+    if (st) {
+        return st;
+    }
+    moqae_kv_cache_table(cc->kv, &t);
+    if (t.n_chunks != n_before + n_new) {
+        cc->dirty = true; /* chunks were evicted: every later index moved */
+    }
+    const int64_t enc_first = t.n_chunks - n_new, up = cc->dirty ? 0 : enc_first; /* table rows to upload */
+    for (int64_t l = 0; l < L; l++) {
+        for (int64_t i = up; i < t.n_chunks; i++) {
+            cc->h_table[l * cc->cap_chunks + i] = { (long long) t.pos[i], (long long) t.off[i * L + l], (int) t.codec[i * L + l], 0 };
         }
-        memcpy(cc->h_votes + (cc->n_tokens - cc->votes_pos0), job->votes, (size_t) T);
     }
-    /* prepare: the chunks this micro-batch completes get their codec and place (checked first:
-     * nothing changes when they do not fit) */
-    const int64_t n_new = (cc->n_tokens + T) / C - cc->n_tokens / C;
-    int           codecs[64];
-    size_t        need = cc->used;
-    if (n_new > (int64_t) (sizeof(codecs) / sizeof(codecs[0]))) {
-        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA forward: %lld chunks in one micro-batch", (long long) n_new);
-    }
-    for (int64_t i = 0; i < n_new; i++) {
-        codecs[i] = chunk_codec(cc, cc->n_tokens / C + i);
-        need += chunk_bytes(cc, codecs[i]);
-    }
-    if (need > cc->layer_cap || cc->n_chunks + n_new > cc->cap_chunks) {
-        return moqae_fail(MOQAE_ERR_CONTEXT_FULL,
-                          "context full: the KV budget (%.2f MiB) holds no more chunks; raise --kv-budget",
-                          (double) cc->layer_cap * (double) hp->n_layer / 1048576.0);
-    }
-    const int64_t enc_first = cc->n_chunks;
-    for (int64_t i = 0; i < n_new; i++) {
-        const int64_t index = cc->n_tokens / C + i;
-        cc->h_table[cc->n_chunks] = { (long long) (index * C), (long long) cc->used, codecs[i], 0 };
-        if (cc->theta) {
-            moqae_kv_rope_fill(D, 1, index * C, cc->theta, cc->h_cs_p0 + cc->n_chunks * D);
-        }
-        cc->n_chunks++;
-        cc->used += chunk_bytes(cc, codecs[i]);
+    if (t.cs_p0 && t.n_chunks > up) {
+        memcpy(cc->h_cs_p0 + up * D, t.cs_p0 + up * D, (size_t) ((t.n_chunks - up) * D) * sizeof(float));
     }
     cudaStream_t s = cc->stream;
     /* the previous step's copies out of these pinned buffers are complete: forward ends with a sync */
-    *cc->h_dyn = { (long long) cc->n_tokens, (int) T, (int) cc->n_chunks, (int) enc_first, (int) n_new };
+    *cc->h_dyn = { (long long) n_past, (int) T, (int) t.n_chunks, (int) enc_first, (int) n_new };
     memcpy(cc->h_ids, job->tokens, (size_t) T * sizeof(int32_t));
-    rope_table(cc, cc->n_tokens, T);
-    int st = MOQAE_OK;
+    rope_table(cc, n_past, T);
     auto fail = [&](int status) {
-        cc->n_chunks = enc_first; /* undo prepare; the device state of this step is discarded */
-        cc->used     = enc_first > 0 ? (size_t) cc->h_table[enc_first - 1].off + chunk_bytes(cc, cc->h_table[enc_first - 1].codec) : 0;
+        cc->broken = true; /* the ring holds this micro-batch's chunks, the device may not: clear first */
         return status;
     };
 #define STEP(expr)                 \
@@ -749,11 +777,12 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
     CSTEP(cudaMemcpyAsync(cc->dyn, cc->h_dyn, sizeof(*cc->h_dyn), cudaMemcpyHostToDevice, s));
     CSTEP(cudaMemcpyAsync(cc->ids, cc->h_ids, (size_t) T * sizeof(int32_t), cudaMemcpyHostToDevice, s));
     CSTEP(cudaMemcpyAsync(cc->rope_cs, cc->h_rope, (size_t) (T * hp->n_rot) * sizeof(float), cudaMemcpyHostToDevice, s));
-    if (n_new > 0) {
-        CSTEP(cudaMemcpyAsync(cc->table + enc_first, cc->h_table + enc_first, (size_t) n_new * sizeof(struct moqae_cuda_chunk),
-                              cudaMemcpyHostToDevice, s));
-        if (cc->theta) {
-            CSTEP(cudaMemcpyAsync(cc->cs_p0 + enc_first * D, cc->h_cs_p0 + enc_first * D, (size_t) (n_new * D) * sizeof(float),
+    if (t.n_chunks > up) {
+        const size_t row = sizeof(struct moqae_cuda_chunk), pitch = (size_t) cc->cap_chunks * row;
+        CSTEP(cudaMemcpy2DAsync(cc->table + up, pitch, cc->h_table + up, pitch, (size_t) (t.n_chunks - up) * row, (size_t) L,
+                                cudaMemcpyHostToDevice, s));
+        if (t.cs_p0) {
+            CSTEP(cudaMemcpyAsync(cc->cs_p0 + up * D, cc->h_cs_p0 + up * D, (size_t) ((t.n_chunks - up) * D) * sizeof(float),
                                   cudaMemcpyHostToDevice, s));
         }
     }
@@ -766,7 +795,7 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
         if (T > 1) {
             const int     rows = moqae_cuda_attn_rows(T);
             const int64_t tpb = rows / (hp->n_head / hp->n_head_kv), n_qt = (T + tpb - 1) / tpb;
-            const int64_t tiles = cc->n_chunks + T / C + 2, blocks = hp->n_head_kv * n_qt;
+            const int64_t tiles = t.n_chunks + T / C + 2, blocks = hp->n_head_kv * n_qt;
             const int64_t want  = (2 * (int64_t) cc->cm->n_sm + blocks - 1) / blocks;
             n_split = (int) std::max<int64_t>(1, std::min<int64_t>({ want, (int64_t) cc->max_split_prefill, tiles / 8 }));
         }
@@ -787,12 +816,8 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
     CSTEP(cudaStreamSynchronize(s));
 #undef STEP
 #undef CSTEP
-    cc->n_tokens += T;
-    if (cc->cfg.n_expert > 0) { /* keep the votes of the new incomplete chunk */
-        const int64_t pos0 = cc->n_tokens / C * C;
-        memmove(cc->h_votes, cc->h_votes + (pos0 - cc->votes_pos0), (size_t) (cc->n_tokens - pos0));
-        cc->votes_pos0 = pos0;
-    }
+    cc->dirty = false;
+    moqae_kv_cache_commit(cc->kv, T);
     return MOQAE_OK;
 }
 

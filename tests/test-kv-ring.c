@@ -1,0 +1,239 @@
+/*
+ * test-kv-ring.c — the KV ring without data (kv-cache.h's arena_ops, what the CUDA backend builds on)
+ * against the ring with data (CTest). Two rings take the same micro-batches under the same budget
+ * and overflow policy: ring A holds its records; ring B keeps only the bookkeeping and sends every
+ * byte operation (record moves, the demotions' reads and writes) to ops over an outside arena, into
+ * which the test copies each new chunk's records from A (as the GPU encodes them where it computed
+ * them). After every micro-batch the two chunk tables must be equal and the outside arena must hold
+ * A's bytes over the whole prefix in use: the operations B sent reproduce, in order, what A did to
+ * its own arena. Cases: shift, demote by recency, demote by learned weights, per-group routing votes,
+ * records packed and padded to 16 bytes, micro-batches of 1 to 97 tokens; and an operation that
+ * fails must fail prepare with its status. main returns 1 on any failure.
+ */
+#include "common.h"
+#include "kv-cache.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int g_failures = 0;
+
+#define CHECK(cond, ...)                                                                                   \
+    do {                                                                                                   \
+        if (!(cond)) {                                                                                     \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                           \
+            fprintf(stderr, __VA_ARGS__);                                                                  \
+            fprintf(stderr, "\n");                                                                         \
+            g_failures++;                                                                                  \
+            return;                                                                                        \
+        }                                                                                                  \
+    } while (0)
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+
+static uint32_t rnd(void) {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (uint32_t) (g_rng >> 16);
+}
+
+static float rnd_f(void) {
+    return (float) (rnd() % 20001) / 10000.0f - 1.0f;
+}
+
+/* the outside arena and what was asked of it */
+struct outside {
+    uint8_t * bytes;
+    size_t    cap;
+    int64_t   n_read, n_write, n_move, fail_after; /* fail_after >= 0: that many calls succeed */
+};
+
+static int out_step(struct outside * o) {
+    if (o->fail_after == 0) {
+        return moqae_fail(MOQAE_ERR_INTERNAL, "test: the outside arena failed");
+    }
+    o->fail_after -= o->fail_after > 0;
+    return MOQAE_OK;
+}
+
+static int out_read(void * user, size_t off, size_t n, void * dst) {
+    struct outside * o = user;
+    int              st = out_step(o);
+    if (!st && off + n <= o->cap) {
+        memcpy(dst, o->bytes + off, n);
+        o->n_read++;
+    }
+    return st ? st : off + n <= o->cap ? MOQAE_OK : moqae_fail(MOQAE_ERR_INTERNAL, "read past the arena");
+}
+
+static int out_write(void * user, size_t off, size_t n, const void * src) {
+    struct outside * o = user;
+    int              st = out_step(o);
+    if (!st && off + n <= o->cap) {
+        memcpy(o->bytes + off, src, n);
+        o->n_write++;
+    }
+    return st ? st : off + n <= o->cap ? MOQAE_OK : moqae_fail(MOQAE_ERR_INTERNAL, "write past the arena");
+}
+
+static int out_move(void * user, size_t dst, size_t src, size_t n) {
+    struct outside * o = user;
+    int              st = out_step(o);
+    if (!st && dst < src && src + n <= o->cap) {
+        memmove(o->bytes + dst, o->bytes + src, n);
+        o->n_move++;
+        return MOQAE_OK;
+    }
+    return st ? st : moqae_fail(MOQAE_ERR_INTERNAL, "bad move: dst %zu src %zu n %zu", dst, src, n);
+}
+
+struct ring_case {
+    const char *           name;
+    enum moqae_kv_overflow overflow;
+    int                    weighted, routed, align;
+    double                 budget_chunks; /* the budget, in chunks of every layer at the policy's codec */
+};
+
+static void run_case(const struct ring_case * rc) {
+    enum { L = 4, NKV = 2, D = 64, C = 32, NCTX = 640, NB = 64, G = 2 };
+    const float weights[L] = { 1.0f, 3.0f, 0.5f, 2.0f };
+    struct moqae_kv_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.n_layer = L, cfg.n_head_kv = NKV, cfg.head_dim = D, cfg.n_ctx = NCTX, cfg.n_batch = NB, cfg.chunk = C;
+    cfg.policy        = (struct moqae_kv_policy) { MOQAE_KV_CODEC_Q4, true };
+    cfg.overflow      = rc->overflow;
+    cfg.keys_pre_rope = true, cfg.n_rot = D, cfg.rope_base = 10000.0f;
+    cfg.rec_align     = rc->align;
+    cfg.n_group = 1, cfg.group_size = L;
+    if (rc->routed) { /* experts fp16, int4, int2; one decision per group of 2 layers */
+        cfg.n_expert  = 3;
+        cfg.expert[0] = MOQAE_KV_CODEC_F16, cfg.expert[1] = MOQAE_KV_CODEC_Q4, cfg.expert[2] = MOQAE_KV_CODEC_Q2;
+        cfg.n_group = G, cfg.group_size = L / G, cfg.expected_bits = 4.0;
+    }
+    cfg.demote_weight = rc->weighted ? weights : NULL;
+    const struct moqae_kv_shape shape = { C, D, MOQAE_KV_V_GROUP };
+    const size_t rec = (moqae_kv_k_bytes(MOQAE_KV_CODEC_Q4, &shape) + 15) / 16 * 16 +
+                       (moqae_kv_v_bytes(MOQAE_KV_CODEC_Q4, &shape) + 15) / 16 * 16;
+    cfg.budget = (int64_t) (rc->budget_chunks * (double) (rec * NKV * L));
+
+    struct moqae_kv_cache *   a = NULL, *b = NULL;
+    struct outside            o = { NULL, 0, 0, 0, 0, -1 };
+    struct moqae_kv_arena_ops ops = { &o, out_read, out_write, out_move };
+    CHECK(moqae_kv_cache_new(&cfg, &a) == MOQAE_OK, "%s: ring A: %s", rc->name, moqae_last_error());
+    struct moqae_kv_config cb = cfg;
+    cb.arena_ops              = &ops;
+    CHECK(moqae_kv_cache_new(&cb, &b) == MOQAE_OK, "%s: ring B: %s", rc->name, moqae_last_error());
+    struct moqae_kv_table ta, tb;
+    moqae_kv_cache_table(a, &ta);
+    moqae_kv_cache_table(b, &tb);
+    CHECK(tb.arena == NULL && ta.arena != NULL && ta.cap == tb.cap, "%s: capacities %zu / %zu", rc->name, ta.cap, tb.cap);
+    o.cap   = tb.cap;
+    o.bytes = calloc(1, o.cap ? o.cap : 1);
+    float *   k     = malloc(sizeof(float) * NB * NKV * D);
+    float *   v     = malloc(sizeof(float) * NB * NKV * D);
+    uint8_t * votes = malloc((size_t) NB * G);
+    int64_t   pos = 0, steps = 0, limit = rc->overflow == MOQAE_KV_OVERFLOW_SHIFT ? 2 * NCTX : NCTX;
+    while (pos < limit && o.bytes && k && v && votes) {
+        const int64_t n = 1 + (int64_t) (rnd() % (steps % 3 == 0 ? NB : 7));
+        if (pos + n > limit) {
+            break;
+        }
+        for (int64_t i = 0; i < n * NKV * D; i++) {
+            k[i] = rnd_f(), v[i] = rnd_f();
+        }
+        for (int64_t i = 0; i < n * G; i++) { /* chunks and groups vote differently, with some noise */
+            const int64_t chunk = (pos + i / G) / C, g = i % G;
+            votes[i]            = (uint8_t) (rnd() % 5 == 0 ? rnd() % 3 : (uint64_t) (chunk * 5 + g) % 3);
+        }
+        const uint8_t * vp = rc->routed ? votes : NULL;
+        const int       sa = moqae_kv_cache_prepare(a, n, vp), sb = moqae_kv_cache_prepare(b, n, vp);
+        CHECK(sa == MOQAE_OK && sb == MOQAE_OK, "%s: prepare at %lld: %d / %d (%s)", rc->name, (long long) pos, sa, sb,
+              moqae_last_error());
+        for (int64_t l = 0; l < L; l++) {
+            moqae_kv_cache_store(a, l, n, k, v, 0, 1);
+        }
+        moqae_kv_cache_table(a, &ta);
+        moqae_kv_cache_table(b, &tb);
+        const int64_t n_new = (pos + n) / C - pos / C;
+        for (int64_t i = ta.n_chunks - n_new; i < ta.n_chunks; i++) { /* the new chunks, as the GPU encodes */
+            const size_t from = ta.off[i * L], to = i + 1 < ta.n_chunks ? ta.off[(i + 1) * L] : ta.used;
+            memcpy(o.bytes + tb.off[i * L], ta.arena + from, to - from);
+        }
+        moqae_kv_cache_commit(a, n);
+        moqae_kv_cache_commit(b, n);
+        pos += n, steps++;
+        CHECK(ta.n_chunks == tb.n_chunks && ta.used == tb.used, "%s: at %lld: %lld/%lld chunks, %zu/%zu bytes", rc->name,
+              (long long) pos, (long long) ta.n_chunks, (long long) tb.n_chunks, ta.used, tb.used);
+        CHECK(!memcmp(ta.pos, tb.pos, (size_t) ta.n_chunks * sizeof(int64_t)) &&
+                  !memcmp(ta.codec, tb.codec, (size_t) (ta.n_chunks * L)) &&
+                  !memcmp(ta.off, tb.off, (size_t) (ta.n_chunks * L) * sizeof(size_t)) &&
+                  !memcmp(ta.cs_p0, tb.cs_p0, (size_t) (ta.n_chunks * D) * sizeof(float)),
+              "%s: at %lld: the chunk tables differ", rc->name, (long long) pos);
+        size_t first = 0;
+        while (first < ta.used && ta.arena[first] == o.bytes[first]) {
+            first++;
+        }
+        CHECK(first == ta.used, "%s: at %lld: the outside arena differs from byte %zu of %zu", rc->name, (long long) pos,
+              first, ta.used);
+    }
+    struct moqae_kv_stats sa, sb;
+    moqae_kv_cache_stats(a, &sa);
+    moqae_kv_cache_stats(b, &sb);
+    printf("test-kv-ring: %-22s %4lld tokens in %3lld steps: %3lld chunks, records fp16/int8/int4/int2 %lld/%lld/%lld/%lld; "
+           "outside arena: %lld reads, %lld writes, %lld moves\n",
+           rc->name, (long long) pos, (long long) steps, (long long) ta.n_chunks, (long long) sa.n_records[0],
+           (long long) sa.n_records[1], (long long) sa.n_records[2], (long long) sa.n_records[3], (long long) o.n_read,
+           (long long) o.n_write, (long long) o.n_move);
+    if (rc->overflow != MOQAE_KV_OVERFLOW_ERROR) {
+        CHECK(o.n_move > 0, "%s: the budget never overflowed", rc->name);
+    }
+    if (rc->overflow == MOQAE_KV_OVERFLOW_DEMOTE) {
+        CHECK(o.n_read > 0 && o.n_read == o.n_write && sa.n_records[3] == sb.n_records[3] && sa.n_records[3] > 0,
+              "%s: no demotion through the ops", rc->name);
+    }
+
+    /* an operation that fails fails prepare with its status: a new ring, one token at a time until
+     * the budget overflows */
+    if (rc->overflow != MOQAE_KV_OVERFLOW_ERROR) {
+        moqae_kv_cache_clear(b);
+        o.fail_after = 0;
+        int st       = MOQAE_OK;
+        for (int64_t i = 0; i < limit && !st; i++) {
+            st = moqae_kv_cache_prepare(b, 1, rc->routed ? votes : NULL);
+            if (!st) {
+                moqae_kv_cache_commit(b, 1);
+            }
+        }
+        CHECK(st == MOQAE_ERR_INTERNAL && strstr(moqae_last_error(), "outside arena failed"),
+              "%s: a failing operation gave %d (%s)", rc->name, st, moqae_last_error());
+    }
+    moqae_kv_cache_free(a);
+    moqae_kv_cache_free(b);
+    free(o.bytes);
+    free(k);
+    free(v);
+    free(votes);
+}
+
+int main(void) {
+    const struct ring_case cases[] = {
+        { "shift, packed", MOQAE_KV_OVERFLOW_SHIFT, 0, 0, 0, 12.0 },
+        { "shift, padded", MOQAE_KV_OVERFLOW_SHIFT, 0, 0, 16, 12.0 },
+        { "demote recency", MOQAE_KV_OVERFLOW_DEMOTE, 0, 0, 16, 17.0 },
+        { "demote weighted", MOQAE_KV_OVERFLOW_DEMOTE, 1, 0, 16, 17.0 },
+        { "demote weighted, routed", MOQAE_KV_OVERFLOW_DEMOTE, 1, 1, 16, 17.0 },
+        { "shift, routed", MOQAE_KV_OVERFLOW_SHIFT, 0, 1, 16, 14.0 },
+        { "error, routed", MOQAE_KV_OVERFLOW_ERROR, 0, 1, 16, 400.0 },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        run_case(&cases[i]);
+    }
+    if (g_failures) {
+        fprintf(stderr, "test-kv-ring: %d failure(s)\n", g_failures);
+        return 1;
+    }
+    printf("test-kv-ring: ok\n");
+    return 0;
+}
