@@ -10,9 +10,11 @@
  * records packed and padded to 16 bytes, micro-batches of 1 to 97 tokens; and an operation that
  * fails must fail prepare with its status. main returns 1 on any failure.
  */
+#include "backend-cuda.h"
 #include "common.h"
 #include "kv-cache.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,9 +47,12 @@ static float rnd_f(void) {
 
 /* the outside arena and what was asked of it */
 struct outside {
-    uint8_t * bytes;
-    size_t    cap;
-    int64_t   n_read, n_write, n_move, fail_after; /* fail_after >= 0: that many calls succeed */
+    uint8_t *             bytes;
+    size_t                cap;
+    int64_t               n_demote, n_move, fail_after; /* fail_after >= 0: that many calls succeed */
+    struct moqae_kv_shape shape;
+    int64_t               n_head_kv, align;
+    const float *         cs_t; /* [D/2][2][C] */
 };
 
 static int out_step(struct outside * o) {
@@ -58,24 +63,55 @@ static int out_step(struct outside * o) {
     return MOQAE_OK;
 }
 
-static int out_read(void * user, size_t off, size_t n, void * dst) {
-    struct outside * o = user;
-    int              st = out_step(o);
-    if (!st && off + n <= o->cap) {
-        memcpy(dst, o->bytes + off, n);
-        o->n_read++;
-    }
-    return st ? st : off + n <= o->cap ? MOQAE_OK : moqae_fail(MOQAE_ERR_INTERNAL, "read past the arena");
+static size_t out_pad(const struct outside * o, size_t n) {
+    const size_t a = o->align > 1 ? (size_t) o->align : 1;
+    return (n + a - 1) / a * a;
 }
 
-static int out_write(void * user, size_t off, size_t n, const void * src) {
-    struct outside * o = user;
-    int              st = out_step(o);
-    if (!st && off + n <= o->cap) {
-        memcpy(o->bytes + off, src, n);
-        o->n_write++;
+/* x = R(-angle) x per pair (2i, 2i+1): cos at cs[2i * stride], sin at cs[(2i + 1) * stride] */
+static void turn_back(float * x, const float * cs, int64_t stride, int64_t D) {
+    for (int64_t i = 0; i < D / 2; i++) {
+        const float c = cs[2 * i * stride], sn = cs[(2 * i + 1) * stride], a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i]     = a * c + b * sn;
+        x[2 * i + 1] = b * c - a * sn;
     }
-    return st ? st : off + n <= o->cap ? MOQAE_OK : moqae_fail(MOQAE_ERR_INTERNAL, "write past the arena");
+}
+
+/* The demotion as the contract describes it, written here from kv-codec.h's functions: every head
+ * decoded first (the new records may overlap the old), FP16 keys turned back to before RoPE, encoded. */
+static int out_demote(void * user, const struct moqae_kv_demotion * d) {
+    struct outside *             o = user;
+    const struct moqae_kv_shape * sh = &o->shape;
+    const int64_t                C = sh->chunk, D = sh->head_dim, H = o->n_head_kv;
+    const enum moqae_kv_codec    oc = (enum moqae_kv_codec) d->old_codec, nc = (enum moqae_kv_codec) d->new_codec;
+    const size_t ok = out_pad(o, moqae_kv_k_bytes(oc, sh)), ov = out_pad(o, moqae_kv_v_bytes(oc, sh));
+    const size_t nk = out_pad(o, moqae_kv_k_bytes(nc, sh)), nv = out_pad(o, moqae_kv_v_bytes(nc, sh));
+    int          st = out_step(o);
+    if (st || d->dst > d->src || d->src + H * (ok + ov) > o->cap || nc <= oc) {
+        return st ? st : moqae_fail(MOQAE_ERR_INTERNAL, "bad demotion");
+    }
+    float * kv = malloc(sizeof(float) * (size_t) (2 * H * C * D));
+    if (!kv) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "test: out of memory");
+    }
+    for (int64_t h = 0; h < H; h++) {
+        float * k = kv + 2 * h * C * D, *v = k + C * D;
+        moqae_kv_decode_k(oc, sh, o->bytes + d->src + (size_t) h * (ok + ov), k, D);
+        moqae_kv_decode_v(oc, sh, o->bytes + d->src + (size_t) h * (ok + ov) + ok, v, D);
+        for (int64_t t = 0; d->cs_p0 && t < C; t++) {
+            turn_back(k + t * D, d->cs_p0, 1, D);
+            turn_back(k + t * D, o->cs_t + t, C, D);
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        uint8_t * r = o->bytes + d->dst + (size_t) h * (nk + nv);
+        memset(r, 0, nk + nv);
+        moqae_kv_encode_k(nc, sh, kv + 2 * h * C * D, D, r);
+        moqae_kv_encode_v(nc, sh, kv + 2 * h * C * D + C * D, D, r + nk);
+    }
+    free(kv);
+    o->n_demote++;
+    return MOQAE_OK;
 }
 
 static int out_move(void * user, size_t dst, size_t src, size_t n) {
@@ -119,8 +155,13 @@ static void run_case(const struct ring_case * rc) {
     cfg.budget = (int64_t) (rc->budget_chunks * (double) (rec * NKV * L));
 
     struct moqae_kv_cache *   a = NULL, *b = NULL;
-    struct outside            o = { NULL, 0, 0, 0, 0, -1 };
-    struct moqae_kv_arena_ops ops = { &o, out_read, out_write, out_move };
+    float                     cs_t[D * C], theta[D / 2];
+    for (int64_t i = 0; i < D / 2; i++) { /* kv-ring.c's angles */
+        theta[i] = (float) pow(10000.0, -2.0 * (double) i / (double) D);
+    }
+    moqae_kv_rope_fill(D, C, 0, theta, cs_t);
+    struct outside            o   = { NULL, 0, 0, 0, -1, { C, D, MOQAE_KV_V_GROUP }, NKV, rc->align, cs_t };
+    struct moqae_kv_arena_ops ops = { &o, out_move, out_demote };
     CHECK(moqae_kv_cache_new(&cfg, &a) == MOQAE_OK, "%s: ring A: %s", rc->name, moqae_last_error());
     struct moqae_kv_config cb = cfg;
     cb.arena_ops              = &ops;
@@ -182,15 +223,15 @@ static void run_case(const struct ring_case * rc) {
     moqae_kv_cache_stats(a, &sa);
     moqae_kv_cache_stats(b, &sb);
     printf("test-kv-ring: %-22s %4lld tokens in %3lld steps: %3lld chunks, records fp16/int8/int4/int2 %lld/%lld/%lld/%lld; "
-           "outside arena: %lld reads, %lld writes, %lld moves\n",
+           "outside arena: %lld demotions, %lld moves\n",
            rc->name, (long long) pos, (long long) steps, (long long) ta.n_chunks, (long long) sa.n_records[0],
-           (long long) sa.n_records[1], (long long) sa.n_records[2], (long long) sa.n_records[3], (long long) o.n_read,
-           (long long) o.n_write, (long long) o.n_move);
+           (long long) sa.n_records[1], (long long) sa.n_records[2], (long long) sa.n_records[3], (long long) o.n_demote,
+           (long long) o.n_move);
     if (rc->overflow != MOQAE_KV_OVERFLOW_ERROR) {
         CHECK(o.n_move > 0, "%s: the budget never overflowed", rc->name);
     }
     if (rc->overflow == MOQAE_KV_OVERFLOW_DEMOTE) {
-        CHECK(o.n_read > 0 && o.n_read == o.n_write && sa.n_records[3] == sb.n_records[3] && sa.n_records[3] > 0,
+        CHECK(o.n_demote > 0 && sa.n_records[3] == sb.n_records[3] && sa.n_records[3] > 0,
               "%s: no demotion through the ops", rc->name);
     }
 
@@ -217,7 +258,66 @@ static void run_case(const struct ring_case * rc) {
     free(votes);
 }
 
+/* The GPU's demotion (its phases run on the CPU: moqae_cuda_codec_demote_emulated) against kv-codec.c:
+ * random chunks encoded at each codec, re-encoded at every lower one, keys after RoPE turned back (FP16
+ * to quantized, keys before RoPE) or not; D 64 and 128. Needs a CUDA build (else: skipped, said so). */
+static void test_gpu_demotion(void) {
+    enum { C = 32, MAXD = 128 };
+    static float    k[C * MAXD], v[C * MAXD], dk[C * MAXD], dv[C * MAXD];
+    static uint8_t  krec[4 * C * MAXD], vrec[4 * C * MAXD], rk[4 * C * MAXD], rv[4 * C * MAXD];
+    static uint8_t  gk[4 * C * MAXD], gv[4 * C * MAXD];
+    float           cs_t[MAXD * C], theta[MAXD / 2], p0[MAXD];
+    int64_t         n_pairs = 0;
+    const int64_t   dims[2] = { 64, 128 };
+    for (int di = 0; di < 2; di++) {
+        const int64_t               D  = dims[di];
+        const struct moqae_kv_shape sh = { C, D, MOQAE_KV_V_GROUP };
+        for (int64_t i = 0; i < D / 2; i++) {
+            theta[i] = (float) pow(10000.0, -2.0 * (double) i / (double) D);
+        }
+        moqae_kv_rope_fill(D, C, 0, theta, cs_t);
+        for (int rep = 0; rep < 6; rep++) {
+            moqae_kv_rope_fill(D, 1, 32 * (int64_t) (rnd() % 4096), theta, p0);
+            for (int64_t i = 0; i < C * D; i++) { /* an outlier token now and then */
+                k[i] = rnd_f() * (i / D == rep ? 8.0f : 1.0f), v[i] = rnd_f();
+            }
+            for (int oc = MOQAE_KV_CODEC_F16; oc < MOQAE_KV_CODEC_Q2; oc++) {
+                for (int nc = oc + 1; nc <= MOQAE_KV_CODEC_Q2; nc++) {
+                    for (int turn = 0; turn < (oc == MOQAE_KV_CODEC_F16 ? 2 : 1); turn++) {
+                        const enum moqae_kv_codec o = (enum moqae_kv_codec) oc, n = (enum moqae_kv_codec) nc;
+                        memset(krec, 0, sizeof(krec)), memset(vrec, 0, sizeof(vrec));
+                        moqae_kv_encode_k(o, &sh, k, D, krec);
+                        moqae_kv_encode_v(o, &sh, v, D, vrec);
+                        memset(gk, 0, sizeof(gk)), memset(gv, 0, sizeof(gv));
+                        const int st = moqae_cuda_codec_demote_emulated(o, n, &sh, krec, vrec, cs_t, turn ? p0 : NULL, gk, gv);
+                        if (st == MOQAE_ERR_UNSUPPORTED && n_pairs == 0) {
+                            printf("test-kv-ring: GPU demotion emulated: skipped (%s)\n", moqae_last_error());
+                            return;
+                        }
+                        CHECK(st == MOQAE_OK, "GPU demotion %d -> %d: %s", oc, nc, moqae_last_error());
+                        moqae_kv_decode_k(o, &sh, krec, dk, D);
+                        moqae_kv_decode_v(o, &sh, vrec, dv, D);
+                        for (int64_t t = 0; turn && t < C; t++) { /* kv-ring.c unrotate_chunk */
+                            turn_back(dk + t * D, p0, 1, D);
+                            turn_back(dk + t * D, cs_t + t, C, D);
+                        }
+                        memset(rk, 0, sizeof(rk)), memset(rv, 0, sizeof(rv));
+                        moqae_kv_encode_k(n, &sh, dk, D, rk);
+                        moqae_kv_encode_v(n, &sh, dv, D, rv);
+                        CHECK(!memcmp(rk, gk, moqae_kv_k_bytes(n, &sh)) && !memcmp(rv, gv, moqae_kv_v_bytes(n, &sh)),
+                              "GPU demotion D %lld %s -> %s (keys turned back: %d): records differ from kv-codec.c's",
+                              (long long) D, moqae_kv_codec_name(o), moqae_kv_codec_name(n), turn);
+                        n_pairs++;
+                    }
+                }
+            }
+        }
+    }
+    printf("test-kv-ring: GPU demotion emulated: %lld record pairs identical to kv-codec.c's\n", (long long) n_pairs);
+}
+
 int main(void) {
+    test_gpu_demotion();
     const struct ring_case cases[] = {
         { "shift, packed", MOQAE_KV_OVERFLOW_SHIFT, 0, 0, 0, 12.0 },
         { "shift, padded", MOQAE_KV_OVERFLOW_SHIFT, 0, 0, 16, 12.0 },

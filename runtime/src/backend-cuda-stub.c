@@ -61,6 +61,14 @@ int moqae_cuda_codec_encode_emulated(enum moqae_kv_codec c, const struct moqae_k
     return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
 }
 
+int moqae_cuda_codec_demote_emulated(enum moqae_kv_codec old_codec, enum moqae_kv_codec new_codec,
+                                     const struct moqae_kv_shape * s, const uint8_t * krec, const uint8_t * vrec,
+                                     const float * cs_t, const float * cs_p0, uint8_t * kout, uint8_t * vout) {
+    (void) old_codec, (void) new_codec, (void) s, (void) krec, (void) vrec, (void) cs_t, (void) cs_p0, (void) kout,
+        (void) vout;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+
 int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out) {
     (void) tc, (void) out;
     return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");

@@ -79,6 +79,14 @@ int moqae_cuda_codec_encode_emulated(enum moqae_kv_codec c, const struct moqae_k
                                      const float * v, const float * cs_t, const float * cs_p0, uint8_t * krec,
                                      uint8_t * vrec);
 
+/* The GPU's demotion (moqae_cuda_kv_demote) of one head's records run on the CPU: krec/vrec at
+ * old_codec re-encoded at new_codec into kout/vout (unpadded records); cs_t [D/2][2][C] and cs_p0
+ * [D/2][2] when FP16 keys after RoPE become a quantized record before RoPE, else cs_p0 NULL. To compare
+ * with kv-ring.c's demotion (tests/test-kv-ring.c). */
+int moqae_cuda_codec_demote_emulated(enum moqae_kv_codec old_codec, enum moqae_kv_codec new_codec,
+                                     const struct moqae_kv_shape * s, const uint8_t * krec, const uint8_t * vrec,
+                                     const float * cs_t, const float * cs_p0, uint8_t * kout, uint8_t * vout);
+
 /* One attention call on the GPU over a hand-made ring: n_chunks completed chunks (positions 0, C, ...)
  * whose records are given, then n_stage rows of the staging window (positions n_chunks * C ...); the
  * n_tok queries are those of the last n_tok staged positions. */

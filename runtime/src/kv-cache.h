@@ -42,14 +42,24 @@ struct moqae_kv_policy {
  * listing the valid names otherwise. */
 int moqae_kv_policy_parse(const char * s, struct moqae_kv_policy * out);
 
+/* One record (chunk i, layer l: every KV head's K then V record) re-encoded one codec lower. */
+struct moqae_kv_demotion {
+    size_t        src, dst;   /* arena offsets of the old record and of the new one (dst <= src)      */
+    int           old_codec, new_codec; /* enum moqae_kv_codec                                        */
+    const float * cs_p0;      /* FP16 keys (after RoPE) becoming a quantized record (before RoPE): the
+                                 chunk's start rotation [head_dim] (kv-codec.h's tables); else NULL  */
+};
+
 /* A ring whose records live elsewhere (the CUDA backend's arena in device memory): the ring keeps its
- * bookkeeping (chunk table, offsets, decisions, overflow policy) and hands every byte it would touch
- * in its arena to these, in order. Each returns MOQAE_OK or an error status with its message set. */
+ * bookkeeping (chunk table, offsets, decisions, overflow policy) and hands every operation on its
+ * arena's bytes to these, in order. demote decodes the old record and encodes the new one as
+ * kv-codec.c does (moqae_kv_decode_*, kv-ring.c's turning of FP16 keys back to before RoPE, then
+ * moqae_kv_encode_*), reading the whole old record before writing (the new one may overlap it). Each
+ * returns MOQAE_OK or an error status with its message set. */
 struct moqae_kv_arena_ops {
     void * user;
-    int (*read)(void * user, size_t off, size_t n, void * dst);        /* arena[off, off + n) -> dst */
-    int (*write)(void * user, size_t off, size_t n, const void * src); /* src -> arena[off, off + n) */
-    int (*move)(void * user, size_t dst, size_t src, size_t n);        /* memmove, dst < src          */
+    int (*move)(void * user, size_t dst, size_t src, size_t n); /* memmove inside the arena, dst < src */
+    int (*demote)(void * user, const struct moqae_kv_demotion * d);
 };
 
 struct moqae_kv_config {

@@ -47,8 +47,6 @@ struct moqae_kv_cache {
     uint8_t *                             mark;       /* [cap_chunks][n_layer] records to demote       */
     int64_t *                             next;       /* [n_layer] per-layer scan position             */
     const struct moqae_kv_arena_ops *     ops;        /* records elsewhere (cfg.arena_ops), or NULL    */
-    uint8_t *                             ops_rec;    /* [2][one chunk of one layer at FP16]: demotion
-                                                         through ops reads and writes whole records here */
 };
 
 /* ---- policies ---------------------------------------------------------------------------------- */
@@ -220,8 +218,7 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
     const size_t n_rec = (size_t) kv->cap_chunks * (size_t) cfg->n_layer;
     kv->ops            = cfg->arena_ops;
     if (kv->ops) { /* the records and the staging window live with the ops' owner */
-        stage       = 0;
-        kv->ops_rec = calloc(2, chunk_bytes(kv, MOQAE_KV_CODEC_F16));
+        stage = 0;
     } else {
         kv->stage_k = moqae_aligned_alloc(stage);
         kv->stage_v = moqae_aligned_alloc(stage);
@@ -263,7 +260,7 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         }
         moqae_kv_rope_fill(D, cfg->chunk, 0, kv->theta, kv->cs_t);
     }
-    if ((kv->ops ? !kv->ops_rec : !kv->stage_k || !kv->stage_v || !kv->arena) || !kv->stage_votes || !kv->pos ||
+    if ((!kv->ops && (!kv->stage_k || !kv->stage_v || !kv->arena)) || !kv->stage_votes || !kv->pos ||
         !kv->codec || !kv->off || !kv->new_codec || !kv->tmp || !kv->tmp_rec ||
         (cfg->demote_weight && (!kv->dw || !kv->mark || !kv->next))) {
         moqae_kv_cache_free(kv);
@@ -285,7 +282,6 @@ void moqae_kv_cache_free(struct moqae_kv_cache * kv) {
     free(kv->stage_votes);
     free(kv->arena);
     free(kv->pos);
-    free(kv->ops_rec);
     free(kv->codec);
     free(kv->off);
     free(kv->new_codec);
@@ -360,36 +356,30 @@ static int arena_move(struct moqae_kv_cache * kv, size_t dst, size_t src, size_t
 
 /* Demotion of chunk i of layer l to new_codec, written at arena offset dst, at or below the old
  * records (the new records are smaller and are written head by head after decoding each old one into
- * tmp, so a new record never reaches an old one not yet decoded; through ops the whole old record is
- * read first and the new one written after). */
+ * tmp, so a new record never reaches an old one not yet decoded); through the ops, one operation. */
 static int demote_fill(struct moqae_kv_cache * kv, int64_t l, int64_t i, int new_codec, size_t dst) {
-    const int64_t   C   = kv->cfg.chunk, D = kv->cfg.head_dim;
-    const int       old = rec_codec(kv, i, l);
-    float *         tk  = kv->tmp, *tv = kv->tmp + C * D, *tk2 = kv->tmp + 2 * C * D;
-    const size_t    nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
-    const size_t    ok = rec_k_bytes(kv, old), ov = rec_v_bytes(kv, old), src = kv->off[i * kv->cfg.n_layer + l];
-    const uint8_t * in  = kv->arena + src;
-    uint8_t *       out = kv->arena + dst;
+    const int64_t C   = kv->cfg.chunk, D = kv->cfg.head_dim;
+    const int     old = rec_codec(kv, i, l);
     if (kv->ops) {
-        in  = kv->ops_rec;
-        out = kv->ops_rec + chunk_bytes(kv, MOQAE_KV_CODEC_F16);
-        const int st = kv->ops->read(kv->ops->user, src, chunk_bytes(kv, old), kv->ops_rec);
-        if (st) {
-            return st;
-        }
+        const struct moqae_kv_demotion d = { kv->off[i * kv->cfg.n_layer + l], dst, old, new_codec,
+                                             rotated(kv, new_codec) && !rotated(kv, old) ? kv->cs_p0 + i * D : NULL };
+        return kv->ops->demote(kv->ops->user, &d);
     }
+    float *      tk = kv->tmp, *tv = kv->tmp + C * D, *tk2 = kv->tmp + 2 * C * D;
+    const size_t nk = rec_k_bytes(kv, new_codec), nv = rec_v_bytes(kv, new_codec);
     for (int64_t h = 0; h < kv->cfg.n_head_kv; h++) {
-        moqae_kv_decode_k((enum moqae_kv_codec) old, &kv->shape, in + (size_t) h * (ok + ov), tk, D);
-        moqae_kv_decode_v((enum moqae_kv_codec) old, &kv->shape, in + (size_t) h * (ok + ov) + ok, tv, D);
+        moqae_kv_decode_k((enum moqae_kv_codec) old, &kv->shape, rec_k(kv, l, i, h), tk, D);
+        moqae_kv_decode_v((enum moqae_kv_codec) old, &kv->shape, rec_v(kv, l, i, h), tv, D);
         if (rotated(kv, new_codec) && !rotated(kv, old)) { /* FP16 keys are after RoPE */
             unrotate_chunk(kv, i, tk, D, tk2);
             memcpy(tk, tk2, (size_t) (C * D) * sizeof(float));
         }
+        memset(kv->tmp_rec, 0, nk + nv); /* the padding between and after the records: zeros */
         moqae_kv_encode_k((enum moqae_kv_codec) new_codec, &kv->shape, tk, D, kv->tmp_rec);
         moqae_kv_encode_v((enum moqae_kv_codec) new_codec, &kv->shape, tv, D, kv->tmp_rec + nk);
-        memcpy(out + (size_t) h * (nk + nv), kv->tmp_rec, nk + nv);
+        memcpy(kv->arena + dst + (size_t) h * (nk + nv), kv->tmp_rec, nk + nv);
     }
-    return kv->ops ? kv->ops->write(kv->ops->user, dst, chunk_bytes(kv, new_codec), out) : MOQAE_OK;
+    return MOQAE_OK;
 }
 
 /* Chunk i made smaller: each layer above INT2 re-encoded one codec lower (demote), or every record

@@ -219,7 +219,6 @@ struct moqae_cuda_context {
     int32_t *                 h_ids;
     float *                   h_rope;  /* [n_batch][n_rot/2][2]                                     */
     float *                   h_cs_p0; /* [cap_chunks][D/2][2]                                      */
-    uint8_t *                 h_rec;   /* one chunk of one layer at FP16: demotions' reads and writes */
 
     int64_t cap_chunks;
     int     n_split_decode, max_split_prefill;
@@ -272,29 +271,15 @@ static int ring_move(void * user, size_t dst, size_t src, size_t n) {
     return MOQAE_OK;
 }
 
-static int ring_read(void * user, size_t off, size_t n, void * dst) {
+/* A demotion: the re-encoded record into move_tmp (it may overlap the old one), then into place. */
+static int ring_demote(void * user, const struct moqae_kv_demotion * d) {
     struct moqae_cuda_context * cc = (struct moqae_cuda_context *) user;
     cc->dirty                      = true;
-    if (n > chunk_bytes(cc, MOQAE_KV_CODEC_F16) || !cc->h_rec) {
-        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA ring: a read of %zu bytes", n);
-    }
     MOQAE_TRY(flush_move(cc));
-    MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->h_rec, cc->arena + off, n, cudaMemcpyDeviceToHost, cc->stream));
-    MOQAE_CUDA_CHECK(cudaStreamSynchronize(cc->stream));
-    memcpy(dst, cc->h_rec, n);
-    return MOQAE_OK;
-}
-
-static int ring_write(void * user, size_t off, size_t n, const void * src) {
-    struct moqae_cuda_context * cc = (struct moqae_cuda_context *) user;
-    cc->dirty                      = true;
-    if (n > chunk_bytes(cc, MOQAE_KV_CODEC_F16) || !cc->h_rec) {
-        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA ring: a write of %zu bytes", n);
-    }
-    MOQAE_TRY(flush_move(cc));
-    memcpy(cc->h_rec, src, n);
-    MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->arena + off, cc->h_rec, n, cudaMemcpyHostToDevice, cc->stream));
-    MOQAE_CUDA_CHECK(cudaStreamSynchronize(cc->stream)); /* h_rec is reused by the next operation */
+    MOQAE_TRY(moqae_cuda_kv_demote(&cc->geom, cc->arena + d->src, d->old_codec, cc->move_tmp, d->new_codec, cc->cs_t,
+                                   d->cs_p0, cc->stream));
+    MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->arena + d->dst, cc->move_tmp, chunk_bytes(cc, d->new_codec),
+                                     cudaMemcpyDeviceToDevice, cc->stream));
     return MOQAE_OK;
 }
 
@@ -308,7 +293,7 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
     if (cc->dbuf) {
         cudaFree(cc->dbuf);
     }
-    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0, cc->h_rec };
+    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0 };
     for (void * p : pinned) {
         if (p) {
             cudaFreeHost(p);
@@ -330,8 +315,11 @@ static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
     const bool    pre  = theta != NULL;
     struct moqae_kv_table tab;
     moqae_kv_cache_table(cc->kv, &tab);
-    /* overflow policies move records inside the arena; overlapping moves go through a buffer */
-    cc->move_tmp_bytes = cc->cfg.overflow != MOQAE_KV_OVERFLOW_ERROR ? std::min<size_t>(tab.cap, (size_t) 64 << 20) : 0;
+    /* overflow policies move records inside the arena (overlapping moves go through a buffer) and
+     * re-encode them (into the same buffer first) */
+    cc->move_tmp_bytes = cc->cfg.overflow != MOQAE_KV_OVERFLOW_ERROR
+                             ? std::max(std::min<size_t>(tab.cap, (size_t) 64 << 20), chunk_bytes(cc, MOQAE_KV_CODEC_F16))
+                             : 0;
     struct {
         void ** p;
         size_t  bytes;
@@ -403,9 +391,6 @@ static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_dyn, sizeof(struct moqae_cuda_dyn)));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_ids, (size_t) B * 4));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_rope, (size_t) (B * hp->n_rot) * 4));
-    if (cc->cfg.overflow != MOQAE_KV_OVERFLOW_ERROR) {
-        MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_rec, chunk_bytes(cc, MOQAE_KV_CODEC_F16)));
-    }
     if (pre) {
         MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_cs_p0, (size_t) (cc->cap_chunks * D) * 4));
         float * cs = (float *) malloc((size_t) (D * cc->cfg.chunk) * 4);
@@ -447,7 +432,7 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
     cc->m   = m;
     cc->cm  = m->cuda;
     cc->cfg = *cfg;
-    cc->ops = { cc, ring_read, ring_write, ring_move };
+    cc->ops = { cc, ring_move, ring_demote };
     struct moqae_kv_config kc = *cfg; /* the bookkeeping ring: kv-ring.c checks the shape, RoPE, weights */
     kc.rec_align              = MOQAE_CUDA_REC_ALIGN;
     kc.arena_ops              = &cc->ops;
@@ -1004,4 +989,13 @@ int moqae_cuda_codec_encode_emulated(enum moqae_kv_codec c, const struct moqae_k
     }
     return moqae_cuda_kv_encode_host((int) c, (int) s->chunk, (int) s->head_dim, (int) s->v_group, h.data(), h.data() + n,
                                      cs_t, cs_p0, krec, vrec);
+}
+
+int moqae_cuda_codec_demote_emulated(enum moqae_kv_codec old_codec, enum moqae_kv_codec new_codec,
+                                     const struct moqae_kv_shape * s, const uint8_t * krec, const uint8_t * vrec,
+                                     const float * cs_t, const float * cs_p0, uint8_t * kout, uint8_t * vout) {
+    MOQAE_TRY(moqae_kv_shape_check(old_codec, s));
+    MOQAE_TRY(moqae_kv_shape_check(new_codec, s));
+    return moqae_cuda_kv_demote_host((int) old_codec, (int) new_codec, (int) s->chunk, (int) s->head_dim, (int) s->v_group,
+                                     krec, vrec, cs_t, cs_p0, kout, vout);
 }

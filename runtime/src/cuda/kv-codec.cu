@@ -68,6 +68,8 @@ struct enc_args {
     const float *   cs_t;    /* keys before RoPE: [D/2][2][C] (kv-codec.h); NULL: keys after RoPE */
     const float *   cs_p0;   /* [D/2][2] the chunk's start                                      */
     uint8_t *       rec;
+    const uint8_t * src;     /* demotion: the old record (codec src_codec) read instead of stage */
+    int             src_codec;
 };
 
 /* Element e of group i of the pass (keys: channel i, token e; values: token i / (D/G), columns
@@ -99,18 +101,73 @@ static __host__ __device__ long long group_err(const enc_smem & s, const enc_arg
 /* ---- one record: the phases ---------------------------------------------------------------------
  * EX is the executor: ex.run(f) calls f(tid, n_threads) for every thread, ex.sync() is the barrier. */
 
-template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_smem & s, const enc_args & a) {
-    const int C = a.C, D = a.D, G = a.G;
-
-    /* the staged rows (f16) */
+/* The old record a.src decoded into s.x [C][D] as kv-codec.c's moqae_kv_decode_k/_v decodes it: each
+ * element scale * code + zero (product rounded first), the keys' outlier row, the inverse rotation
+ * (a demotion: kv-ring.c demote_fill). */
+template <class EX> static __host__ __device__ void decode_record(EX & ex, enc_smem & s, const enc_args & a) {
+    const int       C = a.C, D = a.D, G = a.G;
+    const uint8_t * rec = a.src;
+    if (a.src_codec == 0) { /* FP16: keys [D][C], values [C][D] */
+        ex.run([&](int tid, int nt) {
+            for (int e = tid; e < C * D; e += nt) {
+                const int j = e / D, d = e % D;
+                s.x[j * ENC_LDX + d] = xf16_to_f32(kvl_rd16(rec + (a.is_k ? 2 * (d * C + j) : 2 * e)));
+            }
+        });
+        ex.sync();
+        return;
+    }
+    const kvl_geom g  = a.is_k ? kvl_geom_k(a.src_codec, C, D) : kvl_geom_v(a.src_codec, C, D, G);
+    const float    zl = xf16_to_f32(kvl_rd16(rec + g.off_bases)), zs = xf16_to_f32(kvl_rd16(rec + g.off_bases + 2));
+    const float    sb = xf16_to_f32(kvl_rd16(rec + g.off_bases + 4));
     ex.run([&](int tid, int nt) {
-        for (int e = tid; e < C * D; e += nt) {
-            const int j = e / D, d = e % D;
-            s.x[j * ENC_LDX + d] = xf16_to_f32(a.stage[((a.pos + j) % a.stage_rows) * D + d]);
+        for (int u = tid; u < g.n_groups * g.n_elems; u += nt) {
+            const int       i = u / g.n_elems, e = u % g.n_elems;
+            const uint8_t * row = rec + i * g.n_elems * g.bits / 8;
+            const float     scale = kvl_scale(sb, rec[g.off_sc + i / g.share]);
+            const float     zero  = kvl_zero(zl, zs, rec[g.off_zc + i]);
+            const float     x     = xadd(xmul(scale, (float) kvl_get_code(row, e, g.bits)), zero);
+            const int       per   = D / G;
+            s.x[a.is_k ? e * ENC_LDX + i : (i / per) * ENC_LDX + (i % per) * G + e] = x;
         }
     });
     ex.sync();
-    if (a.codec == 0) { /* FP16: keys transposed [D][C], values as is [C][D]; the staged bits */
+    if (a.is_k) { /* the outlier token's row, at its own precision */
+        const int   xi = rec[g.off_x + 4];
+        const float xz = xf16_to_f32(kvl_rd16(rec + g.off_x)), xs = xf16_to_f32(kvl_rd16(rec + g.off_x + 2));
+        ex.run([&](int tid, int nt) {
+            for (int d = tid; d < D; d += nt) {
+                const unsigned lo = kvl_get_code(rec + d * C * g.bits / 8, xi, g.bits);
+                const unsigned q  = kvl_get_code(rec + g.off_xhi, d, g.bits) << g.bits | lo;
+                s.x[xi * ENC_LDX + d] = xadd(xmul(xs, (float) q), xz);
+            }
+        });
+        ex.sync();
+    }
+    ex.run([&](int tid, int nt) {
+        const int n = kvl_rot_block(a.is_k ? D : G);
+        for (int j = tid; j < C; j += nt) {
+            kvl_fwht(s.x + j * ENC_LDX, D, 1, n, kvl_rot_factor(n, true));
+        }
+    });
+    ex.sync();
+}
+
+template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_smem & s, const enc_args & a) {
+    const int C = a.C, D = a.D, G = a.G;
+
+    if (a.src) { /* a demotion: the old record, decoded (never to FP16) */
+        decode_record(ex, s, a);
+    } else { /* the staged rows (f16) */
+        ex.run([&](int tid, int nt) {
+            for (int e = tid; e < C * D; e += nt) {
+                const int j = e / D, d = e % D;
+                s.x[j * ENC_LDX + d] = xf16_to_f32(a.stage[((a.pos + j) % a.stage_rows) * D + d]);
+            }
+        });
+        ex.sync();
+    }
+    if (a.codec == 0 && !a.src) { /* FP16: keys transposed [D][C], values as is [C][D]; the staged bits */
         ex.run([&](int tid, int nt) {
             for (int e = tid; e < C * D; e += nt) {
                 const int j = e / D, d = e % D;
@@ -482,8 +539,78 @@ encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__
         a.cs_t       = cs_t;
         a.cs_p0      = cs_t ? cs_p0 + (long long) idx * g.head_dim : nullptr;
         a.rec        = pass == 0 ? rk : rk + g.k_pad[ch.codec];
+        a.src        = nullptr;
+        a.src_codec  = 0;
         encode_record(ex, s, a);
     }
+}
+
+/* ---- demote ------------------------------------------------------------------------------------- */
+
+struct demote_p0 { /* a chunk's start rotation [D/2][2], by value */
+    float v[ENC_MAX_D];
+};
+
+/* The args of one pass (keys, then values) of a demotion of one head: FP16 keys (after RoPE) are
+ * turned back to before RoPE with cs_t and p0 when the new codec is quantized and the ring's keys are
+ * before RoPE (cs_t != NULL); quantized keys already are. */
+static __host__ __device__ enc_args demote_args(bool is_k, int C, int D, int G, const uint8_t * src, int old_codec,
+                                                uint8_t * rec, int new_codec, const float * cs_t, const float * p0) {
+    enc_args a;
+    a.is_k       = is_k;
+    a.C          = C;
+    a.D          = D;
+    a.G          = G;
+    a.codec      = new_codec;
+    a.stage_rows = C;
+    a.pos        = 0;
+    a.stage      = nullptr;
+    a.cs_t       = old_codec == 0 ? cs_t : nullptr;
+    a.cs_p0      = a.cs_t ? p0 : nullptr;
+    a.rec        = rec;
+    a.src        = src;
+    a.src_codec  = old_codec;
+    return a;
+}
+
+static __global__ void __launch_bounds__(ENC_THREADS)
+demote_kernel(const struct moqae_cuda_ring_geom g, const uint8_t * __restrict__ src, int old_codec,
+              uint8_t * __restrict__ out, int new_codec, const float * __restrict__ cs_t, const demote_p0 p0) {
+    extern __shared__ __align__(16) uint8_t smem_raw[];
+    enc_smem &      s  = *(enc_smem *) smem_raw;
+    const int       h  = blockIdx.x;
+    const uint8_t * rk = src + (long long) h * (g.k_pad[old_codec] + g.v_pad[old_codec]);
+    uint8_t *       wk = out + (long long) h * (g.k_pad[new_codec] + g.v_pad[new_codec]);
+    dev_exec        ex;
+    for (int pass = 0; pass < 2; pass++) {
+        const enc_args a = demote_args(pass == 0, g.chunk, g.head_dim, g.v_group, pass == 0 ? rk : rk + g.k_pad[old_codec],
+                                       old_codec, pass == 0 ? wk : wk + g.k_pad[new_codec], new_codec, cs_t, p0.v);
+        encode_record(ex, s, a);
+    }
+}
+
+int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * src, int old_codec, uint8_t * out,
+                         int new_codec, const float * cs_t, const float * cs_p0, cudaStream_t stream) {
+    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0 || new_codec <= old_codec ||
+        new_codec > 3) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV demotion: codec %d -> %d, chunk %d / head_dim %d", old_codec,
+                          new_codec, g->chunk, g->head_dim);
+    }
+    static bool attr_set = false; /* same value for every caller: a race only repeats the call */
+    if (!attr_set) {
+        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(demote_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int) sizeof(enc_smem)));
+        attr_set = true;
+    }
+    demote_p0 p0;
+    memset(&p0, 0, sizeof(p0));
+    if (cs_p0) {
+        memcpy(p0.v, cs_p0, (size_t) g->head_dim * sizeof(float));
+    }
+    demote_kernel<<<(unsigned) g->n_head_kv, ENC_THREADS, sizeof(enc_smem), stream>>>(*g, src, old_codec, out, new_codec,
+                                                                                     cs_p0 ? cs_t : nullptr, p0);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    return MOQAE_OK;
 }
 
 int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
@@ -543,6 +670,29 @@ int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k
         a.cs_t       = cs_t;
         a.cs_p0      = cs_p0;
         a.rec        = pass == 0 ? krec : vrec;
+        a.src        = nullptr;
+        a.src_codec  = 0;
+        encode_record(ex, *s, a);
+    }
+    free(s);
+    return MOQAE_OK;
+}
+
+int moqae_cuda_kv_demote_host(int old_codec, int new_codec, int C, int D, int G, const uint8_t * krec,
+                              const uint8_t * vrec, const float * cs_t, const float * cs_p0, uint8_t * kout,
+                              uint8_t * vout) {
+    if (C != ENC_C || D > ENC_MAX_D || D % 16 != 0 || new_codec <= old_codec || new_codec > 3) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV demotion: codec %d -> %d, chunk %d / head_dim %d", old_codec,
+                          new_codec, C, D);
+    }
+    enc_smem * s = (enc_smem *) malloc(sizeof(enc_smem));
+    if (!s) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    host_exec ex = { ENC_THREADS };
+    for (int pass = 0; pass < 2; pass++) {
+        const enc_args a = demote_args(pass == 0, C, D, G, pass == 0 ? krec : vrec, old_codec, pass == 0 ? kout : vout,
+                                       new_codec, cs_p0 ? cs_t : nullptr, cs_p0);
         encode_record(ex, *s, a);
     }
     free(s);

@@ -43,3 +43,16 @@ int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t *
  * above for the chunk, or NULL): for testing the device code where there is no device. */
 int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k, const uint16_t * v,
                               const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec);
+
+/* A demotion (kv-ring.c demote_fill, kv-cache.h's struct moqae_kv_demotion): the record of one chunk of
+ * one layer at src (every KV head, codec old_codec, padded layout) decoded as kv-codec.c decodes it and
+ * encoded one or more codecs lower into out (a buffer that does not overlap src), byte for byte as the
+ * CPU ring demotes. cs_p0: host [D/2][2] when FP16 keys (after RoPE) become a quantized record before
+ * RoPE (with the device's cs_t), else NULL. One block per KV head. */
+int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * src, int old_codec, uint8_t * out,
+                         int new_codec, const float * cs_t, const float * cs_p0, cudaStream_t stream);
+
+/* The same on the CPU, one head (krec, vrec: the old unpadded records; kout, vout: the new): tests. */
+int moqae_cuda_kv_demote_host(int old_codec, int new_codec, int C, int D, int G, const uint8_t * krec,
+                              const uint8_t * vrec, const float * cs_t, const float * cs_p0, uint8_t * kout,
+                              uint8_t * vout);
