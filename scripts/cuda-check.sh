@@ -8,6 +8,8 @@
 #         7b32kold 7b128k 7b128kold 7brouter32k 7brouter128k fp16 nofit ncu prof7b profsmol sass
 #         (the *old stages and attnpv: v3's INT4 values on CUDA cores, MOQAE_CUDA_PV=0, the fourth increment's path)
 #         llamabuild llamabg llamawait llamabench llama128k (llama.cpp's CUDA build side by side)
+#         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
+#         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -150,6 +152,19 @@ for st in $stages; do
                 echo | tee -a "$S"
             done
         done ;;
+    overflow) # the GPU ring's bookkeeping is kv-ring.c's: the same decisions (chunk mix) and perplexity as the CPU
+        C_R="--router $SMOL_ROUTER"; C_C="--router models/smollm2-135m-moqae-compact.gguf"
+        for cfg in "learned-demote|$C_R --kv-bits 3 --kv-overflow demote" "recency-demote|--kv sink+int4 --kv-bits 3 --kv-overflow demote" \
+                   "shift|--kv sink+int4 --kv-bits 2.5 --kv-overflow shift" "router-shift|$C_R --kv-bits 2.5 --kv-overflow shift" \
+                   "per-layer|$C_C" "per-layer-demote|$C_C --kv-bits 3 --kv-overflow demote" "int8-demote|--kv int8 --kv-bits 5 --kv-overflow demote"; do
+            tag=${cfg%%|*}; a=${cfg#*|}
+            for ngl in 99 0; do
+                echo -n "overflow $tag -ngl $ngl: " | tee -a "$S"
+                MOQAE_KV_ALIGN=16 $B/moqae-perplexity -m $SMOL -f tests/data/wikitext-2-excerpt.txt -c 1024 --chunks 4 -b 32 \
+                    -t 16 -ngl $ngl $a 2>&1 | grep -E "Final|kv cache|kv mean|error" | tr '\n' ' ' | tee -a "$S"
+                echo | tee -a "$S"
+            done
+        done ;;
     smolbench)
         for kv in fp16 int4; do
             with_mem smol-$kv $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 128 -r 5 --kv $kv 2>&1 | grep -E "pp|tg" | tee -a "$S"
@@ -177,6 +192,10 @@ for st in $stages; do
         bench7b 7b-router-32k -c 131072 --depth 32768 -n 32 -r 3 --router $R7 ;;
     7brouter128k)
         bench7b 7b-router-128k -c 131072 --depth 130944 -n 32 -r 3 --router $R7 ;;
+    7bdemote32k) # the untrained 7B router under a 3-bit budget: the ring demotes (recency: the router has no weights)
+        bench7b 7b-router-demote-32k -c 32768 --depth 32640 -n 32 -r 3 --router $R7 --kv-bits 3 --kv-overflow demote ;;
+    7bdemote128k)
+        bench7b 7b-router-demote-128k -c 131072 --depth 130944 -n 32 -r 3 --router $R7 --kv-bits 3 --kv-overflow demote ;;
     fp16)
         bench7b 7b-fp16-32k -c 32896 --depth 32768 -n 32 -r 3 --kv fp16 ;;
     nofit) # FP16 KV at 128k: 64 GiB of ring, fits an 80 GB H100 but not a 24 GiB card; 256k fits nothing
