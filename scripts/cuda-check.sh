@@ -140,7 +140,7 @@ for st in $stages; do
         done ;;
     parity)
         $B/cuda-parity $SMOL --router $SMOL_ROUTER > "$OUT/parity.log" 2>&1
-        grep -E "^codec|^attention|^kv|^greedy|^model|^router|failed|error" "$OUT/parity.log" | tee -a "$S"
+        grep -E "^codec|^attention|^kv|^greedy|^model|^router|^logits floor|floor:|failed|error" "$OUT/parity.log" | tee -a "$S"
         note "parity SmolLM2: $(tail -1 "$OUT/parity.log")" ;;
     ppl) # SmolLM2 perplexity on the repository's wikitext excerpt, -c 512, 8 windows: GPU and CPU
         for kv in fp16 int8 int4 int2 sink+int4 sink+int2 router; do
