@@ -10,6 +10,7 @@
 #         llamabuild llamabg llamawait llamabench llama128k (llama.cpp's CUDA build side by side)
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
+#         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -164,6 +165,21 @@ for st in $stages; do
                     -t 16 -ngl $ngl $a 2>&1 | grep -E "Final|kv cache|kv mean|error" | tr '\n' ' ' | tee -a "$S"
                 echo | tee -a "$S"
             done
+        done ;;
+    partial) # partial offload: the last N layers (and the head) on the GPU, the first ones on the CPU (SmolLM2: 30 layers)
+        for cfg in "int4|--kv int4" "router|--router $SMOL_ROUTER" "per-layer|--router models/smollm2-135m-moqae-compact.gguf" \
+                   "learned-demote|--router $SMOL_ROUTER --kv-bits 3 --kv-overflow demote -b 32"; do
+            tag=${cfg%%|*}; a=${cfg#*|}
+            for ngl in 0 1 15 29 30 99; do
+                echo -n "partial $tag -ngl $ngl: " | tee -a "$S"
+                $B/moqae-perplexity -m $SMOL -f tests/data/wikitext-2-excerpt.txt -c 1024 --chunks 4 -t 16 -ngl $ngl $a \
+                    2>&1 | grep -E "Final|kv cache|error" | tr '\n' ' ' | tee -a "$S"
+                echo | tee -a "$S"
+            done
+        done
+        for ngl in 16 28; do # the 7B shape with its first layers on the CPU (16 threads)
+            $B/moqae-bench -m $L7 -ngl $ngl -t 16 -p 512 -n 16 -r 2 --kv int4 2>&1 | grep -E "pp|tg|error" | sed "s/^/7B -ngl $ngl: /" |
+                tee -a "$S"
         done ;;
     smolbench)
         for kv in fp16 int4; do

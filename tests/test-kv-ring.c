@@ -2,13 +2,15 @@
  * test-kv-ring.c — the KV ring without data (kv-cache.h's arena_ops, what the CUDA backend builds on)
  * against the ring with data (CTest). Two rings take the same micro-batches under the same budget
  * and overflow policy: ring A holds its records; ring B keeps only the bookkeeping and sends every
- * byte operation (record moves, the demotions' reads and writes) to ops over an outside arena, into
- * which the test copies each new chunk's records from A (as the GPU encodes them where it computed
- * them). After every micro-batch the two chunk tables must be equal and the outside arena must hold
- * A's bytes over the whole prefix in use: the operations B sent reproduce, in order, what A did to
- * its own arena. Cases: shift, demote by recency, demote by learned weights, per-group routing votes,
- * records packed and padded to 16 bytes, micro-batches of 1 to 97 tokens; and an operation that
- * fails must fail prepare with its status. main returns 1 on any failure.
+ * operation on its arena's bytes (record moves, demotions) to ops over an outside arena, into which
+ * the test copies each new chunk's records from A (as the GPU encodes them where it computed them).
+ * After every micro-batch the two chunk tables must be equal and the outside arena must hold A's
+ * bytes over the whole prefix in use: the operations B sent reproduce, in order, what A did to its
+ * own arena. Cases: shift, demote by recency, demote by learned weights, per-group routing votes,
+ * records packed and padded to 16 bytes, micro-batches of 1 to 64 tokens; an operation that fails
+ * must fail prepare with its status. Also: a model split into two rings (partial offload) decides
+ * every record as one ring does; the GPU's demotion (its phases run on the CPU) against kv-codec.c.
+ * main returns 1 on any failure.
  */
 #include "backend-cuda.h"
 #include "common.h"
@@ -316,7 +318,57 @@ static void test_gpu_demotion(void) {
     printf("test-kv-ring: GPU demotion emulated: %lld record pairs identical to kv-codec.c's\n", (long long) n_pairs);
 }
 
+/* Partial offload: one model's layers in two rings, [0, k) and [k, L) (layer0 = k), under a router
+ * deciding per group of layers: every record's codec must be the one ring's of all L layers. */
+static void test_split_rings(void) {
+    enum { L = 6, NKV = 1, D = 64, C = 32, NCTX = 512, NB = 64, G = 3 };
+    struct moqae_kv_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.n_layer = L, cfg.n_head_kv = NKV, cfg.head_dim = D, cfg.n_ctx = NCTX, cfg.n_batch = NB, cfg.chunk = C;
+    cfg.policy   = (struct moqae_kv_policy) { MOQAE_KV_CODEC_Q2, true };
+    cfg.n_expert = 3, cfg.expert[0] = MOQAE_KV_CODEC_F16, cfg.expert[1] = MOQAE_KV_CODEC_Q4, cfg.expert[2] = MOQAE_KV_CODEC_Q2;
+    cfg.n_group = G, cfg.group_size = L / G;
+    for (int64_t k = 1; k < L; k++) {
+        struct moqae_kv_cache * all = NULL, *lo = NULL, *hi = NULL;
+        struct moqae_kv_config  cl = cfg, ch = cfg;
+        cl.n_layer = k, ch.n_layer = L - k, ch.layer0 = k;
+        CHECK(!moqae_kv_cache_new(&cfg, &all) && !moqae_kv_cache_new(&cl, &lo) && !moqae_kv_cache_new(&ch, &hi),
+              "split rings at %lld: %s", (long long) k, moqae_last_error());
+        uint8_t votes[NB * G];
+        int64_t pos = 0;
+        while (pos + NB <= NCTX) {
+            for (int64_t i = 0; i < NB * G; i++) {
+                votes[i] = (uint8_t) (((pos + i / G) / C * 7 + (i % G) * 5 + (int64_t) (rnd() % 2)) % 3);
+            }
+            CHECK(!moqae_kv_cache_prepare(all, NB, votes) && !moqae_kv_cache_prepare(lo, NB, votes) &&
+                      !moqae_kv_cache_prepare(hi, NB, votes),
+                  "split rings at %lld: prepare: %s", (long long) k, moqae_last_error());
+            moqae_kv_cache_commit(all, NB), moqae_kv_cache_commit(lo, NB), moqae_kv_cache_commit(hi, NB);
+            pos += NB;
+        }
+        struct moqae_kv_table ta, tl, th;
+        moqae_kv_cache_table(all, &ta), moqae_kv_cache_table(lo, &tl), moqae_kv_cache_table(hi, &th);
+        int64_t differ = 0, kinds = 0, seen[4] = { 0 };
+        for (int64_t i = 0; i < ta.n_chunks; i++) {
+            for (int64_t l = 0; l < L; l++) {
+                const int c = ta.codec[i * L + l];
+                differ += c != (l < k ? tl.codec[i * k + l] : th.codec[i * (L - k) + l - k]);
+                seen[c]++;
+            }
+        }
+        for (int e = 0; e < 4; e++) {
+            kinds += seen[e] > 0;
+        }
+        CHECK(differ == 0 && ta.n_chunks == tl.n_chunks && ta.n_chunks == th.n_chunks && kinds >= 3,
+              "split rings at layer %lld: %lld records differ (%lld codecs seen)", (long long) k, (long long) differ,
+              (long long) kinds);
+        moqae_kv_cache_free(all), moqae_kv_cache_free(lo), moqae_kv_cache_free(hi);
+    }
+    printf("test-kv-ring: split rings (partial offload, 3 groups of 2 layers, every split): same codecs\n");
+}
+
 int main(void) {
+    test_split_rings();
     test_gpu_demotion();
     const struct ring_case cases[] = {
         { "shift, packed", MOQAE_KV_OVERFLOW_SHIFT, 0, 0, 0, 12.0 },

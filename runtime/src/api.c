@@ -210,7 +210,7 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx, c->n_batch,
                                   router ? router->chunk : p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
                                   (enum moqae_kv_overflow) p.kv_overflow, 0, { 0 }, 1, hp->n_layer, 0.0,
-                                  keys_pre_rope(), hp->n_rot, hp->rope_base, NULL, kv_rec_align(), NULL };
+                                  keys_pre_rope(), hp->n_rot, hp->rope_base, NULL, kv_rec_align(), NULL, 0 };
     if (router) {
         kc.n_expert = router->n_expert;
         for (int64_t e = 0; e < router->n_expert; e++) {
@@ -228,13 +228,27 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
             return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for the router's scratch");
         }
     }
-    if (model->cuda) { /* issue 7: ring and scratch on the GPU; only the logits stay here */
-        st = moqae_cuda_context_new(model, &kc, &c->cuda);
-        c->logits_cap = 1;
-        c->logits     = st ? NULL : moqae_aligned_alloc((size_t) hp->n_vocab * sizeof(float));
-        st            = st ? st : c->logits ? MOQAE_OK : moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for logits");
-    } else {
-        st = moqae_kv_cache_new(&kc, &c->kv);
+    /* issue 7: the last n_gpu layers (all with -ngl >= n_layer) run on the GPU, with their ring there; the
+     * first n_layer_cpu on the CPU with theirs. A budget is shared in proportion to the layers. */
+    const int64_t n_gpu = model->cuda ? moqae_cuda_model_n_layers(model->cuda) : 0;
+    c->n_layer_cpu      = hp->n_layer - n_gpu;
+    if (n_gpu > 0) {
+        struct moqae_kv_config kg = kc;
+        kg.n_layer                = n_gpu;
+        kg.layer0                 = c->n_layer_cpu;
+        kg.budget                 = kc.budget * n_gpu / hp->n_layer;
+        kg.demote_weight          = kc.demote_weight ? kc.demote_weight + c->n_layer_cpu : NULL;
+        st                        = moqae_cuda_context_new(model, &kg, &c->cuda);
+        if (!st && c->n_layer_cpu == 0) { /* only the logits stay here */
+            c->logits_cap = 1;
+            c->logits     = moqae_aligned_alloc((size_t) hp->n_vocab * sizeof(float));
+            st            = c->logits ? MOQAE_OK : moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory for logits");
+        }
+    }
+    if (!st && c->n_layer_cpu > 0) {
+        kc.n_layer = c->n_layer_cpu;
+        kc.budget  = kc.budget - kc.budget * n_gpu / hp->n_layer;
+        st         = moqae_kv_cache_new(&kc, &c->kv);
         if (!st) {
             st = alloc_scratch(c);
         }
@@ -275,15 +289,17 @@ int moqae_context_reset(struct moqae_context * c) {
     }
     if (c->cuda) {
         moqae_cuda_context_clear(c->cuda);
-    } else {
+    }
+    if (c->kv) {
         moqae_kv_cache_clear(c->kv);
     }
     c->n_logits = 0;
+    c->broken   = false;
     return MOQAE_OK;
 }
 
 int64_t moqae_context_n_past(const struct moqae_context * c) {
-    return !c ? 0 : c->cuda ? moqae_cuda_n_tokens(c->cuda) : moqae_kv_cache_n_tokens(c->kv);
+    return !c ? 0 : c->kv ? moqae_kv_cache_n_tokens(c->kv) : moqae_cuda_n_tokens(c->cuda);
 }
 
 int64_t moqae_context_n_ctx(const struct moqae_context * c) {
@@ -341,11 +357,27 @@ int moqae_decode(struct moqae_context * c, const int32_t * tokens, int64_t n_tok
         c->job_pos0       = moqae_context_n_past(c);
         c->job_n_out      = out;
         c->job_logits     = c->logits + c->n_logits * n_vocab;
-        const struct moqae_cuda_job job = { c->job_tokens, n, out, c->job_logits, c->router ? c->votes : NULL };
-        if (c->cuda) {
+        if (c->broken) {
+            return moqae_fail(MOQAE_ERR_INTERNAL, "an earlier micro-batch was stored by the CPU's layers but not the "
+                                                  "GPU's (partial offload); reset the context first");
+        }
+        /* the CPU's layers (they route too), then the GPU's from their output; or the GPU alone, routed here */
+        int st = MOQAE_OK;
+        if (c->kv) {
+            st = moqae_graph_forward(c);
+        } else {
             moqae_graph_votes(c); /* the GPU ring takes the chunk decisions from the host's votes */
         }
-        const int st = c->cuda ? moqae_cuda_forward(c->cuda, &job) : moqae_graph_forward(c);
+        if (!st && c->cuda) {
+            const struct moqae_cuda_job job = { c->job_tokens, n, out, c->job_logits, c->router ? c->votes : NULL,
+                                                c->kv ? c->x : NULL };
+            st = moqae_cuda_forward(c->cuda, &job);
+            if (st && c->kv) {
+                c->broken = true;
+                return moqae_fail_prefix(st, "the GPU's layers (partial offload; reset the context before decoding "
+                                             "again): ");
+            }
+        }
         if (st) {
             return st;
         }
@@ -371,7 +403,21 @@ int moqae_context_kv_stats(const struct moqae_context * c, struct moqae_kv_stats
     if (!c || !out) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "moqae_context_kv_stats: NULL argument");
     }
-    if (c->cuda) {
+    if (c->cuda && c->kv) { /* partial offload: both rings hold the same tokens, each its own layers */
+        struct moqae_kv_stats g;
+        const double          L = (double) c->model->hp.n_layer, lc = (double) c->n_layer_cpu;
+        moqae_kv_cache_stats(c->kv, out);
+        moqae_cuda_kv_stats(c->cuda, &g);
+        const double elems = 2.0 * L * (double) (c->model->hp.n_head_kv * c->model->hp.head_dim) * (double) out->n_tokens;
+        for (int e = 0; e < 4; e++) {
+            out->n_records[e] += g.n_records[e];
+            out->n_chunks[e] = (out->n_records[e] + c->model->hp.n_layer / 2) / c->model->hp.n_layer;
+        }
+        out->nominal_bits   = (out->nominal_bits * lc + g.nominal_bits * (L - lc)) / L;
+        out->bytes_used    += g.bytes_used;
+        out->bytes_reserved += g.bytes_reserved;
+        out->effective_bits = elems > 0.0 ? (double) out->bytes_used * 8.0 / elems : 0.0;
+    } else if (c->cuda) {
         moqae_cuda_kv_stats(c->cuda, out);
     } else {
         moqae_kv_cache_stats(c->kv, out);

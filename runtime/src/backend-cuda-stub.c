@@ -18,6 +18,11 @@ int moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct 
     return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend (configure with -DMOQAE_CUDA=ON)");
 }
 
+int64_t moqae_cuda_model_n_layers(const struct moqae_cuda_model * cm) {
+    (void) cm;
+    return 0;
+}
+
 void moqae_cuda_model_free(struct moqae_cuda_model * cm) {
     (void) cm;
 }

@@ -9,7 +9,8 @@
  * without data (kv-cache.h's arena_ops), so routing (one decision per chunk or per group of layers),
  * the budget and the overflow policies (shift, demote by recency or by the router's learned order)
  * take the CPU ring's decisions, and their record moves and re-encodings reach the device arena.
- * Not here: partial offload (n_gpu_layers < n_layer is MOQAE_ERR_UNSUPPORTED for now).
+ * Partial offload: the GPU holds the model's last layers and their ring (a kv config whose layer0 is
+ * the first of them); the CPU runs the first layers and hands their output over (job.x).
  */
 #ifndef MOQAE_BACKEND_CUDA_H
 #define MOQAE_BACKEND_CUDA_H
@@ -31,9 +32,12 @@ struct moqae_cuda_context; /* ring, staging, scratch, stream of one context  */
 /* Whether this build has CUDA and a device answers (computed once). */
 bool moqae_cuda_available(void);
 
-/* Upload every weight of m (n_gpu_layers >= n_layer: all of them; fewer is MOQAE_ERR_UNSUPPORTED).
- * MOQAE_ERR_OUT_OF_MEMORY with the bytes asked and free when the weights do not fit. */
+/* Upload the weights of the last min(n_gpu_layers, n_layer) layers, the output norm and head, and the
+ * token embeddings (n_gpu_layers >= n_layer: the whole model; fewer: partial offload, the CPU runs the
+ * first layers). MOQAE_ERR_OUT_OF_MEMORY with the bytes asked and free when they do not fit. */
 int  moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct moqae_cuda_model ** out);
+/* Layers on the GPU: the model's last ones. */
+int64_t moqae_cuda_model_n_layers(const struct moqae_cuda_model * cm);
 void moqae_cuda_model_free(struct moqae_cuda_model * cm);
 
 /* A device context on model m (which has a cuda model, m->cuda): the KV ring sized from cfg (as
@@ -53,7 +57,9 @@ struct moqae_cuda_job {
     int64_t         n;      /* tokens, 1 .. n_batch                                  */
     int64_t         n_out;  /* logits rows: the last n_out tokens                    */
     float *         logits; /* [n_out][n_vocab] host memory                          */
-    const uint8_t * votes;  /* [n] the router's expert index per token (cfg->n_expert > 0), else NULL */
+    const uint8_t * votes;  /* [n][n_group] the router's votes (cfg->n_expert > 0), else NULL          */
+    const float *   x;      /* partial offload: [n][n_embd] the first GPU layer's input (the CPU's
+                               layers' output), host memory; NULL: the GPU embeds the tokens          */
 };
 
 /* Run one micro-batch after the tokens already in cc. MOQAE_ERR_CONTEXT_FULL (nothing changed) when

@@ -19,11 +19,16 @@ struct moqae_cuda_context;
 
 struct moqae_context {
     struct moqae_model *             model;
-    struct moqae_cuda_context *      cuda; /* the GPU ring and scratch (model->cuda): then kv and the
-                                              CPU scratch below are NULL and decode runs on the GPU */
+    struct moqae_cuda_context *      cuda; /* the GPU ring and scratch (model->cuda) for the layers on the
+                                              GPU; with every layer there, kv and the CPU scratch below are
+                                              NULL and decode runs on the GPU */
     const struct moqae_cpu_kernels * K;
     struct moqae_threadpool *        tp;
     struct moqae_kv_cache *          kv;
+    int64_t                          n_layer_cpu; /* layers 0 .. n_layer_cpu - 1 run on the CPU (kv holds
+                                                     them), the rest on the GPU: partial offload */
+    bool                             broken;      /* partial offload: a micro-batch reached one side's
+                                                     cache only; reset first                        */
     int64_t                          n_ctx;
     int64_t                          n_batch;
     int                              n_threads;
@@ -63,9 +68,10 @@ struct moqae_context {
     float *         job_logits; /* where they go */
 };
 
-/* Run the model on one micro-batch described by ctx->job_* (n_past positions already cached).
- * Stores its K/V in the cache and commits them. MOQAE_ERR_CONTEXT_FULL (nothing changed) when the
- * cache cannot take the micro-batch's chunks. */
+/* Run the model on one micro-batch described by ctx->job_* (n_past positions already cached): the
+ * CPU's layers (all of them, or the first n_layer_cpu under partial offload: then ctx->x holds the
+ * next layer's input and no logits are computed). Stores its K/V in the cache and commits them.
+ * MOQAE_ERR_CONTEXT_FULL (nothing changed) when the cache cannot take the micro-batch's chunks. */
 int moqae_graph_forward(struct moqae_context * ctx);
 /* The router's votes of the micro-batch ctx->job_* into ctx->votes (no router: nothing); the CUDA
  * path routes on the host with it (issue 7). */

@@ -217,11 +217,11 @@ static void forward_worker(void * arg, int ith, int nth) {
     }
     rope_table(&f);
     barrier(&f);
-    for (int64_t il = 0; il < f.hp->n_layer; il++) {
+    for (int64_t il = 0; il < c->n_layer_cpu; il++) {
         attention_block(&f, il);
         ffn_block(&f, il);
     }
-    if (c->job_n_out > 0) {
+    if (c->job_n_out > 0 && c->n_layer_cpu == f.hp->n_layer) { /* else the GPU's layers go on from c->x */
         struct act a, b;
         norm_act(&f, c->x, &f.m->output_norm, c->xn, T - c->job_n_out, T, &f.m->output, NULL, &a, &b);
         matmul(&f, &f.m->output, a, c->job_n_out, c->job_logits, NULL);

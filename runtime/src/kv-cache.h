@@ -95,6 +95,10 @@ struct moqae_kv_config {
      * and commit keep the bookkeeping and send the arena's byte operations to arena_ops; store and
      * attend must not be called. */
     const struct moqae_kv_arena_ops * arena_ops;
+    /* The model layer of this ring's layer 0 (partial offload: the CPU holds layers 0.., the GPU the
+     * rest): a router's group of ring layer l is (layer0 + l) / group_size. demote_weight is then the
+     * ring's own [n_layer]. */
+    int64_t                layer0;
 };
 
 /* The chunk table of a ring, for a backend that keeps the records itself (arena_ops). */

@@ -178,7 +178,8 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV chunk size must be 32 or 64, got %lld", (long long) cfg->chunk);
     }
     if (cfg->n_expert < 0 || cfg->n_expert > MOQAE_KV_CODEC_COUNT ||
-        (cfg->n_expert > 0 && (cfg->n_group < 1 || cfg->group_size < 1 || cfg->n_group * cfg->group_size < cfg->n_layer))) {
+        (cfg->n_expert > 0 && (cfg->n_group < 1 || cfg->group_size < 1 || cfg->layer0 < 0 ||
+                               cfg->n_group * cfg->group_size < cfg->layer0 + cfg->n_layer))) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "KV cache: bad routing shape");
     }
     struct moqae_kv_shape shape = { cfg->chunk, cfg->head_dim, MOQAE_KV_V_GROUP };
@@ -328,6 +329,10 @@ static void decide(const struct moqae_kv_cache * kv, int64_t index, uint8_t * co
     const int64_t   C  = cfg->chunk, G = cfg->n_group;
     const uint8_t * v0 = kv->stage_votes + (size_t) (index * C - kv->stage_pos0) * (size_t) G;
     for (int64_t g = 0; g < G; g++) {
+        const int64_t l0 = g * cfg->group_size - cfg->layer0, l1 = l0 + cfg->group_size; /* this ring's layers */
+        if (l1 <= 0 || l0 >= cfg->n_layer) {
+            continue;
+        }
         int64_t count[MOQAE_KV_CODEC_COUNT] = { 0 };
         for (int64_t t = 0; t < C; t++) {
             const uint8_t e = v0[t * G + g];
@@ -337,7 +342,7 @@ static void decide(const struct moqae_kv_cache * kv, int64_t index, uint8_t * co
         for (int64_t e = 1; e < cfg->n_expert; e++) {
             best = count[e] > count[best] ? e : best;
         }
-        for (int64_t l = g * cfg->group_size; l < (g + 1) * cfg->group_size && l < cfg->n_layer; l++) {
+        for (int64_t l = l0 > 0 ? l0 : 0; l < l1 && l < cfg->n_layer; l++) {
             codecs[l] = (uint8_t) cfg->expert[best];
         }
     }

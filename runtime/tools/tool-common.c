@@ -170,7 +170,7 @@ const char * const TOOL_KV_USAGE =
     "  --kv-overflow P   when the KV cache is full: error, shift (drop oldest chunks), demote (fewer bits)\n"
     "  --kv-chunk N      tokens per KV chunk: 32 (default) or 64\n"
     "  --router R.gguf   a MoQAE router picks each chunk's expert (instead of --kv)\n"
-    "  -ngl N            layers to offload to CUDA (0 = CPU, default; 99 = all; partial offload is not supported yet)\n";
+    "  -ngl N            layers to offload to CUDA: the last N and the output head (0 = CPU, default; 99 = all)\n";
 
 static const char *          g_router_path; /* --router */
 static struct moqae_router * g_router;

@@ -61,6 +61,7 @@ struct moqae_cuda_model {
     uint8_t *                  buf;   /* the one device allocation */
     size_t                     bytes;
     int                        n_sm;
+    int64_t                    layer0; /* the first layer on the GPU (0: every layer; else partial offload) */
 };
 
 /* Walk every weight of m: fn(host weight, device weight) with a running offset. */
@@ -70,7 +71,7 @@ template <typename F> static void for_each_weight(const struct moqae_model * m, 
     if (m->output.data != m->tok_embd.data) {
         fn(&m->output, &cm->output);
     }
-    for (int64_t il = 0; il < m->hp.n_layer; il++) {
+    for (int64_t il = cm->layer0; il < m->hp.n_layer; il++) {
         const struct moqae_layer * L  = &m->layers[il];
         struct cuda_layer *        CL = &cm->layers[il];
         struct moqae_cuda_weight   an = {}, fnw = {};
@@ -92,18 +93,16 @@ int moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct 
     if (!moqae_cuda_available()) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "no CUDA device");
     }
-    if (n_gpu_layers < m->hp.n_layer) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED,
-                          "n_gpu_layers = %d: partial offload is not supported yet (issue 7); use 0 (CPU) or >= %lld "
-                          "(every layer, e.g. -ngl 99)",
-                          n_gpu_layers, (long long) m->hp.n_layer);
+    if (n_gpu_layers < 1) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "n_gpu_layers = %d: nothing to offload", n_gpu_layers);
     }
     struct moqae_cuda_model * cm = (struct moqae_cuda_model *) calloc(1, sizeof(*cm));
     if (!cm || !(cm->layers = (struct cuda_layer *) calloc((size_t) m->hp.n_layer, sizeof(struct cuda_layer)))) {
         free(cm);
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    cm->m = m;
+    cm->m      = m;
+    cm->layer0 = n_gpu_layers < m->hp.n_layer ? m->hp.n_layer - n_gpu_layers : 0;
     /* table pass: sizes and types */
     size_t       total = 0;
     const char * bad   = NULL;
@@ -164,10 +163,15 @@ int moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct 
         moqae_cuda_model_free(cm);
         return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA: uploading the weights: %s", cudaGetErrorString(err));
     }
-    moqae_log(MOQAE_LOG_INFO, "cuda: %s, %d SMs: uploaded %lld layers, %.2f GiB of weights", prop.name, cm->n_sm,
-              (long long) m->hp.n_layer, gib((double) total));
+    moqae_log(MOQAE_LOG_INFO, "cuda: %s, %d SMs: uploaded %lld of %lld layers (%lld .. %lld), %.2f GiB of weights",
+              prop.name, cm->n_sm, (long long) (m->hp.n_layer - cm->layer0), (long long) m->hp.n_layer,
+              (long long) cm->layer0, (long long) (m->hp.n_layer - 1), gib((double) total));
     *out = cm;
     return MOQAE_OK;
+}
+
+int64_t moqae_cuda_model_n_layers(const struct moqae_cuda_model * cm) {
+    return cm->m->hp.n_layer - cm->layer0;
 }
 
 void moqae_cuda_model_free(struct moqae_cuda_model * cm) {
@@ -219,6 +223,7 @@ struct moqae_cuda_context {
     int32_t *                 h_ids;
     float *                   h_rope;  /* [n_batch][n_rot/2][2]                                     */
     float *                   h_cs_p0; /* [cap_chunks][D/2][2]                                      */
+    float *                   h_x;     /* partial offload: [n_batch][n_embd] the CPU layers' output  */
 
     int64_t cap_chunks;
     int     n_split_decode, max_split_prefill;
@@ -293,7 +298,7 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
     if (cc->dbuf) {
         cudaFree(cc->dbuf);
     }
-    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0 };
+    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0, cc->h_x };
     for (void * p : pinned) {
         if (p) {
             cudaFreeHost(p);
@@ -309,7 +314,7 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
 static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
     const struct moqae_hparams * hp = &cc->m->hp;
     const int64_t B = cc->cfg.n_batch, E = hp->n_embd, dq = hp->n_head * hp->head_dim, dkv = hp->n_head_kv * hp->head_dim;
-    const int64_t D = hp->head_dim, L = hp->n_layer;
+    const int64_t D = hp->head_dim, L = cc->cfg.n_layer; /* the layers on the GPU */
     const size_t  part = std::max(moqae_cuda_attn_part_floats(&cc->geom, 1, hp->n_head, cc->n_split_decode),
                                   moqae_cuda_attn_part_floats(&cc->geom, B, hp->n_head, cc->max_split_prefill));
     const bool    pre  = theta != NULL;
@@ -391,6 +396,9 @@ static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_dyn, sizeof(struct moqae_cuda_dyn)));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_ids, (size_t) B * 4));
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_rope, (size_t) (B * hp->n_rot) * 4));
+    if (cc->cm->layer0 > 0) {
+        MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_x, (size_t) (B * E) * 4));
+    }
     if (pre) {
         MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_cs_p0, (size_t) (cc->cap_chunks * D) * 4));
         float * cs = (float *) malloc((size_t) (D * cc->cfg.chunk) * 4);
@@ -424,6 +432,11 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
     }
     if (cfg->n_batch > 65535) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "the GPU path takes micro-batches of at most 65535 tokens");
+    }
+    if (cfg->n_layer != moqae_cuda_model_n_layers(m->cuda) || cfg->layer0 != m->cuda->layer0) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA context for layers %lld.. (%lld) on a model with layers %lld.. on "
+                                                 "the GPU", (long long) cfg->layer0, (long long) cfg->n_layer,
+                          (long long) m->cuda->layer0);
     }
     struct moqae_cuda_context * cc = (struct moqae_cuda_context *) calloc(1, sizeof(*cc));
     if (!cc) {
@@ -523,7 +536,7 @@ int64_t moqae_cuda_n_tokens(const struct moqae_cuda_context * cc) {
 void moqae_cuda_kv_stats(const struct moqae_cuda_context * cc, struct moqae_kv_stats * out) {
     memset(out, 0, sizeof(*out));
     const struct moqae_hparams * hp = &cc->m->hp;
-    const int64_t C = cc->cfg.chunk, L = hp->n_layer, n_tokens = moqae_kv_cache_n_tokens(cc->kv);
+    const int64_t C = cc->cfg.chunk, L = cc->cfg.n_layer, n_tokens = moqae_kv_cache_n_tokens(cc->kv);
     const double  per_token_elems = 2.0 * (double) (L * hp->n_head_kv * hp->head_dim);
     double        code_bits = 0.0; /* per layer, summed over tokens (kv-ring.c's stats) */
     struct moqae_kv_table t;
@@ -598,16 +611,19 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
     const int64_t                   E = hp->n_embd, D = hp->head_dim, nkv = hp->n_head_kv, dq = hp->n_head * D;
     const size_t stage_layer = (size_t) nkv * (size_t) cc->geom.stage_rows * (size_t) D;
 
-    MOQAE_TRY(moqae_cuda_get_rows(&cm->tok_embd, cc->ids, n_tok, cc->x, s));
-    for (int64_t il = 0; il < hp->n_layer; il++) {
-        const struct cuda_layer * L = &cm->layers[il];
+    if (cm->layer0 == 0) { /* else x came from the CPU's layers */
+        MOQAE_TRY(moqae_cuda_get_rows(&cm->tok_embd, cc->ids, n_tok, cc->x, s));
+    }
+    for (int64_t il = cm->layer0; il < hp->n_layer; il++) {
+        const struct cuda_layer * L  = &cm->layers[il];
+        const int64_t             li = il - cm->layer0; /* the ring's layer */
         MOQAE_TRY(norm_for(cc, cc->x, L->attn_norm, n_tok, cc->xn, { &L->wq, &L->wk, &L->wv }));
         MOQAE_TRY(moqae_cuda_matmul(&L->wq, cc->xn, cc->xq, n_tok, cc->q, L->wq.n_rows, false, s));
         MOQAE_TRY(moqae_cuda_matmul(&L->wk, cc->xn, cc->xq, n_tok, cc->k, L->wk.n_rows, false, s));
         MOQAE_TRY(moqae_cuda_matmul(&L->wv, cc->xn, cc->xq, n_tok, cc->v, L->wv.n_rows, false, s));
         MOQAE_TRY(moqae_cuda_rope(cc->q, cc->k, n_tok, hp->n_head, nkv, D, hp->n_rot, cc->rope_cs, s));
-        uint16_t * sk = cc->stage_k + (size_t) il * stage_layer, *sv = cc->stage_v + (size_t) il * stage_layer;
-        const struct moqae_cuda_chunk * tab = cc->table + il * cc->cap_chunks; /* this layer's records */
+        uint16_t * sk = cc->stage_k + (size_t) li * stage_layer, *sv = cc->stage_v + (size_t) li * stage_layer;
+        const struct moqae_cuda_chunk * tab = cc->table + li * cc->cap_chunks; /* this layer's records */
         MOQAE_TRY(moqae_cuda_kv_store(&cc->geom, sk, sv, cc->k, cc->v, n_tok, cc->dyn, s));
         MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, cc->arena, tab, cc->cs_t, cc->cs_p0, max_enc, cc->dyn, s));
         struct moqae_cuda_attn_args a;
@@ -696,7 +712,7 @@ static void rope_table(struct moqae_cuda_context * cc, int64_t pos0, int64_t n) 
 
 int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_job * job) {
     const struct moqae_hparams * hp = &cc->m->hp;
-    const int64_t                C = cc->cfg.chunk, T = job->n, D = hp->head_dim, L = hp->n_layer;
+    const int64_t                C = cc->cfg.chunk, T = job->n, D = hp->head_dim, L = cc->cfg.n_layer;
     if (cc->broken) {
         return moqae_fail(MOQAE_ERR_INTERNAL, "an earlier CUDA error left this context's KV ring inconsistent; clear "
                                               "the context (moqae_context_clear) before decoding again");
@@ -707,6 +723,10 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
     }
     if (cc->cfg.n_expert > 0 && !job->votes) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA forward: a routed context needs the micro-batch's votes");
+    }
+    if ((cc->cm->layer0 > 0) != (job->x != NULL)) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "CUDA forward: the input of layer %lld is %s", (long long) cc->cm->layer0,
+                          job->x ? "given, but the GPU embeds the tokens" : "missing (partial offload)");
     }
     /* prepare: kv-ring.c gives the chunks this micro-batch completes their codecs and places, applying
      * the overflow policy (its moves and demotions reach the device arena through cc->ops, in order);
@@ -762,6 +782,10 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
     CSTEP(cudaMemcpyAsync(cc->dyn, cc->h_dyn, sizeof(*cc->h_dyn), cudaMemcpyHostToDevice, s));
     CSTEP(cudaMemcpyAsync(cc->ids, cc->h_ids, (size_t) T * sizeof(int32_t), cudaMemcpyHostToDevice, s));
     CSTEP(cudaMemcpyAsync(cc->rope_cs, cc->h_rope, (size_t) (T * hp->n_rot) * sizeof(float), cudaMemcpyHostToDevice, s));
+    if (job->x) { /* partial offload: the CPU layers' output is the first GPU layer's input */
+        memcpy(cc->h_x, job->x, (size_t) (T * hp->n_embd) * sizeof(float));
+        CSTEP(cudaMemcpyAsync(cc->x, cc->h_x, (size_t) (T * hp->n_embd) * sizeof(float), cudaMemcpyHostToDevice, s));
+    }
     if (t.n_chunks > up) {
         const size_t row = sizeof(struct moqae_cuda_chunk), pitch = (size_t) cc->cap_chunks * row;
         CSTEP(cudaMemcpy2DAsync(cc->table + up, pitch, cc->h_table + up, pitch, (size_t) (t.n_chunks - up) * row, (size_t) L,
