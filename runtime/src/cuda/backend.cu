@@ -84,8 +84,9 @@ template <typename F> static void for_each_weight(const struct moqae_model * m, 
     }
 }
 
+/* Bytes of w on the device (its rows in matmul.cuh's layout). */
 static size_t weight_bytes(const struct moqae_weight * w) {
-    return (size_t) w->n_rows * w->row_bytes;
+    return (size_t) w->n_rows * moqae_cuda_weight_row_bytes(w->type, w->n_cols, w->row_bytes);
 }
 
 int moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct moqae_cuda_model ** out) {
@@ -145,14 +146,17 @@ int moqae_cuda_model_new(const struct moqae_model * m, int n_gpu_layers, struct 
     cm->bytes  = total;
     size_t off = 0;
     err        = cudaSuccess;
+    std::vector<uint8_t> host; /* one weight in the device layout */
     for_each_weight(m, cm, [&](const struct moqae_weight * w, struct moqae_cuda_weight * d) {
         d->type      = w->type;
         d->n_cols    = w->n_cols;
         d->n_rows    = w->n_rows;
-        d->row_bytes = w->row_bytes;
+        d->row_bytes = moqae_cuda_weight_row_bytes(w->type, w->n_cols, w->row_bytes);
         d->data      = cm->buf + off;
         if (err == cudaSuccess) {
-            err = cudaMemcpy(cm->buf + off, w->data, weight_bytes(w), cudaMemcpyHostToDevice);
+            host.resize(weight_bytes(w));
+            moqae_cuda_repack_rows(w->type, w->n_cols, w->n_rows, (const uint8_t *) w->data, w->row_bytes, host.data());
+            err = cudaMemcpy(cm->buf + off, host.data(), host.size(), cudaMemcpyHostToDevice);
         }
         off += (weight_bytes(w) + 255) / 256 * 256;
     });

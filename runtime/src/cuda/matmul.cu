@@ -23,61 +23,68 @@ template <> struct block_info<MOQAE_TYPE_Q4_0> { static constexpr int bytes = 18
 template <> struct block_info<MOQAE_TYPE_Q4_1> { static constexpr int bytes = 20; };
 template <> struct block_info<MOQAE_TYPE_Q8_0> { static constexpr int bytes = 34; };
 
-/* The 16 elements half*16 .. half*16+15 of block b of a row. */
+/* Quantized rows on the device (moqae_cuda_repack_rows): the codes of the row's nb blocks (16 bytes
+ * each for Q4_0/Q4_1, 32 for Q8_0; 16-byte aligned), then their scales (f16 d; Q4_1: f16 d, f16 m). */
+template <int TYPE> struct plane {
+    static constexpr int code = TYPE == MOQAE_TYPE_Q8_0 ? 32 : 16;
+    static constexpr int scale = TYPE == MOQAE_TYPE_Q4_1 ? 4 : 2;
+};
+
+template <int TYPE> static __device__ __forceinline__ const uint8_t * codes_of(const uint8_t * row, int64_t b) {
+    return row + b * plane<TYPE>::code;
+}
+
+template <int TYPE> static __device__ __forceinline__ const uint8_t * scale_of(const uint8_t * row, int64_t nb, int64_t b) {
+    return row + nb * plane<TYPE>::code + b * plane<TYPE>::scale;
+}
+
+/* The 16 elements half*16 .. half*16+15 of block b of a row of nb blocks. */
 template <int TYPE>
-static __device__ __forceinline__ void deq16(const uint8_t * row, int64_t b, int half, float * out) {
-    const uint8_t * blk = row + b * block_info<TYPE>::bytes;
+static __device__ __forceinline__ void deq16(const uint8_t * row, int64_t nb, int64_t b, int half, float * out) {
     if constexpr (TYPE == MOQAE_TYPE_F32) {
-        const float4 * p = (const float4 *) (blk + half * 64);
+        const float4 * p = (const float4 *) (row + b * 128 + half * 64);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const float4 v = p[i];
             out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
         }
     } else if constexpr (TYPE == MOQAE_TYPE_F16) {
-        const uint16_t * p = (const uint16_t *) (blk + half * 32);
+        const uint16_t * p = (const uint16_t *) (row + b * 64 + half * 32);
 #pragma unroll
         for (int i = 0; i < 16; i++) {
             out[i] = moqae_dev_f16_to_f32(p[i]);
         }
-    } else if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
-        const uint16_t * p = (const uint16_t *) blk;
-        const float      d = moqae_dev_f16_to_f32(p[0]);
-        const int        sh = half * 4;
+    } else if constexpr (TYPE == MOQAE_TYPE_Q4_0) { /* byte j: element j (low nibble), j + 16 (high) */
+        const uint8_t * q  = codes_of<TYPE>(row, b);
+        const float     d  = moqae_dev_f16_to_f32(*(const uint16_t *) scale_of<TYPE>(row, nb, b));
+        const int       sh = half * 4;
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const unsigned v = p[1 + i];
-            out[2 * i]       = __fmul_rn(d, (float) ((int) ((v >> sh) & 15u) - 8));
-            out[2 * i + 1]   = __fmul_rn(d, (float) ((int) ((v >> (8 + sh)) & 15u) - 8));
+        for (int i = 0; i < 16; i++) {
+            out[i] = __fmul_rn(d, (float) ((int) ((q[i] >> sh) & 15u) - 8));
         }
     } else if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
-        const uint32_t * p  = (const uint32_t *) blk;
-        const uint32_t   dm = p[0];
+        const uint8_t *  q  = codes_of<TYPE>(row, b);
+        const uint32_t   dm = *(const uint32_t *) scale_of<TYPE>(row, nb, b);
         const float      d = moqae_dev_f16_to_f32((uint16_t) (dm & 0xffffu)), m = moqae_dev_f16_to_f32((uint16_t) (dm >> 16));
         const int        sh = half * 4;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const uint32_t v = p[1 + i];
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                out[4 * i + k] = __fadd_rn(__fmul_rn(d, (float) ((v >> (8 * k + sh)) & 15u)), m);
-            }
+        for (int i = 0; i < 16; i++) {
+            out[i] = __fadd_rn(__fmul_rn(d, (float) ((q[i] >> sh) & 15u)), m);
         }
     } else { /* Q8_0 */
-        const uint16_t * p = (const uint16_t *) blk;
-        const float      d = moqae_dev_f16_to_f32(p[0]);
+        const int8_t * q = (const int8_t *) codes_of<TYPE>(row, b) + half * 16;
+        const float    d = moqae_dev_f16_to_f32(*(const uint16_t *) scale_of<TYPE>(row, nb, b));
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const unsigned v = p[1 + half * 8 + i];
-            out[2 * i]       = __fmul_rn(d, (float) (int8_t) (v & 0xffu));
-            out[2 * i + 1]   = __fmul_rn(d, (float) (int8_t) (v >> 8));
+        for (int i = 0; i < 16; i++) {
+            out[i] = __fmul_rn(d, (float) q[i]);
         }
     }
 }
 
 /* ---- activations quantized as the CPU does (one block of 32 per thread) -------------------------- */
 
-struct __align__(8) q8x { /* x = d * q; d = f32(f16(amax / 127)), s = f32(f16(d_unrounded * sum(q))) */
+struct __align__(16) q8x { /* x = d * q; d = f32(f16(amax / 127)), s = f32(f16(d_unrounded * sum(q))); 48 bytes:
+                              the codes are read with 16-byte loads */
     int   q[8];
     float d, s;
 };
@@ -195,8 +202,8 @@ mmv_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
     }
     for (int64_t b = lane; b < nb; b += 32) {
         float v[32];
-        deq16<TYPE>(wr, b, 0, v);
-        deq16<TYPE>(wr, b, 1, v + 16);
+        deq16<TYPE>(wr, nb, b, 0, v);
+        deq16<TYPE>(wr, nb, b, 1, v + 16);
 #pragma unroll
         for (int t = 0; t < MOQAE_CUDA_MMV_MAX_T; t++) {
             if (t < n_tok) {
@@ -227,79 +234,78 @@ mmv_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
     }
 }
 
-/* ---- mat-vec on integer codes (decode: n_tok <= 8), version 4: two lanes per quant block ---------
- * Each lane takes 16 of a block's 32 codes; the two halves' integer sums are exact and joined by one
- * shuffle before the CPU's per-block formula, so every block's value is the CPU's. `wpr` warps share a
- * row's blocks (4 for rows of >= 2048 columns) and each warp group takes MMVQ_R rows, so that a
- * 4096 x 4096 product runs 8,192 warps (about 62 per SM, one wave) instead of 1,024 in v3: the loads
- * of many blocks are in flight at once, which is what a bandwidth-bound mat-vec needs. */
+/* ---- mat-vec on integer codes (decode: n_tok <= 8), version 5: one lane per quant block ----------
+ * Each lane takes a whole block: its codes in one 16-byte load (Q8_0: two) from the row's code plane,
+ * its scale from the scale plane, and the activation block's 32 codes in two 16-byte loads; the
+ * block's integer sum is exact, so every block's value is the CPU's. `wpr` warps share a row's
+ * blocks (4 for rows of >= 2048 columns: 32 blocks per warp and pass) and each warp group takes
+ * MMVQ_R rows, so that an activation block read serves MMVQ_R rows. Version 4 took half a block per
+ * lane from the GGUF layout (18-byte Q4_0 blocks: 2-byte loads), 2.6x the load instructions. */
 
-#define MMVQ_R 2 /* rows per warp group: each activation half-block read serves MMVQ_R rows */
+#define MMVQ_R 2 /* rows per warp group */
 
-/* Half `h` of a weight block (codes 16h .. 16h + 15 in ggml's nibble order: Q4 bytes 8h .. 8h + 7, Q8
- * bytes 16h .. 16h + 15) as 32-bit words, and its scale word (Q4_0/Q8_0: f16 d; Q4_1: f16 d, f16 m). All
- * loads are issued together, before any use: a block's scale must not wait for its codes. */
-struct wq_half {
-    int      w[4]; /* Q4: w[0..1] */
+/* A weight block: its codes as 32-bit words (Q4: w[0..3], the 16 bytes of nibbles; Q8_0: w[0..7])
+ * and its scale word (Q4_0/Q8_0: f16 d; Q4_1: f16 d, f16 m). */
+template <int TYPE> struct wq_blk {
+    int      w[TYPE == MOQAE_TYPE_Q8_0 ? 8 : 4];
     uint32_t dm;
 };
 
-template <int TYPE> static __device__ __forceinline__ wq_half load_half(const uint8_t * blk, int h) {
-    wq_half r;
-    if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
-        const uint32_t * p = (const uint32_t *) blk;
-        r.dm = p[0], r.w[0] = (int) p[1 + 2 * h], r.w[1] = (int) p[2 + 2 * h], r.w[2] = r.w[3] = 0;
-    } else {
-        constexpr int    NW = TYPE == MOQAE_TYPE_Q8_0 ? 4 : 2;
-        const uint16_t * p  = (const uint16_t *) blk;
-        r.dm                = p[0];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            r.w[k] = k < NW ? (int) ((unsigned) p[1 + 2 * NW * h + 2 * k] | ((unsigned) p[2 + 2 * NW * h + 2 * k] << 16)) : 0;
-        }
+template <int TYPE> static __device__ __forceinline__ wq_blk<TYPE> load_blk(const uint8_t * row, int64_t nb, int64_t b) {
+    wq_blk<TYPE>  r;
+    const int4 *  p = (const int4 *) codes_of<TYPE>(row, b);
+    const int4    a = p[0];
+    r.w[0] = a.x, r.w[1] = a.y, r.w[2] = a.z, r.w[3] = a.w;
+    if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
+        const int4 c = p[1];
+        r.w[4] = c.x, r.w[5] = c.y, r.w[6] = c.z, r.w[7] = c.w;
     }
+    const uint8_t * sc = scale_of<TYPE>(row, nb, b);
+    r.dm               = TYPE == MOQAE_TYPE_Q4_1 ? *(const uint32_t *) sc : (uint32_t) *(const uint16_t *) sc;
     return r;
 }
 
-/* The activation ints that half h multiplies (Q4: elements 8h.. and 16 + 8h..; Q8: 16h..) and (d, s). */
-struct xq_half {
-    int2   lo, hi;
+/* An activation block: its 32 int8 codes as 8 words and (d, s). */
+struct xq_blk {
+    int    q[8];
     float2 ds;
 };
 
-template <int TYPE> static __device__ __forceinline__ xq_half load_xhalf(const q8x * xb, int h) {
-    const int2 * p = (const int2 *) xb;
-    xq_half      r;
-    if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
-        r.lo = p[2 * h], r.hi = p[2 * h + 1];
-    } else {
-        r.lo = p[h], r.hi = p[2 + h];
-    }
-    r.ds = *(const float2 *) (p + 4);
+static __device__ __forceinline__ xq_blk load_xblk(const q8x * xb) {
+    const int4 * p = (const int4 *) xb;
+    const int4   a = p[0], c = p[1];
+    xq_blk       r;
+    r.q[0] = a.x, r.q[1] = a.y, r.q[2] = a.z, r.q[3] = a.w, r.q[4] = c.x, r.q[5] = c.y, r.q[6] = c.z, r.q[7] = c.w;
+    r.ds = make_float2(xb->d, xb->s);
     return r;
 }
 
-/* The exact integer sum of a half block, with Q4_0's offset -8 folded in. */
-template <int TYPE> static __device__ __forceinline__ int half_dot_q8(const wq_half & wq, const xq_half & x) {
+/* The exact integer sum of a block, with Q4_0's offset -8 folded in. Q4: byte j holds element j (low
+ * nibble) and j + 16 (high), so word k's low nibbles meet activation word k and its high nibbles word
+ * k + 4. */
+template <int TYPE> static __device__ __forceinline__ int blk_dot_q8(const wq_blk<TYPE> & wq, const xq_blk & x) {
+    int s = 0;
     if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
-        int s = __dp4a(wq.w[0], x.lo.x, 0);
-        s     = __dp4a(wq.w[1], x.lo.y, s);
-        s     = __dp4a(wq.w[2], x.hi.x, s);
-        return __dp4a(wq.w[3], x.hi.y, s);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            s = __dp4a(wq.w[k], x.q[k], s);
+        }
     } else {
-        int s = __dp4a(wq.w[0] & 0x0f0f0f0f, x.lo.x, 0);
-        s     = __dp4a(wq.w[1] & 0x0f0f0f0f, x.lo.y, s);
-        s     = __dp4a((wq.w[0] >> 4) & 0x0f0f0f0f, x.hi.x, s);
-        s     = __dp4a((wq.w[1] >> 4) & 0x0f0f0f0f, x.hi.y, s);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            s = __dp4a(wq.w[k] & 0x0f0f0f0f, x.q[k], s);
+            s = __dp4a((wq.w[k] >> 4) & 0x0f0f0f0f, x.q[k + 4], s);
+        }
         if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
-            int xs = __dp4a(x.lo.x, 0x01010101, 0);
-            xs     = __dp4a(x.lo.y, 0x01010101, xs);
-            xs     = __dp4a(x.hi.x, 0x01010101, xs);
-            xs     = __dp4a(x.hi.y, 0x01010101, xs);
+            int xs = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                xs = __dp4a(x.q[k], 0x01010101, xs);
+            }
             s -= 8 * xs;
         }
-        return s;
     }
+    return s;
 }
 
 /* A block's value from its whole integer sum: (float) sumi * (d_w * d_x) (+ m_w * s_x), as
@@ -316,16 +322,16 @@ template <int TYPE> static __device__ __forceinline__ float block_value_q8(uint3
 /* UNROLL passes of the group over the row are loaded before any is used (one memory latency per
  * UNROLL passes); 2 for one token, 1 for up to 8 (registers). */
 template <int TYPE, int NT>
-static __global__ void __launch_bounds__(128, NT == 1 ? 12 : 4)
+static __global__ void __launch_bounds__(128, NT == 1 ? 8 : 4)
 mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
             const q8x * __restrict__ xq, int n_tok, float * __restrict__ y, int64_t ldy, int accumulate, int wpr) {
     constexpr int UNROLL = NT == 1 ? 2 : 1;
     __shared__ float red[4][MMVQ_R][NT];
-    const int     warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = lane & 1;
+    const int     warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int     grp = warp / wpr, wi = warp % wpr, n_grp = 4 / wpr;
     const int64_t row0 = ((int64_t) blockIdx.x * n_grp + grp) * MMVQ_R;
     const int64_t nb   = n_cols / 32;
-    const int     step = wpr * 16;
+    const int     step = wpr * 32;
     float         acc[MMVQ_R][NT];
 #pragma unroll
     for (int r = 0; r < MMVQ_R; r++) {
@@ -334,37 +340,30 @@ mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
             acc[r][t] = 0.0f;
         }
     }
-    for (int64_t b0 = wi * 16; b0 < nb; b0 += UNROLL * step) { /* uniform over the warp: the shuffles see every lane */
-        wq_half wv[UNROLL][MMVQ_R];
-        xq_half xv[UNROLL][NT];
-        bool    ok[UNROLL];
+    for (int64_t b0 = wi * 32; b0 < nb; b0 += UNROLL * step) {
+        wq_blk<TYPE> wv[UNROLL][MMVQ_R];
+        bool         ok[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
-            const int64_t b = b0 + u * step + lane / 2;
+            const int64_t b = b0 + u * step + lane;
             ok[u]           = b < nb;
             const int64_t bb = ok[u] ? b : 0;
 #pragma unroll
             for (int r = 0; r < MMVQ_R; r++) {
                 const int64_t row = row0 + r < n_rows ? row0 + r : 0;
-                wv[u][r]          = load_half<TYPE>(w + row * row_bytes + bb * block_info<TYPE>::bytes, h);
-            }
-#pragma unroll
-            for (int t = 0; t < NT; t++) {
-                xv[u][t] = load_xhalf<TYPE>(xq + (int64_t) (t < n_tok ? t : 0) * nb + bb, h);
+                wv[u][r]          = load_blk<TYPE>(w + row * row_bytes, nb, bb);
             }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
+            const int64_t bb = ok[u] ? b0 + u * step + lane : 0;
 #pragma unroll
             for (int t = 0; t < NT; t++) {
-                if (t < n_tok) {
+                if (t < n_tok && ok[u]) {
+                    const xq_blk x = load_xblk(xq + (int64_t) t * nb + bb);
 #pragma unroll
                     for (int r = 0; r < MMVQ_R; r++) {
-                        int sumi = ok[u] ? half_dot_q8<TYPE>(wv[u][r], xv[u][t]) : 0;
-                        sumi += __shfl_xor_sync(0xffffffffu, sumi, 1);
-                        if (ok[u] && h == 0) {
-                            acc[r][t] += block_value_q8<TYPE>(wv[u][r].dm, sumi, xv[u][t].ds);
-                        }
+                        acc[r][t] += block_value_q8<TYPE>(wv[u][r].dm, blk_dot_q8<TYPE>(wv[u][r], x), x.ds);
                     }
                 }
             }
@@ -446,40 +445,30 @@ imma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
             uint32_t  c[4] = { 0, 0, 0, 0 };
             float     d = 0.0f, m = 0.0f;
             if (r0 + row < n_rows) {
-                const uint8_t * blk = w + (r0 + row) * row_bytes + b * block_info<TYPE>::bytes;
-                if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
-                    const uint16_t * p = (const uint16_t *) blk;
-                    d                  = moqae_dev_f16_to_f32(p[0]);
-#pragma unroll
-                    for (int k = 0; k < 4; k++) {
-                        c[k] = (uint32_t) p[1 + 8 * hf + 2 * k] | ((uint32_t) p[2 + 8 * hf + 2 * k] << 16);
-                    }
+                const uint8_t * wr = w + (r0 + row) * row_bytes;
+                const uint8_t * sc = scale_of<TYPE>(wr, nb, b);
+                if constexpr (TYPE == MOQAE_TYPE_Q8_0) { /* codes 16 hf .. 16 hf + 15 */
+                    const uint4 v = *(const uint4 *) (codes_of<TYPE>(wr, b) + 16 * hf);
+                    d             = moqae_dev_f16_to_f32(*(const uint16_t *) sc);
+                    c[0] = v.x, c[1] = v.y, c[2] = v.z, c[3] = v.w;
                 } else {
-                    uint32_t qs[4]; /* the 16 bytes of nibbles */
+                    const uint4    v     = *(const uint4 *) codes_of<TYPE>(wr, b); /* the 16 bytes of nibbles */
+                    const uint32_t qs[4] = { v.x, v.y, v.z, v.w };
                     if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
-                        const uint16_t * p = (const uint16_t *) blk;
-                        d                  = moqae_dev_f16_to_f32(p[0]);
-#pragma unroll
-                        for (int k = 0; k < 4; k++) {
-                            qs[k] = (uint32_t) p[1 + 2 * k] | ((uint32_t) p[2 + 2 * k] << 16);
-                        }
+                        d = moqae_dev_f16_to_f32(*(const uint16_t *) sc);
                     } else {
-                        const uint32_t * p = (const uint32_t *) blk;
-                        d                  = moqae_dev_f16_to_f32((uint16_t) (p[0] & 0xffffu));
-                        m                  = moqae_dev_f16_to_f32((uint16_t) (p[0] >> 16));
-#pragma unroll
-                        for (int k = 0; k < 4; k++) {
-                            qs[k] = p[1 + k];
-                        }
+                        const uint32_t dm = *(const uint32_t *) sc;
+                        d                 = moqae_dev_f16_to_f32((uint16_t) (dm & 0xffffu));
+                        m                 = moqae_dev_f16_to_f32((uint16_t) (dm >> 16));
                     }
                     /* elements 16 hf .. 16 hf + 15: low nibbles (hf 0) or high nibbles (hf 1) of the 16 bytes */
 #pragma unroll
                     for (int k = 0; k < 4; k++) {
-                        uint32_t v = (qs[k] >> (4 * hf)) & 0x0f0f0f0fu;
+                        uint32_t u = (qs[k] >> (4 * hf)) & 0x0f0f0f0fu;
                         if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
-                            v = __vsub4(v, 0x08080808u);
+                            u = __vsub4(u, 0x08080808u);
                         }
-                        c[k] = v;
+                        c[k] = u;
                     }
                 }
             }
@@ -578,7 +567,7 @@ mma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
             const int row = tid / 2, half_ = tid % 2;
             float     v[16];
             if (r0 + row < n_rows) {
-                deq16<TYPE>(w + (r0 + row) * row_bytes, b, half_, v);
+                deq16<TYPE>(w + (r0 + row) * row_bytes, nb, b, half_, v);
             } else {
 #pragma unroll
                 for (int i = 0; i < 16; i++) {
@@ -639,7 +628,7 @@ static __global__ void get_rows_kernel(const uint8_t * __restrict__ w, size_t ro
     const uint8_t * row = w + (int64_t) ids[t] * row_bytes;
     for (int64_t h = (int64_t) blockIdx.x * blockDim.x + threadIdx.x; h < nh; h += (int64_t) gridDim.x * blockDim.x) {
         float v[16];
-        deq16<TYPE>(row, h / 2, (int) (h % 2), v);
+        deq16<TYPE>(row, n_cols / 32, h / 2, (int) (h % 2), v);
 #pragma unroll
         for (int i = 0; i < 16; i++) {
             x[t * n_cols + h * 16 + i] = v[i];
@@ -707,6 +696,31 @@ enum moqae_cuda_mm_kernel moqae_cuda_mm_pick(enum moqae_type type, int64_t n_col
     return n_tok <= MOQAE_CUDA_MMV_MAX_T ? MOQAE_CUDA_MM_MMV : MOQAE_CUDA_MM_MMA;
 }
 
+size_t moqae_cuda_weight_row_bytes(enum moqae_type type, int64_t n_cols, size_t gguf_row_bytes) {
+    return moqae_cuda_type_quantized(type) ? (gguf_row_bytes + 15) / 16 * 16 : gguf_row_bytes;
+}
+
+void moqae_cuda_repack_rows(enum moqae_type type, int64_t n_cols, int64_t n_rows, const uint8_t * src, size_t src_row_bytes,
+                            uint8_t * dst) {
+    const size_t  dst_row = moqae_cuda_weight_row_bytes(type, n_cols, src_row_bytes);
+    const int64_t nb = n_cols / 32;
+    if (!moqae_cuda_type_quantized(type)) {
+        memcpy(dst, src, (size_t) n_rows * src_row_bytes);
+        return;
+    }
+    /* GGUF blocks: Q4_0 f16 d + 16 code bytes; Q4_1 f16 d, f16 m + 16; Q8_0 f16 d + 32 */
+    const size_t sb = type == MOQAE_TYPE_Q4_1 ? 4 : 2, cb = type == MOQAE_TYPE_Q8_0 ? 32 : 16, bb = sb + cb;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t * s = src + (size_t) r * src_row_bytes;
+        uint8_t *       d = dst + (size_t) r * dst_row;
+        for (int64_t b = 0; b < nb; b++) {
+            memcpy(d + (size_t) b * cb, s + (size_t) b * bb + sb, cb);
+            memcpy(d + (size_t) nb * cb + (size_t) b * sb, s + (size_t) b * bb, sb);
+        }
+        memset(d + (size_t) nb * bb, 0, dst_row - (size_t) nb * bb);
+    }
+}
+
 size_t moqae_cuda_quant_bytes(int64_t n_tok, int64_t n_cols) {
     return (size_t) n_tok * (size_t) (n_cols / 32) * sizeof(q8x);
 }
@@ -760,7 +774,7 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
         }
         case MOQAE_CUDA_MM_MMVQ: {
             const int64_t  nb     = w->n_cols / 32;
-            const int      wpr    = nb >= 64 ? 4 : nb >= 32 ? 2 : 1; /* warps per row: 16 blocks each per pass */
+            const int      wpr    = nb >= 128 ? 4 : nb >= 64 ? 2 : 1; /* warps per row: 32 blocks each per pass */
             const int64_t  rpb    = (4 / wpr) * MMVQ_R;              /* rows per thread block                */
             const unsigned blocks = (unsigned) ((w->n_rows + rpb - 1) / rpb);
             (n_tok == 1 ? ops->mmvq1 : ops->mmvq8)<<<blocks, 128, 0, stream>>>(

@@ -15,13 +15,23 @@ extern "C" {
 #include "../gguf.h"
 }
 
-/* A weight matrix in device memory. */
+/* A weight matrix in device memory. Quantized rows (Q4_0, Q4_1, Q8_0) hold their GGUF blocks' bytes in
+ * two planes: every block's codes (16 bytes, Q8_0 32), then every block's scales (f16 d; Q4_1 d, m),
+ * each row padded to 16 bytes, so that a block's codes are one aligned 16-byte load
+ * (moqae_cuda_repack_rows); F32/F16 rows as in the file. */
 struct moqae_cuda_weight {
     enum moqae_type type;
     int64_t         n_cols, n_rows;
-    size_t          row_bytes;
-    const uint8_t * data; /* [n_rows][row_bytes] device */
+    size_t          row_bytes; /* on the device (moqae_cuda_weight_row_bytes) */
+    const uint8_t * data;      /* [n_rows][row_bytes] device */
 };
+
+/* Bytes of one device row of a weight whose GGUF rows have gguf_row_bytes. */
+size_t moqae_cuda_weight_row_bytes(enum moqae_type type, int64_t n_cols, size_t gguf_row_bytes);
+/* n_rows GGUF rows (src, src_row_bytes apart) in the device layout, into host memory dst
+ * (n_rows * moqae_cuda_weight_row_bytes bytes). */
+void moqae_cuda_repack_rows(enum moqae_type type, int64_t n_cols, int64_t n_rows, const uint8_t * src, size_t src_row_bytes,
+                            uint8_t * dst);
 
 /* Which kernel a product uses: the one choice point (supported = not NONE). */
 enum moqae_cuda_mm_kernel {
