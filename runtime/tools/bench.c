@@ -126,7 +126,7 @@ int main(int argc, char ** argv) {
         const double dt = tool_now() - t0;
         printf("| %s | %.2f MiB | %.2f M | %s | %lld | %s | fill%lld | %.2f (%.2f s) |\n", info.name,
                (double) info.weight_bytes / 1048576.0, (double) info.n_params / 1e6, backend,
-               (long long) (n_threads ? n_threads : 0), cp.kv ? cp.kv : "fp16", (long long) depth,
+               (long long) (n_threads ? n_threads : 0), cp.router ? "router" : cp.kv ? cp.kv : "fp16", (long long) depth,
                (double) depth / dt, dt);
         fflush(stdout);
     }
