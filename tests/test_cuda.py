@@ -91,10 +91,52 @@ def test_gpu_matches_cpu_on_smollm2(smollm2_parity: str) -> None:
     assert smollm2_parity.strip().endswith("PASS"), smollm2_parity[-4000:]
 
 
-def test_partial_offload_is_a_clear_error(smollm2: str) -> None:
-    cli = _cuda_bin() / "moqae-cli"
-    if not cli.exists() or run_tool([_cuda_bin() / "cuda-parity", "--probe"], timeout=60).returncode == 77:
+def _gpu_tools() -> Path:
+    bin_dir = _cuda_bin()
+    if not (bin_dir / "moqae-perplexity").exists() or run_tool([bin_dir / "cuda-parity", "--probe"], timeout=60).returncode == 77:
         pytest.skip("no CUDA build or device")
-    r = run_tool([cli, "-m", smollm2, "-ngl", "5", "-p", "hi", "-n", "1"], timeout=120)
+    return bin_dir
+
+
+def _ppl(bin_dir: Path, model: str, args: list, env: dict | None = None) -> tuple[float, str]:
+    """Perplexity on the repository's excerpt, -c 1024, 4 windows: (PPL, the last window's kv cache line
+    without its 'reserved' figure, which counts host memory)."""
+    r = run_tool([bin_dir / "moqae-perplexity", "-m", model, "-f", ROOT / "tests" / "data" / "wikitext-2-excerpt.txt",
+                  "-c", "1024", "--chunks", "4", *args], timeout=600, env={**os.environ, **(env or {})})
     no_crash(r)
-    assert r.returncode == 1 and "partial offload" in r.stderr
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    ppl = float(out.split("Final estimate: PPL = ")[1].split()[0])
+    kv = next(line for line in out.splitlines() if line.startswith("kv cache:"))
+    return ppl, kv.rsplit(",", 1)[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["--router", str(ROOT / "models" / "smollm2-135m-moqae-balanced.gguf"), "--kv-bits", "3", "--kv-overflow", "demote",
+     "-b", "32"],
+    ["--kv", "sink+int4", "--kv-bits", "2.5", "--kv-overflow", "shift", "-b", "32"],
+    ["--router", str(ROOT / "models" / "smollm2-135m-moqae-compact.gguf")],
+], ids=["learned-demote", "shift", "per-layer-router"])
+def test_gpu_ring_takes_the_cpu_rings_decisions(smollm2: str, args: list) -> None:
+    """The GPU ring's bookkeeping is kv-ring.c's: with records padded as the GPU pads them
+    (MOQAE_KV_ALIGN=16), the CPU and the GPU keep the same chunk mix under a budget with demotion (the
+    router's learned order), shift, and a router deciding per layer; perplexities agree within the
+    arithmetic's noise (2%)."""
+    bin_dir = _gpu_tools()
+    cpu = _ppl(bin_dir, smollm2, [*args, "-ngl", "0"], {"MOQAE_KV_ALIGN": "16"})
+    gpu = _ppl(bin_dir, smollm2, [*args, "-ngl", "99"])
+    assert cpu[1] == gpu[1], (cpu, gpu)
+    assert abs(gpu[0] / cpu[0] - 1.0) < 0.02, (cpu, gpu)
+
+
+def test_partial_offload_matches_cpu_and_gpu(smollm2: str) -> None:
+    """-ngl N below n_layer: the first layers on the CPU, the last N and the head on the GPU; the same
+    chunk mix and perplexity within noise of the CPU alone and the GPU alone (SmolLM2: 30 layers)."""
+    bin_dir = _gpu_tools()
+    router = ["--router", str(ROOT / "models" / "smollm2-135m-moqae-compact.gguf")]
+    runs = {ngl: _ppl(bin_dir, smollm2, [*router, "-ngl", str(ngl)]) for ngl in (0, 1, 15, 29, 99)}
+    mixes = {ngl: kv.split(" tokens, ")[1].split(", ")[1] for ngl, (_, kv) in runs.items()}
+    assert len(set(mixes.values())) == 1, mixes
+    for ngl in (1, 15, 29):
+        assert abs(runs[ngl][0] / runs[0][0] - 1.0) < 0.02, runs
+        assert abs(runs[ngl][0] / runs[99][0] - 1.0) < 0.02, runs
