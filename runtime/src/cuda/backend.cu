@@ -193,6 +193,12 @@ void moqae_cuda_model_free(struct moqae_cuda_model * cm) {
  * Context
  * ================================================================================================ */
 
+/* One queued operation of the ring on the device arena. */
+struct ring_op {
+    size_t dst, src, n; /* a move, or a placement: src = the record's offset in demote_tmp */
+    int    job;         /* the placement's demotion (h_jobs index), or -1 for a move      */
+};
+
 struct moqae_cuda_context {
     const struct moqae_model *      m;
     const struct moqae_cuda_model * cm;
@@ -220,6 +226,9 @@ struct moqae_cuda_context {
     struct moqae_cuda_chunk * table;   /* [n_layer][cap_chunks] each layer's records                 */
     uint8_t *                 move_tmp; /* overlapping arena moves go through here (overflow policies) */
     size_t                    move_tmp_bytes;
+    uint8_t *                 demote_tmp; /* a round's demoted records before their placement        */
+    size_t                    demote_tmp_bytes;
+    struct moqae_cuda_demotion * jobs;  /* [max_jobs] a round's demotions (device)                   */
 
     /* host (pinned) */
     struct moqae_cuda_chunk * h_table; /* [n_layer][cap_chunks]                                      */
@@ -232,7 +241,11 @@ struct moqae_cuda_context {
     int64_t cap_chunks;
     int     n_split_decode, max_split_prefill;
     int     raw_bytes; /* largest quantized record pair the ring may hold (v3's copy buffers) */
-    size_t  mv_dst, mv_src, mv_n; /* the move the ring asked for, not yet enqueued (coalesced)          */
+    /* the ring's operations of the current overflow round, queued (ring_move, ring_demote, flush_ops) */
+    struct ring_op *             ops_q;
+    int                          q_n, q_cap, n_jobs, max_jobs;
+    struct moqae_cuda_demotion * h_jobs; /* [max_jobs] (pinned)                                      */
+    size_t                       tmp_used, hull_lo, hull_hi; /* bytes of demote_tmp; where the queue writes */
     bool    dirty;                /* records moved or changed codec: upload the whole table           */
     bool    broken;               /* a device error left the arena and the table apart: clear first   */
 
@@ -246,14 +259,13 @@ static size_t chunk_bytes(const struct moqae_cuda_context * cc, int codec) {
 
 /* ---- the ring's byte operations on the device arena (kv-cache.h's struct moqae_kv_arena_ops) ----- */
 
-/* Enqueue the pending move (dst < src). Pieces that overlap their source go through move_tmp; pieces
- * are taken in ascending order, so a piece's target only covers source bytes already copied. */
-static int flush_move(struct moqae_cuda_context * cc) {
-    const size_t n = cc->mv_n, delta = cc->mv_src - cc->mv_dst;
-    uint8_t *    dst = cc->arena + cc->mv_dst;
-    const uint8_t * src = cc->arena + cc->mv_src;
-    cudaStream_t s      = cc->stream;
-    cc->mv_n            = 0;
+/* memmove(arena + dst, arena + src, n), dst < src. Pieces that overlap their source go through move_tmp;
+ * pieces are taken in ascending order, so a piece's target only covers source bytes already copied. */
+static int copy_down(struct moqae_cuda_context * cc, size_t to, size_t from, size_t n) {
+    const size_t    delta = from - to;
+    uint8_t *       dst   = cc->arena + to;
+    const uint8_t * src   = cc->arena + from;
+    cudaStream_t    s     = cc->stream;
     if (n <= delta || delta >= cc->move_tmp_bytes) { /* pieces of delta bytes do not overlap */
         for (size_t done = 0; done < n; done += delta) {
             MOQAE_CUDA_CHECK(cudaMemcpyAsync(dst + done, src + done, std::min(delta, n - done), cudaMemcpyDeviceToDevice, s));
@@ -268,27 +280,81 @@ static int flush_move(struct moqae_cuda_context * cc) {
     return MOQAE_OK;
 }
 
+/* Run the queued operations: every queued demotion encoded in one launch from the arena as it is (into
+ * demote_tmp), then the moves and the demotions' placements in the ring's order. */
+static int flush_ops(struct moqae_cuda_context * cc) {
+    cudaStream_t s = cc->stream;
+    int          st = MOQAE_OK;
+    if (cc->n_jobs > 0) {
+        MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->jobs, cc->h_jobs, (size_t) cc->n_jobs * sizeof(struct moqae_cuda_demotion),
+                                         cudaMemcpyHostToDevice, s));
+        st = moqae_cuda_kv_demote(&cc->geom, cc->arena, cc->jobs, cc->n_jobs, cc->demote_tmp, cc->cs_t, s);
+    }
+    for (int i = 0; i < cc->q_n && !st; i++) {
+        const struct ring_op * o = &cc->ops_q[i];
+        if (o->job >= 0) {
+            const cudaError_t e = cudaMemcpyAsync(cc->arena + o->dst, cc->demote_tmp + o->src, o->n, cudaMemcpyDeviceToDevice, s);
+            st = e == cudaSuccess ? MOQAE_OK : moqae_fail(MOQAE_ERR_INTERNAL, "CUDA: placing a demoted record: %s",
+                                                          cudaGetErrorString(e));
+        } else {
+            st = copy_down(cc, o->dst, o->src, o->n);
+        }
+    }
+    if (!st && cc->n_jobs > 0) { /* h_jobs is refilled by the next round */
+        MOQAE_CUDA_CHECK(cudaStreamSynchronize(s));
+    }
+    cc->q_n = 0, cc->n_jobs = 0, cc->tmp_used = 0, cc->hull_lo = SIZE_MAX, cc->hull_hi = 0;
+    return st;
+}
+
+/* Queue one operation. Every operation of one overflow round reads bytes that no earlier operation of
+ * the round writes (the ring walks its records upwards and writes below the one it reads), so the round
+ * can be queued whole; an operation that reads what a queued one writes starts a new round. */
+static bool reads_queued_writes(const struct moqae_cuda_context * cc, size_t src, size_t n) {
+    return src < cc->hull_hi && src + n > cc->hull_lo;
+}
+
+static void queued_write(struct moqae_cuda_context * cc, size_t dst, size_t n) {
+    cc->hull_lo = std::min(cc->hull_lo, dst);
+    cc->hull_hi = std::max(cc->hull_hi, dst + n);
+}
+
 static int ring_move(void * user, size_t dst, size_t src, size_t n) {
     struct moqae_cuda_context * cc = (struct moqae_cuda_context *) user;
     cc->dirty                      = true;
-    if (cc->mv_n > 0 && cc->mv_src + cc->mv_n == src && cc->mv_dst + cc->mv_n == dst) {
-        cc->mv_n += n; /* the next record moves by the same distance: one copy */
+    if (n == 0) {
         return MOQAE_OK;
     }
-    MOQAE_TRY(flush_move(cc));
-    cc->mv_dst = dst, cc->mv_src = src, cc->mv_n = n;
+    if (reads_queued_writes(cc, src, n) || cc->q_n == cc->q_cap) {
+        MOQAE_TRY(flush_ops(cc));
+    }
+    struct ring_op * last = cc->q_n > 0 ? &cc->ops_q[cc->q_n - 1] : NULL;
+    if (last && last->job < 0 && last->src + last->n == src && last->dst + last->n == dst) {
+        last->n += n; /* the next record moves by the same distance: one copy */
+    } else {
+        cc->ops_q[cc->q_n++] = { dst, src, n, -1 };
+    }
+    queued_write(cc, dst, n);
     return MOQAE_OK;
 }
 
-/* A demotion: the re-encoded record into move_tmp (it may overlap the old one), then into place. */
 static int ring_demote(void * user, const struct moqae_kv_demotion * d) {
     struct moqae_cuda_context * cc = (struct moqae_cuda_context *) user;
     cc->dirty                      = true;
-    MOQAE_TRY(flush_move(cc));
-    MOQAE_TRY(moqae_cuda_kv_demote(&cc->geom, cc->arena + d->src, d->old_codec, cc->move_tmp, d->new_codec, cc->cs_t,
-                                   d->cs_p0, cc->stream));
-    MOQAE_CUDA_CHECK(cudaMemcpyAsync(cc->arena + d->dst, cc->move_tmp, chunk_bytes(cc, d->new_codec),
-                                     cudaMemcpyDeviceToDevice, cc->stream));
+    const size_t old_b = chunk_bytes(cc, d->old_codec), new_b = chunk_bytes(cc, d->new_codec);
+    if (reads_queued_writes(cc, d->src, old_b) || cc->n_jobs == cc->max_jobs || cc->q_n == cc->q_cap ||
+        cc->tmp_used + new_b > cc->demote_tmp_bytes) {
+        MOQAE_TRY(flush_ops(cc));
+    }
+    struct moqae_cuda_demotion * j = &cc->h_jobs[cc->n_jobs];
+    j->src = (long long) d->src, j->out = (long long) cc->tmp_used, j->old_codec = d->old_codec, j->new_codec = d->new_codec;
+    j->has_p0 = d->cs_p0 != NULL, j->pad = 0;
+    if (d->cs_p0) {
+        memcpy(j->p0, d->cs_p0, (size_t) cc->cfg.head_dim * sizeof(float));
+    }
+    cc->ops_q[cc->q_n++] = { d->dst, cc->tmp_used, new_b, cc->n_jobs++ };
+    cc->tmp_used += new_b;
+    queued_write(cc, d->dst, new_b);
     return MOQAE_OK;
 }
 
@@ -302,7 +368,7 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
     if (cc->dbuf) {
         cudaFree(cc->dbuf);
     }
-    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0, cc->h_x };
+    void * pinned[] = { cc->h_table, cc->h_dyn, cc->h_ids, cc->h_rope, cc->h_cs_p0, cc->h_x, cc->h_jobs };
     for (void * p : pinned) {
         if (p) {
             cudaFreeHost(p);
@@ -312,6 +378,7 @@ void moqae_cuda_context_free(struct moqae_cuda_context * cc) {
         cudaStreamDestroy(cc->stream);
     }
     moqae_kv_cache_free(cc->kv);
+    free(cc->ops_q);
     free(cc);
 }
 
@@ -326,9 +393,14 @@ static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
     moqae_kv_cache_table(cc->kv, &tab);
     /* overflow policies move records inside the arena (overlapping moves go through a buffer) and
      * re-encode them (into the same buffer first) */
+    const bool demote  = cc->cfg.overflow == MOQAE_KV_OVERFLOW_DEMOTE;
     cc->move_tmp_bytes = cc->cfg.overflow != MOQAE_KV_OVERFLOW_ERROR
                              ? std::max(std::min<size_t>(tab.cap, (size_t) 64 << 20), chunk_bytes(cc, MOQAE_KV_CODEC_F16))
                              : 0;
+    cc->demote_tmp_bytes = demote ? cc->move_tmp_bytes : 0;
+    cc->max_jobs         = demote ? 1024 : 0;
+    cc->q_cap            = cc->cfg.overflow != MOQAE_KV_OVERFLOW_ERROR ? 2 * cc->max_jobs + 64 : 0;
+    cc->hull_lo          = SIZE_MAX;
     struct {
         void ** p;
         size_t  bytes;
@@ -345,6 +417,8 @@ static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
         { (void **) &cc->cs_t, pre ? (size_t) (D * cc->cfg.chunk) * 4 : 0 },
         { (void **) &cc->cs_p0, pre ? (size_t) (cc->cap_chunks * D) * 4 : 0 },
         { (void **) &cc->move_tmp, cc->move_tmp_bytes },
+        { (void **) &cc->demote_tmp, cc->demote_tmp_bytes },
+        { (void **) &cc->jobs, (size_t) cc->max_jobs * sizeof(struct moqae_cuda_demotion) },
     };
     size_t scratch = 0;
     for (auto & e : t) {
@@ -402,6 +476,12 @@ static int context_alloc(struct moqae_cuda_context * cc, const float * theta) {
     MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_rope, (size_t) (B * hp->n_rot) * 4));
     if (cc->cm->layer0 > 0) {
         MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_x, (size_t) (B * E) * 4));
+    }
+    if (cc->max_jobs > 0) {
+        MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_jobs, (size_t) cc->max_jobs * sizeof(struct moqae_cuda_demotion)));
+    }
+    if (cc->q_cap > 0 && !(cc->ops_q = (struct ring_op *) calloc((size_t) cc->q_cap, sizeof(struct ring_op)))) {
+        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
     }
     if (pre) {
         MOQAE_CUDA_CHECK(cudaMallocHost((void **) &cc->h_cs_p0, (size_t) (cc->cap_chunks * D) * 4));
@@ -528,7 +608,7 @@ int moqae_cuda_context_new(const struct moqae_model * m, const struct moqae_kv_c
 
 void moqae_cuda_context_clear(struct moqae_cuda_context * cc) {
     moqae_kv_cache_clear(cc->kv);
-    cc->mv_n   = 0;
+    cc->q_n = 0, cc->n_jobs = 0, cc->tmp_used = 0, cc->hull_lo = SIZE_MAX, cc->hull_hi = 0;
     cc->dirty  = true;
     cc->broken = false;
 }
@@ -629,7 +709,9 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
         uint16_t * sk = cc->stage_k + (size_t) li * stage_layer, *sv = cc->stage_v + (size_t) li * stage_layer;
         const struct moqae_cuda_chunk * tab = cc->table + li * cc->cap_chunks; /* this layer's records */
         MOQAE_TRY(moqae_cuda_kv_store(&cc->geom, sk, sv, cc->k, cc->v, n_tok, cc->dyn, s));
-        MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, cc->arena, tab, cc->cs_t, cc->cs_p0, max_enc, cc->dyn, s));
+        if (n_tok > 1) { /* prefill: this micro-batch's later tokens attend to the chunks it completes */
+            MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, cc->arena, tab, cc->cs_t, cc->cs_p0, max_enc, cc->dyn, s));
+        }
         struct moqae_cuda_attn_args a;
         a.q = cc->q, a.out = cc->att, a.part = cc->part, a.arena = cc->arena, a.stage_k = sk, a.stage_v = sv;
         a.table = tab, a.cs_t = cc->cs_t, a.cs_p0 = cc->cs_p0, a.dyn = cc->dyn, a.n_tok = (int) n_tok;
@@ -647,6 +729,12 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
             MOQAE_TRY(moqae_cuda_swiglu(cc->gate, cc->up, n_tok * hp->n_ff, s));
         }
         MOQAE_TRY(moqae_cuda_matmul(&L->w_down, cc->gate, cc->xq, n_tok, cc->x, E, true, s));
+    }
+    if (n_tok == 1) { /* decode: the chunk this token completes (if any), every layer in one launch; its own
+                         attention read it from the staging window, the next step reads the records */
+        MOQAE_TRY(moqae_cuda_kv_encode_layers(&cc->geom, cc->stage_k, cc->stage_v, (long long) stage_layer, cc->arena,
+                                              cc->table, cc->cap_chunks, (int) cc->cfg.n_layer, cc->cs_t, cc->cs_p0,
+                                              max_enc, cc->dyn, s));
     }
     return MOQAE_OK;
 }
@@ -740,7 +828,7 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
     moqae_kv_cache_table(cc->kv, &t);
     const int64_t n_before = t.n_chunks;
     int           st       = moqae_kv_cache_prepare(cc->kv, T, job->votes);
-    const int     fl       = flush_move(cc); /* what it moved before failing stays moved (shift) */
+    const int     fl       = flush_ops(cc); /* what it moved before failing stays moved (shift) */
     st                     = st ? st : fl;
     if (st == MOQAE_ERR_INTERNAL) {
         cc->broken = true;

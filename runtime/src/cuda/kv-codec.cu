@@ -513,8 +513,8 @@ struct dev_exec { /* __host__ too only so that encode_record's host instantiatio
 
 static __global__ void __launch_bounds__(ENC_THREADS)
 encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__ stage_k,
-              const uint16_t * __restrict__ stage_v, uint8_t * __restrict__ arena,
-              const struct moqae_cuda_chunk * __restrict__ table, const float * __restrict__ cs_t,
+              const uint16_t * __restrict__ stage_v, long long stage_stride, uint8_t * __restrict__ arena,
+              const struct moqae_cuda_chunk * __restrict__ table, long long table_stride, const float * __restrict__ cs_t,
               const float * __restrict__ cs_p0, const struct moqae_cuda_dyn * __restrict__ dyn) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
     enc_smem & s = *(enc_smem *) smem_raw;
@@ -522,6 +522,9 @@ encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__
     if (ci >= dyn->n_enc) {
         return;
     }
+    stage_k += (long long) blockIdx.z * stage_stride; /* layer z of the ones encoded together */
+    stage_v += (long long) blockIdx.z * stage_stride;
+    table += (long long) blockIdx.z * table_stride;
     const int              idx = dyn->enc_first + ci;
     const moqae_cuda_chunk ch  = table[idx];
     uint8_t *              rk  = arena + ch.off + (long long) h * (g.k_pad[ch.codec] + g.v_pad[ch.codec]);
@@ -545,11 +548,36 @@ encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__
     }
 }
 
-/* ---- demote ------------------------------------------------------------------------------------- */
+int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
+                         uint8_t * arena, const struct moqae_cuda_chunk * table, const float * cs_t,
+                         const float * cs_p0, int max_enc, const struct moqae_cuda_dyn * dyn, cudaStream_t stream) {
+    return moqae_cuda_kv_encode_layers(g, stage_k, stage_v, 0, arena, table, 0, 1, cs_t, cs_p0, max_enc, dyn, stream);
+}
 
-struct demote_p0 { /* a chunk's start rotation [D/2][2], by value */
-    float v[ENC_MAX_D];
-};
+int moqae_cuda_kv_encode_layers(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
+                                long long stage_stride, uint8_t * arena, const struct moqae_cuda_chunk * table,
+                                long long table_stride, int n_layers, const float * cs_t, const float * cs_p0, int max_enc,
+                                const struct moqae_cuda_dyn * dyn, cudaStream_t stream) {
+    if (max_enc <= 0 || n_layers <= 0) {
+        return MOQAE_OK;
+    }
+    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d (supported: %d / <= %d)",
+                          g->chunk, g->head_dim, ENC_C, ENC_MAX_D);
+    }
+    static bool attr_set = false; /* same value for every caller: a race only repeats the call */
+    if (!attr_set) {
+        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int) sizeof(enc_smem)));
+        attr_set = true;
+    }
+    encode_kernel<<<dim3((unsigned) max_enc, (unsigned) g->n_head_kv, (unsigned) n_layers), ENC_THREADS, sizeof(enc_smem),
+                    stream>>>(*g, stage_k, stage_v, stage_stride, arena, table, table_stride, cs_t, cs_p0, dyn);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    return MOQAE_OK;
+}
+
+/* ---- demote ------------------------------------------------------------------------------------- */
 
 /* The args of one pass (keys, then values) of a demotion of one head: FP16 keys (after RoPE) are
  * turned back to before RoPE with cs_t and p0 when the new codec is quantized and the ring's keys are
@@ -574,27 +602,33 @@ static __host__ __device__ enc_args demote_args(bool is_k, int C, int D, int G, 
 }
 
 static __global__ void __launch_bounds__(ENC_THREADS)
-demote_kernel(const struct moqae_cuda_ring_geom g, const uint8_t * __restrict__ src, int old_codec,
-              uint8_t * __restrict__ out, int new_codec, const float * __restrict__ cs_t, const demote_p0 p0) {
+demote_kernel(const struct moqae_cuda_ring_geom g, const uint8_t * __restrict__ arena,
+              const struct moqae_cuda_demotion * __restrict__ jobs, uint8_t * __restrict__ out,
+              const float * __restrict__ cs_t) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
-    enc_smem &      s  = *(enc_smem *) smem_raw;
-    const int       h  = blockIdx.x;
-    const uint8_t * rk = src + (long long) h * (g.k_pad[old_codec] + g.v_pad[old_codec]);
-    uint8_t *       wk = out + (long long) h * (g.k_pad[new_codec] + g.v_pad[new_codec]);
-    dev_exec        ex;
+    enc_smem &                        s  = *(enc_smem *) smem_raw;
+    const struct moqae_cuda_demotion & j  = jobs[blockIdx.x];
+    const int                         h  = blockIdx.y;
+    const uint8_t *                   rk = arena + j.src + (long long) h * (g.k_pad[j.old_codec] + g.v_pad[j.old_codec]);
+    uint8_t *                         wk = out + j.out + (long long) h * (g.k_pad[j.new_codec] + g.v_pad[j.new_codec]);
+    dev_exec                          ex;
     for (int pass = 0; pass < 2; pass++) {
-        const enc_args a = demote_args(pass == 0, g.chunk, g.head_dim, g.v_group, pass == 0 ? rk : rk + g.k_pad[old_codec],
-                                       old_codec, pass == 0 ? wk : wk + g.k_pad[new_codec], new_codec, cs_t, p0.v);
+        const enc_args a = demote_args(pass == 0, g.chunk, g.head_dim, g.v_group,
+                                       pass == 0 ? rk : rk + g.k_pad[j.old_codec], j.old_codec,
+                                       pass == 0 ? wk : wk + g.k_pad[j.new_codec], j.new_codec, j.has_p0 ? cs_t : nullptr,
+                                       j.p0);
         encode_record(ex, s, a);
     }
 }
 
-int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * src, int old_codec, uint8_t * out,
-                         int new_codec, const float * cs_t, const float * cs_p0, cudaStream_t stream) {
-    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0 || new_codec <= old_codec ||
-        new_codec > 3) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV demotion: codec %d -> %d, chunk %d / head_dim %d", old_codec,
-                          new_codec, g->chunk, g->head_dim);
+int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * arena,
+                         const struct moqae_cuda_demotion * jobs, int n_jobs, uint8_t * out, const float * cs_t,
+                         cudaStream_t stream) {
+    if (n_jobs <= 0) {
+        return MOQAE_OK;
+    }
+    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV demotion: chunk %d / head_dim %d", g->chunk, g->head_dim);
     }
     static bool attr_set = false; /* same value for every caller: a race only repeats the call */
     if (!attr_set) {
@@ -602,35 +636,8 @@ int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * 
                                               (int) sizeof(enc_smem)));
         attr_set = true;
     }
-    demote_p0 p0;
-    memset(&p0, 0, sizeof(p0));
-    if (cs_p0) {
-        memcpy(p0.v, cs_p0, (size_t) g->head_dim * sizeof(float));
-    }
-    demote_kernel<<<(unsigned) g->n_head_kv, ENC_THREADS, sizeof(enc_smem), stream>>>(*g, src, old_codec, out, new_codec,
-                                                                                     cs_p0 ? cs_t : nullptr, p0);
-    MOQAE_CUDA_LAUNCH_CHECK();
-    return MOQAE_OK;
-}
-
-int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
-                         uint8_t * arena, const struct moqae_cuda_chunk * table, const float * cs_t,
-                         const float * cs_p0, int max_enc, const struct moqae_cuda_dyn * dyn, cudaStream_t stream) {
-    if (max_enc <= 0) {
-        return MOQAE_OK;
-    }
-    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d (supported: %d / <= %d)",
-                          g->chunk, g->head_dim, ENC_C, ENC_MAX_D);
-    }
-    static bool attr_set = false; /* same value for every caller: a race only repeats the call */
-    if (!attr_set) {
-        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int) sizeof(enc_smem)));
-        attr_set = true;
-    }
-    encode_kernel<<<dim3((unsigned) max_enc, (unsigned) g->n_head_kv), ENC_THREADS, sizeof(enc_smem), stream>>>(
-        *g, stage_k, stage_v, arena, table, cs_t, cs_p0, dyn);
+    demote_kernel<<<dim3((unsigned) n_jobs, (unsigned) g->n_head_kv), ENC_THREADS, sizeof(enc_smem), stream>>>(
+        *g, arena, jobs, out, cs_t);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }

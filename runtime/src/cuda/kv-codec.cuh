@@ -39,18 +39,37 @@ int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t *
                          uint8_t * arena, const struct moqae_cuda_chunk * table, const float * cs_t,
                          const float * cs_p0, int max_enc, const struct moqae_cuda_dyn * dyn, cudaStream_t stream);
 
+/* The same for n_layers layers in one launch: layer z's staging window at stage_k/v + z * stage_stride
+ * (elements) and its chunk table at table + z * table_stride (entries); the arena is shared (records at
+ * absolute offsets). Decode steps encode the chunk they complete this way after every layer has run:
+ * the step's own attention reads that chunk from the staging window, so only the next step needs it,
+ * and one launch of n_layers x n_head_kv blocks fills the GPU where n_layers launches of n_head_kv
+ * blocks each ran one after another. */
+int moqae_cuda_kv_encode_layers(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
+                                long long stage_stride, uint8_t * arena, const struct moqae_cuda_chunk * table,
+                                long long table_stride, int n_layers, const float * cs_t, const float * cs_p0, int max_enc,
+                                const struct moqae_cuda_dyn * dyn, cudaStream_t stream);
+
 /* The encoder's phases run on the CPU, one chunk of one head (k, v: [C][D] f16 bits; cs_t, cs_p0 as
  * above for the chunk, or NULL): for testing the device code where there is no device. */
 int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k, const uint16_t * v,
                               const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec);
 
-/* A demotion (kv-ring.c demote_fill, kv-cache.h's struct moqae_kv_demotion): the record of one chunk of
- * one layer at src (every KV head, codec old_codec, padded layout) decoded as kv-codec.c decodes it and
- * encoded one or more codecs lower into out (a buffer that does not overlap src), byte for byte as the
- * CPU ring demotes. cs_p0: host [D/2][2] when FP16 keys (after RoPE) become a quantized record before
- * RoPE (with the device's cs_t), else NULL. One block per KV head. */
-int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * src, int old_codec, uint8_t * out,
-                         int new_codec, const float * cs_t, const float * cs_p0, cudaStream_t stream);
+/* A demotion (kv-ring.c demote_fill, kv-cache.h's struct moqae_kv_demotion) as the device does it: the
+ * record of one chunk of one layer at arena + src (every KV head, codec old_codec, padded layout) decoded as
+ * kv-codec.c decodes it and encoded at new_codec into out + out (a buffer apart from the arena), byte for
+ * byte as the CPU ring demotes. has_p0: FP16 keys (after RoPE) become a quantized record before RoPE,
+ * turned back with the device's cs_t and the chunk's start rotation p0 [D/2][2]. */
+struct moqae_cuda_demotion {
+    long long src, out;
+    int       old_codec, new_codec, has_p0, pad;
+    float     p0[256];
+};
+
+/* Every job in one launch (n_jobs x n_head_kv blocks); jobs in device memory. */
+int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * arena,
+                         const struct moqae_cuda_demotion * jobs, int n_jobs, uint8_t * out, const float * cs_t,
+                         cudaStream_t stream);
 
 /* The same on the CPU, one head (krec, vrec: the old unpadded records; kout, vout: the new): tests. */
 int moqae_cuda_kv_demote_host(int old_codec, int new_codec, int C, int D, int G, const uint8_t * krec,
