@@ -101,6 +101,17 @@ static __host__ __device__ long long group_err(const enc_smem & s, const enc_arg
 /* ---- one record: the phases ---------------------------------------------------------------------
  * EX is the executor: ex.run(f) calls f(tid, n_threads) for every thread, ex.sync() is the barrier. */
 
+/* The rotation of every row of s.x (keys over D, values in blocks of G), forward or back: kv-codec.c's. */
+template <class EX> static __host__ __device__ void rotate_rows(EX & ex, enc_smem & s, const enc_args & a, bool inverse) {
+    ex.run([&](int tid, int nt) {
+        const int n = kvl_rot_block(a.is_k ? a.D : a.G);
+        for (int j = tid; j < a.C; j += nt) {
+            kvl_fwht(s.x + j * ENC_LDX, a.D, 1, n, kvl_rot_factor(n, inverse));
+        }
+    });
+    ex.sync();
+}
+
 /* The old record a.src decoded into s.x [C][D] as kv-codec.c's moqae_kv_decode_k/_v decodes it: each
  * element scale * code + zero (product rounded first), the keys' outlier row, the inverse rotation
  * (a demotion: kv-ring.c demote_fill). */
@@ -144,13 +155,7 @@ template <class EX> static __host__ __device__ void decode_record(EX & ex, enc_s
         });
         ex.sync();
     }
-    ex.run([&](int tid, int nt) {
-        const int n = kvl_rot_block(a.is_k ? D : G);
-        for (int j = tid; j < C; j += nt) {
-            kvl_fwht(s.x + j * ENC_LDX, D, 1, n, kvl_rot_factor(n, true));
-        }
-    });
-    ex.sync();
+    rotate_rows(ex, s, a, true);
 }
 
 template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_smem & s, const enc_args & a) {
@@ -232,14 +237,7 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
         });
         ex.sync();
     }
-    /* rotate: each key row over D, each value row in blocks of G */
-    ex.run([&](int tid, int nt) {
-        const int n = kvl_rot_block(a.is_k ? D : G);
-        for (int j = tid; j < C; j += nt) {
-            kvl_fwht(s.x + j * ENC_LDX, D, 1, n, kvl_rot_factor(n, false));
-        }
-    });
-    ex.sync();
+    rotate_rows(ex, s, a, false); /* each key row over D, each value row in blocks of G */
 
     /* ---- encode_q ---- */
     const kvl_geom g     = a.is_k ? kvl_geom_k(a.codec, C, D) : kvl_geom_v(a.codec, C, D, G);
