@@ -610,9 +610,10 @@ def test_threads(smollm2, reference):
     assert elapsed > 0.2 and count > 1000
 
 
-def test_logs_go_to_logging(smollm2, caplog):
+@pytest.mark.parametrize("ngl", [1, -1])  # -1: every layer, as llama-cpp-python spells it
+def test_logs_go_to_logging(smollm2, caplog, ngl):
     with caplog.at_level(logging.WARNING, logger="moqae_cpp"):
-        moqae_cpp.Llama(smollm2, n_ctx=16, n_gpu_layers=1).close()
+        moqae_cpp.Llama(smollm2, n_ctx=16, n_gpu_layers=ngl).close()
     if not moqae_cpp.has_cuda():
         assert any("n_gpu_layers" in r.getMessage() for r in caplog.records if r.name == "moqae_cpp")
 

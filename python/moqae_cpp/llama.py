@@ -83,7 +83,8 @@ class Llama(Closable):
         kv_overflow: what a full KV cache does: "error" (the C default), "shift" (drop the oldest
             chunks) or "demote" (re-encode the oldest chunks to fewer bits; a router file with
             demotion weights orders the records by age x weight of their layer).
-        n_gpu_layers: layers to offload to CUDA (0 = CPU only; ignored with a warning without CUDA).
+        n_gpu_layers: layers to offload to CUDA: the last n_gpu_layers and the output head (0 = CPU only,
+            -1 (as llama-cpp-python) or >= the model's layers = all; ignored with a warning without CUDA).
         use_mlock: lock the weights in RAM; None = the C default (no).
         logits_all: keep the logits of every evaluated token (needed for `logprobs`), not only the
             last one. Costs n_tokens x n_vocab floats.

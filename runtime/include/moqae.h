@@ -101,7 +101,8 @@ MOQAE_API void moqae_log_set(moqae_log_fn fn, void * user_data);
 struct moqae_model;
 
 struct moqae_model_params {
-    int32_t n_gpu_layers; /* layers to offload to CUDA; 0 = none (CPU only)                      */
+    int32_t n_gpu_layers; /* layers to offload to CUDA, the model's last ones and the output head;
+                             0 = none (CPU only); < 0 or >= n_layer = every layer              */
     bool    use_mlock;    /* lock the mapped weights in RAM; false = let the OS page them         */
 };
 

@@ -262,7 +262,7 @@ int moqae_model_load(const char * path, const struct moqae_model_params * params
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "moqae_model_load: no model path given");
     }
     struct moqae_model_params p = params ? *params : moqae_model_default_params();
-    if (p.n_gpu_layers > 0 && !moqae_has_cuda()) {
+    if (p.n_gpu_layers != 0 && !moqae_has_cuda()) {
         moqae_log(MOQAE_LOG_WARN, "n_gpu_layers=%d ignored: this build has no CUDA device", p.n_gpu_layers);
     }
     struct moqae_model * m = calloc(1, sizeof(*m));
@@ -270,8 +270,8 @@ int moqae_model_load(const char * path, const struct moqae_model_params * params
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory loading %s", path);
     }
     int st = model_load(path, m);
-    if (!st && p.n_gpu_layers > 0 && moqae_has_cuda()) {
-        st = moqae_cuda_model_new(m, p.n_gpu_layers, &m->cuda); /* issue 7: weights uploaded once */
+    if (!st && p.n_gpu_layers != 0 && moqae_has_cuda()) { /* issue 7: weights uploaded once; < 0: all */
+        st = moqae_cuda_model_new(m, p.n_gpu_layers < 0 ? INT32_MAX : p.n_gpu_layers, &m->cuda);
     }
     if (st) {
         moqae_model_free(m);
