@@ -7,9 +7,8 @@
  * at INT4. The incomplete chunk and the micro-batch being computed live in an f32 staging window.
  * Overflow (the arena or the table full) evicts (shift) or re-encodes (demote) the oldest non-sink
  * chunks and compacts the arena, or fails (error). A ring built with arena_ops keeps only this
- * bookkeeping: its arena and staging window are the CUDA backend's, and the arena's byte operations
- * (record moves, the demotions' reads and writes) go to the ops, so the GPU ring takes every decision
- * the CPU ring takes.
+ * bookkeeping: its arena and staging window are the CUDA backend's, and the operations on the arena's
+ * bytes (record moves, demotions) go to the ops, so the GPU ring takes every decision the CPU ring takes.
  *
  * Record of one chunk in one layer: for each KV head h: K record then V record (kv-codec.h).
  */
@@ -268,7 +267,6 @@ int moqae_kv_cache_new(const struct moqae_kv_config * cfg, struct moqae_kv_cache
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory: the KV cache needs %.1f MiB",
                           (double) (arena + 2 * stage) / 1048576.0);
     }
-    memset(kv->tmp_rec, 0, 2 * (size_t) cfg->chunk * (size_t) cfg->head_dim * 2 + 64); /* record padding */
     kv->cap = (size_t) arena;
     *out    = kv;
     return MOQAE_OK;

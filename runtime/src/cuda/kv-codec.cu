@@ -72,6 +72,27 @@ struct enc_args {
     int             src_codec;
 };
 
+/* The args of one pass over a chunk of the staging window (no old record). */
+static __host__ __device__ enc_args stage_args(bool is_k, int C, int D, int G, int codec, int stage_rows, long long pos,
+                                               const uint16_t * stage, const float * cs_t, const float * cs_p0,
+                                               uint8_t * rec) {
+    enc_args a;
+    a.is_k       = is_k;
+    a.C          = C;
+    a.D          = D;
+    a.G          = G;
+    a.codec      = codec;
+    a.stage_rows = stage_rows;
+    a.pos        = pos;
+    a.stage      = stage;
+    a.cs_t       = cs_t;
+    a.cs_p0      = cs_p0;
+    a.rec        = rec;
+    a.src        = nullptr;
+    a.src_codec  = 0;
+    return a;
+}
+
 /* Element e of group i of the pass (keys: channel i, token e; values: token i / (D/G), columns
  * (i % (D/G)) * G + e). */
 static __host__ __device__ __forceinline__ float gx(const enc_smem & s, const enc_args & a, int i, int e) {
@@ -528,20 +549,10 @@ encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__
     uint8_t *              rk  = arena + ch.off + (long long) h * (g.k_pad[ch.codec] + g.v_pad[ch.codec]);
     dev_exec               ex;
     for (int pass = 0; pass < 2; pass++) {
-        enc_args a;
-        a.is_k       = pass == 0;
-        a.C          = g.chunk;
-        a.D          = g.head_dim;
-        a.G          = g.v_group;
-        a.codec      = ch.codec;
-        a.stage_rows = (int) g.stage_rows;
-        a.pos        = ch.pos;
-        a.stage      = (pass == 0 ? stage_k : stage_v) + (long long) h * g.stage_rows * g.head_dim;
-        a.cs_t       = cs_t;
-        a.cs_p0      = cs_t ? cs_p0 + (long long) idx * g.head_dim : nullptr;
-        a.rec        = pass == 0 ? rk : rk + g.k_pad[ch.codec];
-        a.src        = nullptr;
-        a.src_codec  = 0;
+        const enc_args a = stage_args(pass == 0, g.chunk, g.head_dim, g.v_group, ch.codec, (int) g.stage_rows, ch.pos,
+                                      (pass == 0 ? stage_k : stage_v) + (long long) h * g.stage_rows * g.head_dim, cs_t,
+                                      cs_t ? cs_p0 + (long long) idx * g.head_dim : nullptr,
+                                      pass == 0 ? rk : rk + g.k_pad[ch.codec]);
         encode_record(ex, s, a);
     }
 }
@@ -582,20 +593,10 @@ int moqae_cuda_kv_encode_layers(const struct moqae_cuda_ring_geom * g, const uin
  * before RoPE (cs_t != NULL); quantized keys already are. */
 static __host__ __device__ enc_args demote_args(bool is_k, int C, int D, int G, const uint8_t * src, int old_codec,
                                                 uint8_t * rec, int new_codec, const float * cs_t, const float * p0) {
-    enc_args a;
-    a.is_k       = is_k;
-    a.C          = C;
-    a.D          = D;
-    a.G          = G;
-    a.codec      = new_codec;
-    a.stage_rows = C;
-    a.pos        = 0;
-    a.stage      = nullptr;
-    a.cs_t       = old_codec == 0 ? cs_t : nullptr;
-    a.cs_p0      = a.cs_t ? p0 : nullptr;
-    a.rec        = rec;
-    a.src        = src;
-    a.src_codec  = old_codec;
+    const float * turn = old_codec == 0 ? cs_t : nullptr;
+    enc_args      a    = stage_args(is_k, C, D, G, new_codec, C, 0, nullptr, turn, turn ? p0 : nullptr, rec);
+    a.src              = src;
+    a.src_codec        = old_codec;
     return a;
 }
 
@@ -663,20 +664,8 @@ int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k
     }
     host_exec ex = { ENC_THREADS };
     for (int pass = 0; pass < 2; pass++) {
-        enc_args a;
-        a.is_k       = pass == 0;
-        a.C          = C;
-        a.D          = D;
-        a.G          = G;
-        a.codec      = codec;
-        a.stage_rows = C;
-        a.pos        = 0;
-        a.stage      = pass == 0 ? k : v;
-        a.cs_t       = cs_t;
-        a.cs_p0      = cs_p0;
-        a.rec        = pass == 0 ? krec : vrec;
-        a.src        = nullptr;
-        a.src_codec  = 0;
+        const enc_args a =
+            stage_args(pass == 0, C, D, G, codec, C, 0, pass == 0 ? k : v, cs_t, cs_p0, pass == 0 ? krec : vrec);
         encode_record(ex, *s, a);
     }
     free(s);
