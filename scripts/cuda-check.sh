@@ -5,6 +5,7 @@
 # SmolLM2 and the LLaMA-2-7B-shaped Q4_0 model at depth.
 #   scripts/cuda-check.sh [STAGE ...]
 # stages: build res stash smol emulate tiny attnpv parity floor ppl smolbench make7b router7b 7bprobe 7b32k 7b32kgen
+#         7bint2_32k walk32k (session 8: the codec-grouped walk and INT2 values on tensor cores)
 #         7b32kold 7b128k 7b128kold 7brouter32k 7brouter128k fp16 nofit ncu prof7b profsmol sass
 #         (the *old stages and attnpv: v3's INT4 values on CUDA cores, MOQAE_CUDA_PV=0, the fourth increment's path)
 #         llamabuild llamabg llamawait llamabench llama128k (llama.cpp's CUDA build side by side)
@@ -134,10 +135,19 @@ for st in $stages; do
         $B/cuda-parity /tmp/tiny.gguf > "$OUT/parity-tiny.log" 2>&1
         grep -E "^codec|^attention|^kv|^greedy|^model|failed|error" "$OUT/parity-tiny.log" | tee -a "$S"
         note "parity tiny: $(tail -1 "$OUT/parity-tiny.log")" ;;
-    attnpv) # the attention checks under the other INT4 value paths (MOQAE_CUDA_PV=0: CUDA cores, =2: tensor cores
-            # with the codes as normal f16); no model: cuda-parity stops after its codec and attention checks
-        for m in 0 2; do
-            MOQAE_CUDA_PV=$m $B/cuda-parity /nonexistent.gguf 2>&1 | grep -E "^attention" | sed "s/^/PV=$m /" | tee -a "$S"
+    attnpv) # the attention checks under the other value paths (MOQAE_CUDA_PV=0: CUDA cores, =2: tensor cores
+            # with the INT4 codes as normal f16, =4: INT2 on CUDA cores) and session 7's walk (MOQAE_CUDA_WALK=0);
+            # no model: cuda-parity stops after its codec and attention checks
+        for m in PV=1 PV=0 PV=2 PV=4 WALK=0; do
+            env MOQAE_CUDA_$m $B/cuda-parity /nonexistent.gguf 2>&1 | grep -E "^attention" | sed "s/^/$m /" | tee -a "$S"
+        done ;;
+    walk32k) # the 7B router and INT2 rings at 32k: session 7's walk and INT2 values (WALK=0 PV=4), then each change
+        for m in "0 4" "1 4" "1 1"; do
+            set -- $m
+            MOQAE_CUDA_WALK=$1 MOQAE_CUDA_PV=$2 bench7b 7b-router-32k-walk$1-pv$2 -c 131072 --depth 32768 -n 32 -r 3 --router $R7
+        done
+        for m in 4 1; do
+            MOQAE_CUDA_PV=$m bench7b 7b-int2-32k-pv$m -c 131072 --depth 32768 -n 32 -r 3 --kv int2
         done ;;
     parity)
         $B/cuda-parity $SMOL --router $SMOL_ROUTER > "$OUT/parity.log" 2>&1
@@ -202,6 +212,8 @@ for st in $stages; do
         MOQAE_CUDA_PV=0 bench7b 7b-int4-128k-old -c 131072 --depth 130944 -n 32 -r 3 --kv int4 ;;
     7b32kgen) # the generic attention kernel for decode (comparison with v3)
         MOQAE_CUDA_ATTN=1 bench7b 7b-int4-32k-generic -c 32896 --depth 32768 -n 16 -r 3 --kv int4 ;;
+    7bint2_32k) # every chunk INT2 (the router's cheapest expert alone)
+        bench7b 7b-int2-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int2 ;;
     7b128k)
         bench7b 7b-int4-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 ;;
     7brouter32k)
@@ -226,6 +238,15 @@ for st in $stages; do
         done
         grep -E "^  [a-zA-Z_0-9<>, ]+\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp|Block Limit" \
             "$OUT/ncu.txt" | head -80 | tee -a "$S" ;;
+    ncumix) # attention at depth 16k under int4, int2 and the router's mix: duration, warp stalls, instructions
+        for kv in "--kv int4" "--kv int2" "--router $R7"; do
+            echo "### $kv" >> "$OUT/ncumix.txt"
+            timeout 150 ncu --kernel-name regex:attn_v3_kernel --launch-skip 64 --launch-count 1 --section SpeedOfLight \
+                --section WarpStateStats --section InstructionStats --section SchedulerStats \
+                $B/moqae-bench -m $L7 -ngl 99 -c 16896 --depth 16384 -n 4 -r 1 $kv >> "$OUT/ncumix.txt" 2>&1
+        done
+        grep -E "^### |Duration|Compute \(SM\) Throughput|Stall|Warp Cycles Per Issued|Executed Instructions  |No Eligible|Issued Warp" \
+            "$OUT/ncumix.txt" | head -90 | tee -a "$S" ;;
     prof7b) # every kernel of the 7B decode at depth 0 (pp1 + tg2, warm-up included): mean time per launch
         timeout 200 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $L7 -ngl 99 -p 1 -n 2 -r 1 --kv int4 \
             > "$OUT/prof7b.csv" 2>/dev/null

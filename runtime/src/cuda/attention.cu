@@ -462,7 +462,8 @@ template <int D, int MM> struct v3_layout {
     static constexpr int qs    = 0;
     static constexpr int cst   = qs + MM * D * 4;
     static constexpr int frac  = cst + ATT_TILE * CSTLD * 8;
-    static constexpr int warps = frac + 16 * 4;
+    static constexpr int walk  = frac + 16 * 4; /* per warp: its walk's window base and mask */
+    static constexpr int warps = walk + 2 * 4 * 8;
     static constexpr int warp_fixed = D * 2 + D * 4 + MM * D * 4; /* shat, corr, q0 */
 };
 
@@ -622,6 +623,77 @@ static __device__ __forceinline__ void v3_values_int4_tc(const uint8_t * rv, con
     }
 }
 
+/* Values of an INT2 record on tensor cores (D 128, one query row): v3_values_int4_tc's transposed
+ * product for 2-bit codes. A token's row is 32 bytes (byte B: channels 16 (B / 4) + B % 4 + 4 s, at
+ * bits 2 s), so one ldmatrix.x4.trans per 16 tokens covers the whole row: lane (g8, q4) receives bytes
+ * 2 g8, 2 g8 + 1 (and 16 + ...) of tokens 2 q4, 2 q4 + 1; the pair (byte lb, shift s) picks an A tile,
+ * the code c as the f16 subnormal c 4^s 2^-24 by one mask. 16 mma per record. Rows of tile (lb, s):
+ * channels 16 (g8 / 2) + 2 (g8 % 2) + lb + 4 s (+ 64 for the second 16 bytes). The lanes holding the
+ * tokens follow the INT2 key path (token g8 + 8 q4); the sums reach orot's order (channel 4 lane + e)
+ * through the warp's buffer buf (D floats). */
+static __device__ __forceinline__ void v3_values_int2_tc(const uint8_t * rv, const kvl_geom gv, int tq, float p,
+                                                         const float * frac, float * buf, float (&orot)[4]) {
+    const int       lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
+    const rec_bases b    = read_bases(rv + gv.off_bases);
+    const unsigned  sa   = rv[gv.off_sc + tq];
+    const float     w    = p * xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) * 16384.0f;
+    const half      wh   = __float2half_rn(w);
+    const half      wl   = __float2half_rn(w - __half2float(wh));
+    const uint32_t  pk   = (uint32_t) __half_as_ushort(wh) | ((uint32_t) __half_as_ushort(wl) << 16);
+    const uint32_t  bsel = (g8 & 1) ? 0x7632u : 0x5410u; /* column g8: hi (even) or lo (odd) halves */
+    const int       vrow = ((lane >> 4) * 8 + (lane & 7)) * 32 + 16 * ((lane >> 3) & 1);
+    float           acc[2][4][4];
+#pragma unroll
+    for (int lb = 0; lb < 2; lb++) {
+#pragma unroll
+        for (int sh = 0; sh < 4; sh++) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                acc[lb][sh][r] = 0.0f;
+            }
+        }
+    }
+#pragma unroll
+    for (int ks = 0; ks < 2; ks++) {
+        /* B: weights of tokens t = 16 ks + 2 q4, + 1 (b0) and + 8, + 9 (b1), held by lanes 4 (t % 8) + t / 8 */
+        const int      t0 = 16 * ks + 2 * q4;
+        const uint32_t u0 = __shfl_sync(0xffffffffu, pk, 4 * (t0 & 7) + (t0 >> 3));
+        const uint32_t u1 = __shfl_sync(0xffffffffu, pk, 4 * ((t0 + 1) & 7) + ((t0 + 1) >> 3));
+        const uint32_t u8 = __shfl_sync(0xffffffffu, pk, 4 * (t0 & 7) + ((t0 + 8) >> 3));
+        const uint32_t u9 = __shfl_sync(0xffffffffu, pk, 4 * ((t0 + 1) & 7) + ((t0 + 9) >> 3));
+        const uint32_t b0 = __byte_perm(u0, u1, bsel), b1 = __byte_perm(u8, u9, bsel);
+        uint32_t       r[4];
+        ldsm_x4_trans(r, rv + vrow + ks * 16 * 32);
+#pragma unroll
+        for (int lb = 0; lb < 2; lb++) {
+#pragma unroll
+            for (int sh = 0; sh < 4; sh++) {
+                const uint32_t m = 0x00030003u << (2 * sh);
+                mma16816(acc[lb][sh], (r[0] >> (8 * lb)) & m, (r[1] >> (8 * lb)) & m, (r[2] >> (8 * lb)) & m,
+                         (r[3] >> (8 * lb)) & m, b0, b1);
+            }
+        }
+    }
+    /* codes scaled 4^s 2^-24, weights 2^14: lane q4 writes the tiles of shift s = q4 */
+    const float f = xmul(b.sb, kvl_pow2_neg((unsigned) (2 * q4)) * 1024.0f);
+#pragma unroll
+    for (int lb = 0; lb < 2; lb++) {
+#pragma unroll
+        for (int rh = 0; rh < 2; rh++) {
+            float v = 0.0f;
+#pragma unroll
+            for (int sh = 0; sh < 4; sh++) {
+                v = q4 == sh ? acc[lb][sh][2 * rh] + acc[lb][sh][2 * rh + 1] : v;
+            }
+            buf[16 * (g8 >> 1) + 2 * (g8 & 1) + lb + 4 * q4 + 64 * rh] = v * f;
+        }
+    }
+    __syncwarp();
+    const float4 o = *(const float4 *) (buf + 4 * lane);
+    orot[0] += o.x, orot[1] += o.y, orot[2] += o.z, orot[3] += o.w;
+    __syncwarp();
+}
+
 template <int D, int MM>
 static __global__ void __launch_bounds__(V3_THREADS, 2)
 attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a) {
@@ -724,11 +796,48 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         cp_async_commit();
     };
 
-    int it = s0 + warp;
+    /* The warp's walk over its tiles s0 + warp + V3_WARPS j: its INT4 chunks first (pass 0), then the
+     * others and the staging tile (pass 1), so that the warps of an SM run one key and value path at a
+     * time (a ring of mixed codecs otherwise stalls a third of the cycles on instruction fetch: the
+     * paths together exceed the instruction cache). Candidates are tested 32 at a time (one table
+     * load per lane, a ballot); the order is fixed, so results repeat from run to run. */
+    constexpr int PASS1 = 1 << 30;                           /* window base | PASS1 in pass 1 */
+    unsigned *    walk  = (unsigned *) (sm + L::walk) + 2 * warp; /* base, mask: in shared memory, v3
+                                                                    is at its 128 registers */
+    auto window = [&](int base) { /* candidates base + V3_WARPS j, j < 32 */
+        const int t = (base & (PASS1 - 1)) + V3_WARPS * lane;
+        bool      m = false;
+        if (t < s1) {
+            const bool q4 = t < n_vis && a.table[t].codec == 2; /* MOQAE_KV_CODEC_Q4 */
+            m             = a.walk_mixed ? base < PASS1 : (base < PASS1) == q4;
+        }
+        walk[0] = (unsigned) base; /* every lane writes the same values and reads its own */
+        walk[1] = __ballot_sync(0xffffffffu, m);
+    };
+    auto advance = [&]() -> int { /* the walk's next tile, or s1 at its end */
+        for (;;) {
+            const int      base = (int) walk[0];
+            const unsigned mask = walk[1];
+            if (mask) {
+                walk[1] = mask & (mask - 1);
+                return (base & (PASS1 - 1)) + V3_WARPS * (__ffs(mask) - 1);
+            }
+            if ((base & (PASS1 - 1)) + V3_WARPS * 32 < s1) {
+                window(base + V3_WARPS * 32);
+            } else if (base < PASS1) {
+                window((s0 + warp) | PASS1);
+            } else {
+                return s1;
+            }
+        }
+    };
+    window(s0 + warp);
+    int it = advance();
     issue(it, raw0);
-    for (int k = 0; it < s1; k++, it += V3_WARPS) {
+    for (int k = 0; it < s1; k++) {
         uint8_t * cur = (k & 1) ? raw1 : raw0;
-        issue(it + V3_WARPS, (k & 1) ? raw0 : raw1);
+        const int nx  = advance();
+        issue(nx, (k & 1) ? raw0 : raw1);
         cp_async_wait1();
         __syncwarp();
         const bool       ring = it < n_vis;
@@ -981,26 +1090,35 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                     }
                 }
             }
+            bool tc2 = false;
+            if constexpr (PV_TC) { /* INT2 codes on tensor cores; corr is free until the next chunk's keys */
+                if (pv_tc && bits == 2 && a.pv_cores != 3) {
+                    v3_values_int2_tc(rv, gv, tq, p[0], frac, corr, orot[0]);
+                    tc2 = true;
+                }
+            }
             const int      off = kvl_code_byte_q(d0, bits), sh = kvl_code_shift_q(d0, bits);
             const uint32_t msk = bits == 8 ? 0xffffffffu : bits == 4 ? 0x0f0f0f0fu : 0x03030303u;
+            if (!tc2) {
 #pragma unroll
-            for (int j = 0; j < C; j++) {
-                const int r8 = j & 7, src = nib4 ? 4 * ((r8 >> 1) + 4 * (j >> 4)) + 2 * (r8 & 1) + ((j >> 3) & 1)
-                                                 : (r8 << 2) | (j >> 3); /* the lane holding token j */
-                float     pj[MM];
-#pragma unroll
-                for (int n = 0; n < MM; n++) {
-                    pj[n] = __shfl_sync(0xffffffffu, pv[n], src);
-                }
-                const uint8_t * rp = rv + j * RBv + off;
-                uint32_t        w  = E == 4 ? *(const uint32_t *) rp : (uint32_t) *(const uint16_t *) rp;
-                w                  = (w >> sh) & msk;
-#pragma unroll
-                for (int e = 0; e < E; e++) {
-                    const float cf = __int_as_float((int) __byte_perm(w, 0x4b000000u, 0x7440 + e)) - 8388608.0f;
+                for (int j = 0; j < C; j++) {
+                    const int r8 = j & 7, src = nib4 ? 4 * ((r8 >> 1) + 4 * (j >> 4)) + 2 * (r8 & 1) + ((j >> 3) & 1)
+                                                     : (r8 << 2) | (j >> 3); /* the lane holding token j */
+                    float     pj[MM];
 #pragma unroll
                     for (int n = 0; n < MM; n++) {
-                        orot[n][e] += pj[n] * cf;
+                        pj[n] = __shfl_sync(0xffffffffu, pv[n], src);
+                    }
+                    const uint8_t * rp = rv + j * RBv + off;
+                    uint32_t        w  = E == 4 ? *(const uint32_t *) rp : (uint32_t) *(const uint16_t *) rp;
+                    w                  = (w >> sh) & msk;
+#pragma unroll
+                    for (int e = 0; e < E; e++) {
+                        const float cf = __int_as_float((int) __byte_perm(w, 0x4b000000u, 0x7440 + e)) - 8388608.0f;
+#pragma unroll
+                        for (int n = 0; n < MM; n++) {
+                            orot[n][e] += pj[n] * cf;
+                        }
                     }
                 }
             }
@@ -1041,6 +1159,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             }
         }
         __syncwarp(); /* every lane is done with cur before it is refilled */
+        it = nx;
     }
     cp_async_wait0();
     if constexpr (PV_TC) { /* INT4 value sums into the lane-channel order (channel 4 lane + e), through raw0 */
@@ -1218,13 +1337,20 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
         attr = bytes;
     }
     const int group = a->n_head / g->n_head_kv;
-    static int pv_cores = -1; /* MOQAE_CUDA_PV=0: INT4 values on CUDA cores; =2: tensor cores, codes as normal f16 */
+    static int pv_cores = -1; /* MOQAE_CUDA_PV=0: INT4 and INT2 values on CUDA cores; =2: tensor cores, INT4
+                                 codes as normal f16; =4: INT2 values on CUDA cores (session 7's paths) */
     if (pv_cores < 0) {
         const char * e = getenv("MOQAE_CUDA_PV");
-        pv_cores       = e && *e == '0' ? 1 : e && *e == '2' ? 2 : 0;
+        pv_cores       = e && *e == '0' ? 1 : e && *e == '2' ? 2 : e && *e == '4' ? 3 : 0;
+    }
+    static int walk_mixed = -1; /* MOQAE_CUDA_WALK=0: chunks in table order whatever the codec */
+    if (walk_mixed < 0) {
+        const char * e = getenv("MOQAE_CUDA_WALK");
+        walk_mixed     = e && *e == '0' ? 1 : 0;
     }
     struct moqae_cuda_attn_args aa = *a;
     aa.pv_cores                    = pv_cores;
+    aa.walk_mixed                  = walk_mixed;
     attn_v3_kernel<D, MM><<<dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream>>>(*g, aa);
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {

@@ -36,10 +36,15 @@ struct moqae_cuda_attn_args {
                                                   buffers                                          */
     float                           scale;
     int                             kernel;    /* 0: moqae_cuda_attn_pick's choice; tests may name one */
-    int                             pv_cores;  /* set by the launcher from MOQAE_CUDA_PV=0: v3 sums INT4
-                                                  values on CUDA cores (the fourth increment's path, for
-                                                  comparison); otherwise on tensor cores (D 128, one query
-                                                  head per KV head)                                 */
+    int                             pv_cores;  /* set by the launcher from MOQAE_CUDA_PV: 1 (=0): v3 sums
+                                                  INT4 and INT2 values on CUDA cores (the fourth
+                                                  increment's path, for comparison); 3 (=4): INT2 values
+                                                  on CUDA cores (session 7's); otherwise on tensor
+                                                  cores (D 128, one query head per KV head)        */
+    int                             walk_mixed; /* set by the launcher from MOQAE_CUDA_WALK=0: v3's warps
+                                                  take their chunks in table order whatever the codec
+                                                  (session 7's walk, for comparison); otherwise INT4
+                                                  chunks first, then the others                    */
 };
 
 /* Which kernel: the one choice point ("supported" derives from it). */
