@@ -5,7 +5,8 @@
 # SmolLM2 and the LLaMA-2-7B-shaped Q4_0 model at depth.
 #   scripts/cuda-check.sh [STAGE ...]
 # stages: build res stash smol emulate tiny attnpv parity floor ppl smolbench make7b router7b 7bprobe 7b32k 7b32kgen
-#         7bint2_32k walk32k (session 8: the codec-grouped walk and INT2 values on tensor cores)
+#         7bint2_32k walk32k (session 8: the codec-grouped walk and INT2 values on tensor cores) fuse
+#         otbuild ot-STAGE (STAGE run with the build of old-tree.tar.gz, a git archive of the commit to compare with)
 #         7b32kold 7b128k 7b128kold 7brouter32k 7brouter128k fp16 nofit ncu prof7b profsmol sass
 #         (the *old stages and attnpv: v3's INT4 values on CUDA cores, MOQAE_CUDA_PV=0, the fourth increment's path)
 #         llamabuild llamabg llamawait llamabench llama128k (llama.cpp's CUDA build side by side)
@@ -23,6 +24,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/cuda-out}
 mkdir -p "$OUT"
 B=build-gpu
+BNEW=$B
+TS= # tag suffix of the old tree's runs
 SMOL=/tmp/smol.gguf
 SMOL_ROUTER=models/smollm2-135m-moqae-balanced.gguf
 L7=/tmp/llama7b-q4_0.gguf
@@ -65,7 +68,7 @@ gguf_py() { # the gguf package from the wheel in split/ (no registry there)
 }
 
 bench7b() { # tag, then moqae-bench arguments
-    local tag=$1; shift
+    local tag=$1$TS; shift
     with_mem "$tag" $B/moqae-bench -m $L7 -ngl 99 -v "$@" 2>&1 | grep -v "^debug" | tee "$OUT/$tag.txt" |
         grep -E "fill|tg|pp|kv cache|cuda:|error" | tee -a "$S"
 }
@@ -74,7 +77,16 @@ stages=${*:-build emulate tiny}
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$S"
 for st in $stages; do
     note "## $st ($(date +%T))"
+    B=$BNEW TS=
+    if [ "${st#ot-}" != "$st" ]; then # ot-STAGE: STAGE with the old tree's build (stage otbuild)
+        st=${st#ot-} B=/tmp/ot/build-gpu TS=-ot
+    fi
     case $st in
+    otbuild) # the tree to compare with: old-tree.tar.gz (git archive of a commit, untracked) built in /tmp/ot
+        rm -rf /tmp/ot && mkdir -p /tmp/ot && tar xzf old-tree.tar.gz -C /tmp/ot &&
+            { cmake -S /tmp/ot -B /tmp/ot/build-gpu -DMOQAE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DMOQAE_BUILD_TESTS=ON &&
+              cmake --build /tmp/ot/build-gpu -j16; } > "$OUT/otbuild.log" 2>&1 || tail -20 "$OUT/otbuild.log"
+        note "old tree built: $(ls /tmp/ot/build-gpu/moqae-bench 2>&1)" ;;
     build)
         t0=$(date +%s)
         { cmake -S . -B $B -DMOQAE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DMOQAE_BUILD_TESTS=ON &&
@@ -204,6 +216,12 @@ for st in $stages; do
             tail -1 | tee -a "$S" ;;
     7bprobe) # decode at depth 0 (weights only); prefill
         bench7b 7b-probe -p 512 -n 32 -r 3 --kv int4 ;;
+    fuse) # Q, K, V and gate, up in one mat-vec launch each (default) against one launch per product (MOQAE_CUDA_FUSE=0)
+        for f in 0 1; do
+            MOQAE_CUDA_FUSE=$f bench7b 7b-d0-fuse$f -p 0 -n 64 -r 5 --kv int4
+            [ -f $SMOL ] && MOQAE_CUDA_FUSE=$f $B/moqae-bench -m $SMOL -ngl 99 -p 0 -n 128 -r 5 --kv int4 2>&1 |
+                grep -E "tg" | sed "s/^/FUSE=$f /" | tee -a "$S"
+        done ;;
     7b32k)
         bench7b 7b-int4-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int4 ;;
     7b32kold) # v3's INT4 values on CUDA cores (the fourth increment's loop), for a before/after in one call
@@ -269,4 +287,5 @@ for st in $stages; do
     *) note "unknown stage $st" ;;
     esac
 done
+rm -f "$OUT"/mem-*.txt # their peaks are in the summary (and the device tool fetches a bounded number of files)
 echo "=================== summary"; cat "$S"

@@ -440,6 +440,13 @@ static __device__ __forceinline__ uint32_t h2_1024_nib(uint32_t x, uint32_t k) {
     return d;
 }
 
+/* 2-bit codes at bits 0 and 16 of x -> half2 (1024 + c0, 1024 + c1): one LOP3, k as in h2_1024_nib */
+static __device__ __forceinline__ uint32_t h2_1024_crumb(uint32_t x, uint32_t k) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(0x00030003), "r"(k));
+    return d;
+}
+
 static __device__ __forceinline__ void cp_async16(void * smem, const void * gmem) {
     const unsigned sa = (unsigned) __cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem));
@@ -948,11 +955,15 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                                 A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
                                 A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
                             } else {
-                                const int      o = mt * 4 + (g8 & 3), sh = 2 * (g8 >> 2);
-                                const uint32_t x01 = r0[o] | ((uint32_t) r0[RB + o] << 8);
-                                const uint32_t x89 = r0[8 * RB + o] | ((uint32_t) r0[9 * RB + o] << 8);
-                                A0 = h2_1024((x01 >> sh) & 0x0303u), A1 = h2_1024((x01 >> (sh + 4)) & 0x0303u);
-                                A2 = h2_1024((x89 >> sh) & 0x0303u), A3 = h2_1024((x89 >> (sh + 4)) & 0x0303u);
+                                /* INT2: word mt of channel rows 2 q4, + 1 (+ 8, + 9) (8 bytes each); byte g8 % 4
+                                 * of the two into bytes 0 and 2 (one byte-permute), then the 2-bit code of the
+                                 * token by a shift and one LOP3 per A register */
+                                const uint32_t * w   = (const uint32_t *) r0 + mt;
+                                const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
+                                const int        sh  = 2 * (g8 >> 2);
+                                const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
+                                A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
+                                A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
                             }
                             const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ sg01[nt];
                             const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ sg89[nt];

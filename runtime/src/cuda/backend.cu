@@ -694,6 +694,12 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
     cudaStream_t                    s  = cc->stream;
     const int64_t                   E = hp->n_embd, D = hp->head_dim, nkv = hp->n_head_kv, dq = hp->n_head * D;
     const size_t stage_layer = (size_t) nkv * (size_t) cc->geom.stage_rows * (size_t) D;
+    static int   no_fuse     = -1; /* MOQAE_CUDA_FUSE=0: one launch per product, as before (comparison) */
+    if (no_fuse < 0) {
+        const char * e = getenv("MOQAE_CUDA_FUSE");
+        no_fuse        = e && *e == '0';
+    }
+    const bool fuse = !no_fuse;
 
     if (cm->layer0 == 0) { /* else x came from the CPU's layers */
         MOQAE_TRY(moqae_cuda_get_rows(&cm->tok_embd, cc->ids, n_tok, cc->x, s));
@@ -702,9 +708,14 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
         const struct cuda_layer * L  = &cm->layers[il];
         const int64_t             li = il - cm->layer0; /* the ring's layer */
         MOQAE_TRY(norm_for(cc, cc->x, L->attn_norm, n_tok, cc->xn, { &L->wq, &L->wk, &L->wv }));
-        MOQAE_TRY(moqae_cuda_matmul(&L->wq, cc->xn, cc->xq, n_tok, cc->q, L->wq.n_rows, false, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->wk, cc->xn, cc->xq, n_tok, cc->k, L->wk.n_rows, false, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->wv, cc->xn, cc->xq, n_tok, cc->v, L->wv.n_rows, false, s));
+        {
+            const struct moqae_cuda_weight * ws[3] = { &L->wq, &L->wk, &L->wv };
+            float * const                    ys[3] = { cc->q, cc->k, cc->v };
+            MOQAE_TRY(moqae_cuda_matmul_seq(ws, ys, fuse ? 3 : 1, cc->xn, cc->xq, n_tok, s));
+            for (int i = fuse ? 3 : 1; i < 3; i++) {
+                MOQAE_TRY(moqae_cuda_matmul_seq(ws + i, ys + i, 1, cc->xn, cc->xq, n_tok, s));
+            }
+        }
         MOQAE_TRY(moqae_cuda_rope(cc->q, cc->k, n_tok, hp->n_head, nkv, D, hp->n_rot, cc->rope_cs, s));
         uint16_t * sk = cc->stage_k + (size_t) li * stage_layer, *sv = cc->stage_v + (size_t) li * stage_layer;
         const struct moqae_cuda_chunk * tab = cc->table + li * cc->cap_chunks; /* this layer's records */
@@ -721,8 +732,14 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
         MOQAE_TRY(quant_for(cc, cc->att, n_tok, dq, { &L->wo }));
         MOQAE_TRY(moqae_cuda_matmul(&L->wo, cc->att, cc->xq, n_tok, cc->x, E, true, s));
         MOQAE_TRY(norm_for(cc, cc->x, L->ffn_norm, n_tok, cc->xn, { &L->w_gate, &L->w_up }));
-        MOQAE_TRY(moqae_cuda_matmul(&L->w_gate, cc->xn, cc->xq, n_tok, cc->gate, hp->n_ff, false, s));
-        MOQAE_TRY(moqae_cuda_matmul(&L->w_up, cc->xn, cc->xq, n_tok, cc->up, hp->n_ff, false, s));
+        {
+            const struct moqae_cuda_weight * ws[2] = { &L->w_gate, &L->w_up };
+            float * const                    ys[2] = { cc->gate, cc->up };
+            MOQAE_TRY(moqae_cuda_matmul_seq(ws, ys, fuse ? 2 : 1, cc->xn, cc->xq, n_tok, s));
+            if (!fuse) {
+                MOQAE_TRY(moqae_cuda_matmul_seq(ws + 1, ys + 1, 1, cc->xn, cc->xq, n_tok, s));
+            }
+        }
         if (any_quantized({ &L->w_down })) {
             MOQAE_TRY(moqae_cuda_swiglu_quant(cc->gate, cc->up, n_tok, hp->n_ff, cc->xq, s));
         } else {

@@ -319,12 +319,29 @@ template <int TYPE> static __device__ __forceinline__ float block_value_q8(uint3
     }
 }
 
+/* Where the mat-vec's rows go: rows [0, end0) to y0 (ld0 floats per token), [end0, end1) to y1, the
+ * rest to y2: the products of weights stored one after the other (Q, K, V; gate, up) in one launch. */
+struct mm_out {
+    float * y0, *y1, *y2;
+    int64_t end0, end1, ld0, ld1, ld2;
+};
+
+static __device__ __forceinline__ float * mm_out_at(const mm_out & o, int64_t row, int t) {
+    if (row < o.end0) {
+        return o.y0 + (int64_t) t * o.ld0 + row;
+    }
+    if (row < o.end1) {
+        return o.y1 + (int64_t) t * o.ld1 + (row - o.end0);
+    }
+    return o.y2 + (int64_t) t * o.ld2 + (row - o.end1);
+}
+
 /* UNROLL passes of the group over the row are loaded before any is used (one memory latency per
  * UNROLL passes); 2 for one token, 1 for up to 8 (registers). */
 template <int TYPE, int NT>
 static __global__ void __launch_bounds__(128, NT == 1 ? 8 : 4)
 mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
-            const q8x * __restrict__ xq, int n_tok, float * __restrict__ y, int64_t ldy, int accumulate, int wpr) {
+            const q8x * __restrict__ xq, int n_tok, const mm_out o, int accumulate, int wpr) {
     constexpr int UNROLL = NT == 1 ? 2 : 1;
     __shared__ float red[4][MMVQ_R][NT];
     const int     warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -391,7 +408,7 @@ mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
         for (int k = 0; k < wpr; k++) {
             s += red[g * wpr + k][r][t];
         }
-        float * yp = y + (int64_t) t * ldy + row;
+        float * yp = mm_out_at(o, row, t);
         *yp        = accumulate ? *yp + s : s;
     }
 }
@@ -641,7 +658,7 @@ static __global__ void get_rows_kernel(const uint8_t * __restrict__ w, size_t ro
 typedef void (*mmv_fn)(const uint8_t *, size_t, int64_t, int64_t, const float *, int, float *, int64_t, int);
 typedef void (*mma_fn)(const uint8_t *, size_t, int64_t, int64_t, const float *, int64_t, float *, int64_t, int);
 typedef void (*rows_fn)(const uint8_t *, size_t, int64_t, const int32_t *, float *);
-typedef void (*mmvq_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int, float *, int64_t, int, int);
+typedef void (*mmvq_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int, mm_out, int, int);
 typedef void (*imma_fn)(const uint8_t *, size_t, int64_t, int64_t, const q8x *, int64_t, float *, int64_t, int);
 
 struct type_ops {
@@ -761,6 +778,16 @@ int moqae_cuda_swiglu_quant(float * g, const float * u, int64_t n_tok, int64_t n
     return MOQAE_OK;
 }
 
+static void launch_mmvq(const type_ops * ops, const uint8_t * w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
+                        const void * xq, int64_t n_tok, const mm_out & o, int acc, cudaStream_t stream) {
+    const int64_t  nb     = n_cols / 32;
+    const int      wpr    = nb >= 128 ? 4 : nb >= 64 ? 2 : 1; /* warps per row: 32 blocks each per pass */
+    const int64_t  rpb    = (4 / wpr) * MMVQ_R;              /* rows per thread block                */
+    const unsigned blocks = (unsigned) ((n_rows + rpb - 1) / rpb);
+    (n_tok == 1 ? ops->mmvq1 : ops->mmvq8)<<<blocks, 128, 0, stream>>>(w, row_bytes, n_cols, n_rows, (const q8x *) xq,
+                                                                         (int) n_tok, o, acc, wpr);
+}
+
 int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const void * xq, int64_t n_tok, float * y,
                       int64_t ldy, bool accumulate, cudaStream_t stream) {
     const type_ops * ops = ops_of(w->type);
@@ -773,12 +800,8 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
             break;
         }
         case MOQAE_CUDA_MM_MMVQ: {
-            const int64_t  nb     = w->n_cols / 32;
-            const int      wpr    = nb >= 128 ? 4 : nb >= 64 ? 2 : 1; /* warps per row: 32 blocks each per pass */
-            const int64_t  rpb    = (4 / wpr) * MMVQ_R;              /* rows per thread block                */
-            const unsigned blocks = (unsigned) ((w->n_rows + rpb - 1) / rpb);
-            (n_tok == 1 ? ops->mmvq1 : ops->mmvq8)<<<blocks, 128, 0, stream>>>(
-                w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, (int) n_tok, y, ldy, acc, wpr);
+            const mm_out o = { y, y, y, w->n_rows, w->n_rows, ldy, ldy, ldy };
+            launch_mmvq(ops, w->data, w->row_bytes, w->n_cols, w->n_rows, xq, n_tok, o, acc, stream);
             break;
         }
         case MOQAE_CUDA_MM_IMMA: {
@@ -796,6 +819,27 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
             return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA: no matrix product for weight type %s with %lld columns",
                               moqae_type_name(w->type), (long long) w->n_cols);
     }
+    MOQAE_CUDA_LAUNCH_CHECK();
+    return MOQAE_OK;
+}
+
+int moqae_cuda_matmul_seq(const struct moqae_cuda_weight * const * ws, float * const * ys, int n, const float * x,
+                          const void * xq, int64_t n_tok, cudaStream_t stream) {
+    bool one = n >= 1 && n <= 3 && moqae_cuda_mm_pick(ws[0]->type, ws[0]->n_cols, n_tok) == MOQAE_CUDA_MM_MMVQ;
+    for (int i = 1; i < n && one; i++) { /* rows stored one after the other, in the same layout */
+        const struct moqae_cuda_weight *a = ws[i - 1], *b = ws[i];
+        one = b->type == a->type && b->n_cols == a->n_cols && b->row_bytes == a->row_bytes &&
+              b->data == a->data + (size_t) a->n_rows * a->row_bytes;
+    }
+    if (!one) {
+        for (int i = 0; i < n; i++) {
+            MOQAE_TRY(moqae_cuda_matmul(ws[i], x, xq, n_tok, ys[i], ws[i]->n_rows, false, stream));
+        }
+        return MOQAE_OK;
+    }
+    const int64_t r0 = ws[0]->n_rows, r1 = n > 1 ? ws[1]->n_rows : 0, r2 = n > 2 ? ws[2]->n_rows : 0;
+    const mm_out  o  = { ys[0], n > 1 ? ys[1] : ys[0], n > 2 ? ys[2] : ys[0], r0, r0 + r1, r0, r1, r2 };
+    launch_mmvq(ops_of(ws[0]->type), ws[0]->data, ws[0]->row_bytes, ws[0]->n_cols, r0 + r1 + r2, xq, n_tok, o, 0, stream);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }

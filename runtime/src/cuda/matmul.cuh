@@ -64,6 +64,12 @@ int moqae_cuda_swiglu_quant(float * g, const float * u, int64_t n_tok, int64_t n
 int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const void * xq, int64_t n_tok, float * y,
                       int64_t ldy, bool accumulate, cudaStream_t stream);
 
+/* ys[i] = ws[i] . x ([n_tok][ws[i]->n_rows] each) for n <= 3 weights read with the same activations: one
+ * launch when the weights' rows follow one another on the device in one layout and the product is a
+ * mat-vec (the upload stores a layer's Q, K, V and gate, up so), else one product each. */
+int moqae_cuda_matmul_seq(const struct moqae_cuda_weight * const * ws, float * const * ys, int n, const float * x,
+                          const void * xq, int64_t n_tok, cudaStream_t stream);
+
 /* x[t][:] = dequantized row ids[t] of w (n_cols floats each). */
 int moqae_cuda_get_rows(const struct moqae_cuda_weight * w, const int32_t * ids, int64_t n_tok, float * x,
                         cudaStream_t stream);
