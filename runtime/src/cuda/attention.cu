@@ -10,6 +10,8 @@
  */
 #include "attention.cuh"
 #include "kv-layout.cuh"
+#include "matmul.cuh"
+#include "q8.cuh"
 
 #include <algorithm>
 #include <mma.h>
@@ -1278,8 +1280,18 @@ static __global__ void merge_kernel(const struct moqae_cuda_ring_geom g, const s
             o += w * a.part[row * (D + 2) + d];
             l += w * a.part[row * (D + 2) + D + 1];
         }
-        a.out[((long long) t * a.n_head + hk * group + r % group) * D + d] = o / l;
+        const long long i = ((long long) t * a.n_head + hk * group + r % group) * D + d;
+        a.out[i]          = o / l;
+        if (a.xq) { /* a warp's 32 channels are one quant block (D is a multiple of 32) */
+            quantize_warp(o / l, (q8x *) a.xq + i / 32);
+        }
     }
+}
+
+/* The output's quantization when no merge ran (one split). */
+static int quantize_unmerged(const struct moqae_cuda_attn_args * a, int D, cudaStream_t stream) {
+    return a->xq && a->n_split == 1 ? moqae_cuda_quantize(a->out, a->n_tok, (int64_t) a->n_head * D, a->xq, stream)
+                                    : MOQAE_OK;
 }
 
 enum moqae_cuda_attn_kernel moqae_cuda_attn_pick(int head_dim, int chunk, int group, int64_t n_tok) {
@@ -1335,7 +1347,7 @@ static int launch_generic(const struct moqae_cuda_ring_geom * g, const struct mo
         merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * ROWS), D, 0, stream>>>(*g, *a, tpb, ROWS, n_qt);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
-    return MOQAE_OK;
+    return quantize_unmerged(a, D, stream);
 }
 
 template <int D, int MM>
@@ -1368,7 +1380,7 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
         merge_kernel<<<(unsigned) (g->n_head_kv * group), D, 0, stream>>>(*g, *a, 1, group, 1);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
-    return MOQAE_OK;
+    return quantize_unmerged(a, D, stream);
 }
 
 template <int D, int MM> static int v3_blocks_per_sm(int raw_bytes, int * out) {

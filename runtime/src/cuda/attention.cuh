@@ -22,6 +22,9 @@
 struct moqae_cuda_attn_args {
     const float *                   q;       /* [n_tok][n_head][D] after RoPE                  */
     float *                         out;     /* [n_tok][n_head][D]                             */
+    void *                          xq;      /* not NULL: out also quantized there (matmul.cuh's
+                                                moqae_cuda_quantize layout), for the output
+                                                projection                                     */
     float *                         part;    /* split partials (moqae_cuda_attn_part_floats)   */
     const uint8_t *                 arena;   /* this layer's records                           */
     const uint16_t *                stage_k; /* this layer's window [n_head_kv][stage_rows][D]  */

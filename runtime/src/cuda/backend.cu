@@ -671,12 +671,6 @@ static bool any_quantized(std::initializer_list<const struct moqae_cuda_weight *
     return false;
 }
 
-/* xq = x quantized when some of the weights that read it take quantized activations. */
-static int quant_for(struct moqae_cuda_context * cc, const float * x, int64_t n_tok, int64_t n_cols,
-                     std::initializer_list<const struct moqae_cuda_weight *> ws) {
-    return any_quantized(ws) ? moqae_cuda_quantize(x, n_tok, n_cols, cc->xq, cc->stream) : MOQAE_OK;
-}
-
 /* y = RMSNorm(x) (and xq = its quantization when the weights reading it need it: one launch). */
 static int norm_for(struct moqae_cuda_context * cc, const float * x, const float * w, int64_t n_tok, float * y,
                     std::initializer_list<const struct moqae_cuda_weight *> ws) {
@@ -692,7 +686,7 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
     const struct moqae_hparams *    hp = &cc->m->hp;
     const struct moqae_cuda_model * cm = cc->cm;
     cudaStream_t                    s  = cc->stream;
-    const int64_t                   E = hp->n_embd, D = hp->head_dim, nkv = hp->n_head_kv, dq = hp->n_head * D;
+    const int64_t                   E = hp->n_embd, D = hp->head_dim, nkv = hp->n_head_kv;
     const size_t stage_layer = (size_t) nkv * (size_t) cc->geom.stage_rows * (size_t) D;
     static int   no_fuse     = -1; /* MOQAE_CUDA_FUSE=0: one launch per product, as before (comparison) */
     if (no_fuse < 0) {
@@ -716,20 +710,20 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
                 MOQAE_TRY(moqae_cuda_matmul_seq(ws + i, ys + i, 1, cc->xn, cc->xq, n_tok, s));
             }
         }
-        MOQAE_TRY(moqae_cuda_rope(cc->q, cc->k, n_tok, hp->n_head, nkv, D, hp->n_rot, cc->rope_cs, s));
         uint16_t * sk = cc->stage_k + (size_t) li * stage_layer, *sv = cc->stage_v + (size_t) li * stage_layer;
         const struct moqae_cuda_chunk * tab = cc->table + li * cc->cap_chunks; /* this layer's records */
-        MOQAE_TRY(moqae_cuda_kv_store(&cc->geom, sk, sv, cc->k, cc->v, n_tok, cc->dyn, s));
+        MOQAE_TRY(moqae_cuda_kv_rope_store(&cc->geom, cc->q, cc->k, cc->v, n_tok, hp->n_head, hp->n_rot, cc->rope_cs, sk, sv,
+                                           cc->dyn, s));
         if (n_tok > 1) { /* prefill: this micro-batch's later tokens attend to the chunks it completes */
             MOQAE_TRY(moqae_cuda_kv_encode(&cc->geom, sk, sv, cc->arena, tab, cc->cs_t, cc->cs_p0, max_enc, cc->dyn, s));
         }
-        struct moqae_cuda_attn_args a;
+        struct moqae_cuda_attn_args a = {};
+        a.xq = any_quantized({ &L->wo }) ? cc->xq : nullptr; /* the merge quantizes for wo */
         a.q = cc->q, a.out = cc->att, a.part = cc->part, a.arena = cc->arena, a.stage_k = sk, a.stage_v = sv;
         a.table = tab, a.cs_t = cc->cs_t, a.cs_p0 = cc->cs_p0, a.dyn = cc->dyn, a.n_tok = (int) n_tok;
         a.n_head = (int) hp->n_head, a.n_split = n_split, a.scale = 1.0f / sqrtf((float) D), a.raw_bytes = cc->raw_bytes;
         a.kernel = 0;
         MOQAE_TRY(moqae_cuda_attention(&cc->geom, &a, s));
-        MOQAE_TRY(quant_for(cc, cc->att, n_tok, dq, { &L->wo }));
         MOQAE_TRY(moqae_cuda_matmul(&L->wo, cc->att, cc->xq, n_tok, cc->x, E, true, s));
         MOQAE_TRY(norm_for(cc, cc->x, L->ffn_norm, n_tok, cc->xn, { &L->w_gate, &L->w_up }));
         {

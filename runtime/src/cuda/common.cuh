@@ -130,3 +130,9 @@ static __host__ __device__ __forceinline__ uint16_t xf32_to_f16(float f) {
     return moqae_f32_to_f16(f);
 #endif
 }
+
+/* graph.c rope_head's rotation of one pair (x0, x1) by (cos c, sin sn), without fused multiply-adds:
+ * the CPU's values. */
+static __device__ __forceinline__ float2 moqae_dev_rope_pair(float x0, float x1, float c, float sn) {
+    return make_float2(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn)), __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, c)));
+}

@@ -490,27 +490,44 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
 
 /* ---- store ------------------------------------------------------------------------------------- */
 
-static __global__ void store_kernel(uint16_t * __restrict__ sk, uint16_t * __restrict__ sv, const float * __restrict__ k,
-                                    const float * __restrict__ v, int64_t n_tok, int n_head_kv, int D,
-                                    long long stage_rows, const struct moqae_cuda_dyn * __restrict__ dyn) {
-    const int64_t u = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= n_tok * n_head_kv * D) {
+static __global__ void rope_store_kernel(float * __restrict__ q, float * __restrict__ k, const float * __restrict__ v,
+                                         int64_t n_tok, int n_head, int n_head_kv, int D, int half,
+                                         const float * __restrict__ cs, uint16_t * __restrict__ sk,
+                                         uint16_t * __restrict__ sv, long long stage_rows,
+                                         const struct moqae_cuda_dyn * __restrict__ dyn) {
+    const int64_t per_tok = (int64_t) (n_head + n_head_kv) * (D / 2); /* pairs */
+    const int64_t u       = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= n_tok * per_tok) {
         return;
     }
-    const int64_t t = u / ((int64_t) n_head_kv * D);
-    const int     h = (int) (u / D % n_head_kv), d = (int) (u % D);
-    const int64_t row = (dyn->n_past + t) % stage_rows;
-    const int64_t dst = ((int64_t) h * stage_rows + row) * D + d;
-    sk[dst]           = moqae_dev_f32_to_f16(k[u]);
-    sv[dst]           = moqae_dev_f32_to_f16(v[u]);
+    const int64_t t = u / per_tok;
+    const int     r = (int) (u % per_tok), h = r / (D / 2), i = r % (D / 2);
+    const bool    is_k = h >= n_head;
+    float *       x    = is_k ? k + (t * n_head_kv + (h - n_head)) * D : q + (t * n_head + h) * D;
+    float2        p    = make_float2(x[2 * i], x[2 * i + 1]);
+    if (i < half) {
+        p = moqae_dev_rope_pair(p.x, p.y, cs[(t * half + i) * 2], cs[(t * half + i) * 2 + 1]);
+        x[2 * i] = p.x, x[2 * i + 1] = p.y;
+    }
+    if (is_k) {
+        const int64_t row = (dyn->n_past + t) % stage_rows;
+        const int64_t dst = ((int64_t) (h - n_head) * stage_rows + row) * D + 2 * i;
+        const float * vp  = v + (t * n_head_kv + (h - n_head)) * D + 2 * i;
+        sk[dst] = moqae_dev_f32_to_f16(p.x), sk[dst + 1] = moqae_dev_f32_to_f16(p.y);
+        sv[dst] = moqae_dev_f32_to_f16(vp[0]), sv[dst + 1] = moqae_dev_f32_to_f16(vp[1]);
+    }
 }
 
-int moqae_cuda_kv_store(const struct moqae_cuda_ring_geom * g, uint16_t * stage_k, uint16_t * stage_v,
-                        const float * k, const float * v, int64_t n_tok, const struct moqae_cuda_dyn * dyn,
-                        cudaStream_t stream) {
-    const int64_t total = n_tok * g->n_head_kv * g->head_dim;
-    store_kernel<<<(unsigned) ((total + 255) / 256), 256, 0, stream>>>(stage_k, stage_v, k, v, n_tok, g->n_head_kv,
-                                                                       g->head_dim, g->stage_rows, dyn);
+int moqae_cuda_kv_rope_store(const struct moqae_cuda_ring_geom * g, float * q, float * k, const float * v, int64_t n_tok,
+                             int64_t n_head, int64_t n_rot, const float * rope_cs, uint16_t * stage_k, uint16_t * stage_v,
+                             const struct moqae_cuda_dyn * dyn, cudaStream_t stream) {
+    const int64_t total = n_tok * (n_head + g->n_head_kv) * (g->head_dim / 2);
+    if (total <= 0) {
+        return MOQAE_OK;
+    }
+    rope_store_kernel<<<(unsigned) ((total + 255) / 256), 256, 0, stream>>>(
+        q, k, v, n_tok, (int) n_head, g->n_head_kv, g->head_dim, (int) (n_rot / 2), rope_cs, stage_k, stage_v,
+        g->stage_rows, dyn);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }

@@ -25,10 +25,14 @@ struct moqae_cuda_ring_geom {
     long long v_pad[4];
 };
 
-/* stage_k/v: this layer's window [n_head_kv][stage_rows][D] f16; k, v: [n_tok][n_head_kv][D] f32. */
-int moqae_cuda_kv_store(const struct moqae_cuda_ring_geom * g, uint16_t * stage_k, uint16_t * stage_v,
-                        const float * k, const float * v, int64_t n_tok, const struct moqae_cuda_dyn * dyn,
-                        cudaStream_t stream);
+/* RoPE, then the store: pairs (2i, 2i+1), i < n_rot/2, of every head of q [n_tok][n_head][D] and
+ * k [n_tok][n_head_kv][D] rotated in place by rope_cs [n_tok][n_rot/2][2] (cos, sin of each token's
+ * angles, computed on the host as graph.c rope_table does: ggml's angles, the C library's cosf/sinf;
+ * the rotation is graph.c rope_head's), and the rotated k with v [n_tok][n_head_kv][D] written to this
+ * layer's window stage_k/v [n_head_kv][stage_rows][D] f16 at rows n_past + t. One launch. */
+int moqae_cuda_kv_rope_store(const struct moqae_cuda_ring_geom * g, float * q, float * k, const float * v, int64_t n_tok,
+                             int64_t n_head, int64_t n_rot, const float * rope_cs, uint16_t * stage_k, uint16_t * stage_v,
+                             const struct moqae_cuda_dyn * dyn, cudaStream_t stream);
 
 /* Encode chunks table[dyn->enc_first .. + dyn->n_enc) of one layer from its staging window into its
  * arena (records at chunk.off + h * (k_pad + v_pad)); max_enc bounds dyn->n_enc (grid size).

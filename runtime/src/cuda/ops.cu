@@ -50,36 +50,6 @@ int moqae_cuda_rms_norm(const float * x, const float * w, float eps, int64_t n, 
     return MOQAE_OK;
 }
 
-/* graph.c rope_head with the table rope_cs [n_tok][n_rot/2][2] (cos, sin) that the host computed as
- * graph.c rope_table does (ggml's angles), without fused multiply-adds: the CPU's values. */
-static __global__ void rope_kernel(float * __restrict__ q, float * __restrict__ k, int64_t n_tok, int n_head,
-                                   int n_head_kv, int head_dim, int half, const float * __restrict__ cs) {
-    const int64_t per_tok = (int64_t) (n_head + n_head_kv) * half;
-    const int64_t u       = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= n_tok * per_tok) {
-        return;
-    }
-    const int64_t t = u / per_tok;
-    const int     r = (int) (u % per_tok), h = r / half, i = r % half;
-    float *       v = h < n_head ? q + (t * n_head + h) * head_dim : k + (t * n_head_kv + (h - n_head)) * head_dim;
-    const float   c = cs[(t * half + i) * 2], sn = cs[(t * half + i) * 2 + 1];
-    const float   x0 = v[2 * i], x1 = v[2 * i + 1];
-    v[2 * i]         = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn));
-    v[2 * i + 1]     = __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, c));
-}
-
-int moqae_cuda_rope(float * q, float * k, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                    int64_t n_rot, const float * rope_cs, cudaStream_t stream) {
-    const int64_t total = n_tok * (n_head + n_head_kv) * (n_rot / 2);
-    if (total <= 0) {
-        return MOQAE_OK;
-    }
-    rope_kernel<<<(unsigned) ((total + 255) / 256), 256, 0, stream>>>(q, k, n_tok, (int) n_head, (int) n_head_kv,
-                                                                       (int) head_dim, (int) (n_rot / 2), rope_cs);
-    MOQAE_CUDA_LAUNCH_CHECK();
-    return MOQAE_OK;
-}
-
 static __global__ void swiglu_kernel(float * __restrict__ g, const float * __restrict__ u, int64_t n) {
     const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
