@@ -557,6 +557,17 @@ static __device__ __forceinline__ void v3_whole_scores(float (&sc)[MM][2], int q
  * quad hold the same rows; lane q4 keeps tile x = q4 / 2, row half q4 % 2: orot4[e] is the channel
  * 32 q4 + 16 (g8 / 4) + 2 (g8 % 4) + e / 2 + 8 (e % 2). tq: the lane's token (INT4 key order); p: its
  * weight; vrow: the lane's ldmatrix row offset. */
+/* The values' B operand for this lane's token tq: w = p rel 2^14 (p the softmax weight, rel the token's
+ * relative scale: w <= 2^14) as hi + lo f16 in one word (products with codes exact in f32). */
+static __device__ __forceinline__ uint32_t v3_weight_hilo(const uint8_t * rv, const kvl_geom & gv, int tq, float p,
+                                                          const float * frac) {
+    const unsigned sa = rv[gv.off_sc + tq];
+    const float    w  = p * xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) * 16384.0f;
+    const half     wh = __float2half_rn(w);
+    const half     wl = __float2half_rn(w - __half2float(wh));
+    return (uint32_t) __half_as_ushort(wh) | ((uint32_t) __half_as_ushort(wl) << 16);
+}
+
 template <bool NRM>
 static __device__ __forceinline__ uint32_t v3_code_h2(uint32_t x, uint32_t m) {
     if (NRM) { /* normal f16: 1024 + c - 1024 (exact) */
@@ -572,28 +583,14 @@ static __device__ __forceinline__ void v3_values_int4_tc(const uint8_t * rv, con
                                                          float (&orot4)[4]) {
     const int       lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
     const rec_bases b    = read_bases(rv + gv.off_bases);
-    const unsigned  sa   = rv[gv.off_sc + tq];
-    const float     w    = p * xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) * 16384.0f;
-    const half      wh   = __float2half_rn(w);
-    const half      wl   = __float2half_rn(w - __half2float(wh));
-    const uint32_t  pk   = (uint32_t) __half_as_ushort(wh) | ((uint32_t) __half_as_ushort(wl) << 16);
+    const uint32_t  pk   = v3_weight_hilo(rv, gv, tq, p, frac);
     float           zs   = 0.0f; /* sum_j p_j zero_j of this lane's group */
     for (int grp = 0; grp < NG; grp++) {
         const float zb = warp_sum(p * kvl_zero(b.zl, b.zs, rv[gv.off_zc + tq * NG + grp]));
         zs             = lgrp4 == grp ? zb : zs;
     }
     const uint32_t bsel = (g8 & 1) ? 0x7632u : 0x5410u; /* column g8: hi (even) or lo (odd) halves */
-    float          acc[2][4][4];
-#pragma unroll
-    for (int x = 0; x < 2; x++) {
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                acc[x][c][r] = 0.0f;
-            }
-        }
-    }
+    float          acc[2][4][4] = {};
 #pragma unroll
     for (int ks = 0; ks < 2; ks++) {
         /* B: weights of tokens 16 ks + 2 q4, + 1 (b0) and + 8, + 9 (b1), held by lanes 16 ks + 4 q4 + 0, 2, 1, 3 */
@@ -644,24 +641,10 @@ static __device__ __forceinline__ void v3_values_int2_tc(const uint8_t * rv, con
                                                          const float * frac, float * buf, float (&orot)[4]) {
     const int       lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
     const rec_bases b    = read_bases(rv + gv.off_bases);
-    const unsigned  sa   = rv[gv.off_sc + tq];
-    const float     w    = p * xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) * 16384.0f;
-    const half      wh   = __float2half_rn(w);
-    const half      wl   = __float2half_rn(w - __half2float(wh));
-    const uint32_t  pk   = (uint32_t) __half_as_ushort(wh) | ((uint32_t) __half_as_ushort(wl) << 16);
+    const uint32_t  pk   = v3_weight_hilo(rv, gv, tq, p, frac);
     const uint32_t  bsel = (g8 & 1) ? 0x7632u : 0x5410u; /* column g8: hi (even) or lo (odd) halves */
     const int       vrow = ((lane >> 4) * 8 + (lane & 7)) * 32 + 16 * ((lane >> 3) & 1);
-    float           acc[2][4][4];
-#pragma unroll
-    for (int lb = 0; lb < 2; lb++) {
-#pragma unroll
-        for (int sh = 0; sh < 4; sh++) {
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                acc[lb][sh][r] = 0.0f;
-            }
-        }
-    }
+    float           acc[2][4][4] = {};
 #pragma unroll
     for (int ks = 0; ks < 2; ks++) {
         /* B: weights of tokens t = 16 ks + 2 q4, + 1 (b0) and + 8, + 9 (b1), held by lanes 4 (t % 8) + t / 8 */
