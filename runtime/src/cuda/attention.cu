@@ -544,6 +544,17 @@ static __device__ __forceinline__ void v3_whole_scores(float (&sc)[MM][2], int q
     }
 }
 
+/* The values' B operand for this lane's token tq: w = p rel 2^14 (p the softmax weight, rel the token's
+ * relative scale: w <= 2^14) as hi + lo f16 in one word (products with codes exact in f32). */
+static __device__ __forceinline__ uint32_t v3_weight_hilo(const uint8_t * rv, const kvl_geom & gv, int tq, float p,
+                                                          const float * frac) {
+    const unsigned sa = rv[gv.off_sc + tq];
+    const float    w  = p * xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) * 16384.0f;
+    const half     wh = __float2half_rn(w);
+    const half     wl = __float2half_rn(w - __half2float(wh));
+    return (uint32_t) __half_as_ushort(wh) | ((uint32_t) __half_as_ushort(wl) << 16);
+}
+
 /* Values of an INT4 record on tensor cores (D 128, one query row), the product transposed: channels
  * as M, the chunk's 32 tokens as K, the weights as N. O[ch] += sum_j p_j scale_j code_j[ch]
  * + sum_j p_j zero_j,g(ch), scale_j = sb rel_j. The codes are token-major rows of 64 bytes (byte B of a
@@ -557,17 +568,6 @@ static __device__ __forceinline__ void v3_whole_scores(float (&sc)[MM][2], int q
  * quad hold the same rows; lane q4 keeps tile x = q4 / 2, row half q4 % 2: orot4[e] is the channel
  * 32 q4 + 16 (g8 / 4) + 2 (g8 % 4) + e / 2 + 8 (e % 2). tq: the lane's token (INT4 key order); p: its
  * weight; vrow: the lane's ldmatrix row offset. */
-/* The values' B operand for this lane's token tq: w = p rel 2^14 (p the softmax weight, rel the token's
- * relative scale: w <= 2^14) as hi + lo f16 in one word (products with codes exact in f32). */
-static __device__ __forceinline__ uint32_t v3_weight_hilo(const uint8_t * rv, const kvl_geom & gv, int tq, float p,
-                                                          const float * frac) {
-    const unsigned sa = rv[gv.off_sc + tq];
-    const float    w  = p * xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) * 16384.0f;
-    const half     wh = __float2half_rn(w);
-    const half     wl = __float2half_rn(w - __half2float(wh));
-    return (uint32_t) __half_as_ushort(wh) | ((uint32_t) __half_as_ushort(wl) << 16);
-}
-
 template <bool NRM>
 static __device__ __forceinline__ uint32_t v3_code_h2(uint32_t x, uint32_t m) {
     if (NRM) { /* normal f16: 1024 + c - 1024 (exact) */
