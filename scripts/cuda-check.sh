@@ -13,6 +13,7 @@
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
+#         prefill smolpf fill128k pfncu attnpf (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -147,6 +148,9 @@ for st in $stages; do
         $B/cuda-parity /tmp/tiny.gguf > "$OUT/parity-tiny.log" 2>&1
         grep -E "^codec|^attention|^kv|^greedy|^model|failed|error" "$OUT/parity-tiny.log" | tee -a "$S"
         note "parity tiny: $(tail -1 "$OUT/parity-tiny.log")" ;;
+    attnpf) # the attention checks with the prefill kernel's 128-row blocks (MOQAE_CUDA_PF=128)
+        MOQAE_CUDA_PF=128 $B/cuda-parity /nonexistent.gguf 2>&1 | grep -E "^attention.*prefill" | sed "s/^/PF=128 /" |
+            tee -a "$S" ;;
     attnpv) # the attention checks under the other value paths (MOQAE_CUDA_PV=0: CUDA cores, =2: tensor cores
             # with the INT4 codes as normal f16, =4: INT2 on CUDA cores) and session 7's walk (MOQAE_CUDA_WALK=0);
             # no model: cuda-parity stops after its codec and attention checks
@@ -242,6 +246,28 @@ for st in $stages; do
         bench7b 7b-router-demote-32k -c 32768 --depth 32640 -n 32 -r 3 --router $R7 --kv-bits 3 --kv-overflow demote ;;
     7bdemote128k)
         bench7b 7b-router-demote-128k -c 131072 --depth 130944 -n 32 -r 3 --router $R7 --kv-bits 3 --kv-overflow demote ;;
+    prefill) # the prefill kernel (default) against the generic kernel (MOQAE_CUDA_ATTN=1, the earlier prefill) in one
+             # call: 7B pp512 at depth 0 and the fill to 32k
+        # (MOQAE_CUDA_PF=128: the prefill kernel with 128 rows per block instead of 256)
+        for k in "ATTN=1" "PF=128" "PF=256"; do
+            ( export MOQAE_CUDA_$k; bench7b 7b-pp512-${k/=/} -p 512 -n 0 -r 3 --kv int4
+              bench7b 7b-fill32k-${k/=/} -c 32896 --depth 32768 -n 4 -r 1 --kv int4 )
+        done ;;
+    smolpf) # the same for SmolLM2 pp512 (fp16 and int4 rings)
+        for k in 1 0 1 0; do
+            for kv in fp16 int4; do
+                MOQAE_CUDA_ATTN=$k $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 0 -r 5 --kv $kv 2>&1 | grep -E "pp" |
+                    sed "s/^/ATTN=$k /" | tee -a "$S"
+            done
+        done ;;
+    fill128k) # the fill to 130,944 tokens (int4) and decode there
+        bench7b 7b-fill128k -c 131072 --depth 130944 -n 32 -r 1 --kv int4 ;;
+    pfncu) # the prefill kernel during a fill to 16k: duration, warp stalls, instructions, occupancy
+        timeout 200 ncu --kernel-name regex:attn_pf_kernel --launch-skip 200 --launch-count 1 --section SpeedOfLight \
+            --section WarpStateStats --section InstructionStats --section SchedulerStats --section Occupancy \
+            $B/moqae-bench -m $L7 -ngl 99 -c 16896 --depth 16384 -n 1 -r 1 --kv int4 > "$OUT/pfncu.txt" 2>&1
+        grep -E "Duration|Compute \(SM\) Throughput|Stall|Warp Cycles Per Issued|Executed Instructions  |No Eligible|Issued Warp|Occupancy|Registers" \
+            "$OUT/pfncu.txt" | head -60 | tee -a "$S" ;;
     fp16)
         bench7b 7b-fp16-32k -c 32896 --depth 32768 -n 32 -r 3 --kv fp16 ;;
     nofit) # FP16 KV at 128k: 64 GiB of ring, fits an 80 GB H100 but not a 24 GiB card; 256k fits nothing

@@ -106,6 +106,9 @@ struct moqae_cuda_attn_case {
     const float *   theta;    /* [head_dim/2] the ring's angles (keys stored before RoPE), or NULL     */
     int             n_split;  /* flash-decoding splits                                                  */
     int             kernel;   /* 0: the library's choice; else an enum moqae_cuda_attn_kernel value     */
+    int64_t         stage_back; /* the staging rows start this many chunks before the ring's end (a
+                                   micro-batch whose completed chunks are in the ring already): 0, or
+                                   up to n_chunks with n_stage up to (stage_back + 1) chunks           */
 };
 int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out /* [n_tok][n_head][head_dim] */);
 

@@ -160,15 +160,18 @@ static int check_codecs(int emulated) {
 struct attn_case {
     int64_t D, n_head, n_head_kv, n_chunks, n_stage, n_tok;
     int     pre, n_split, kernel;
+    int64_t back; /* the staging rows start this many chunks before the ring's end (a micro-batch) */
 };
 
-/* Reference: kv-codec.c's scalar primitives per chunk, the staging rows in double, softmax in double. */
+/* Reference: kv-codec.c's scalar primitives per chunk, the staging rows in double, softmax in double;
+ * kv-cache.h's rule: a query at position p reads the ring chunks before its own chunk and the staging
+ * rows from its chunk's start to p. */
 static void attn_ref(const struct attn_case * tc, const int * codecs, const uint8_t * records, const float * sk,
                      const float * sv, const float * q, const float * theta, float * out) {
     const int64_t C = 32, D = tc->D, nkv = tc->n_head_kv, group = tc->n_head / nkv, nch = tc->n_chunks;
     struct moqae_kv_shape s = { C, D, D % MOQAE_KV_V_GROUP == 0 ? MOQAE_KV_V_GROUP : D };
     const struct moqae_kv_codec_kernels * K = moqae_kv_codec_kernels_ref();
-    const int64_t n_all = nch * C + C;
+    const int64_t n_all = nch * C + tc->n_stage, s0 = (nch - tc->back) * C; /* s0: staging row 0's position */
     float *       sc = malloc(sizeof(float) * (size_t) n_all), *p = malloc(sizeof(float) * (size_t) n_all);
     float         cs_t[128 * 32], cs_p0[128], acc[128];
     if (theta) {
@@ -199,14 +202,15 @@ static void attn_ref(const struct attn_case * tc, const int * codecs, const uint
                 }
                 sc[nch * C + j] = (float) dot;
             }
-            const int64_t n = nch * C + row + 1;
+            const int64_t n = nch * C + row + 1, own = (s0 + row) / C * C;
             double        mx = -INFINITY, sum = 0.0;
             for (int64_t j = 0; j < n; j++) {
-                sc[j] *= 1.0f / sqrtf((float) D);
-                mx = sc[j] > mx ? sc[j] : mx;
+                const bool seen = j < nch * C ? j / C * C < own : s0 + (j - nch * C) >= own;
+                sc[j]           = seen ? sc[j] * (1.0f / sqrtf((float) D)) : -INFINITY;
+                mx              = sc[j] > mx ? sc[j] : mx;
             }
             for (int64_t j = 0; j < n; j++) {
-                p[j] = (float) exp((double) sc[j] - mx);
+                p[j] = sc[j] == -INFINITY ? 0.0f : (float) exp((double) sc[j] - mx);
                 sum += p[j];
             }
             memset(acc, 0, sizeof(acc));
@@ -268,7 +272,7 @@ static int check_attention_case(const struct attn_case * tc, double * worst) {
         q[e] = (frand() - 0.5f) * 3.0f;
     }
     const struct moqae_cuda_attn_case gc = { D,  tc->n_head, nkv,   nch, ns, tc->n_tok, codecs, rec, sk, sv, q,
-                                             tc->pre ? theta : NULL, tc->n_split, tc->kernel };
+                                             tc->pre ? theta : NULL, tc->n_split, tc->kernel, tc->back };
     int st = moqae_cuda_attn_check(&gc, og);
     double err = 0.0;
     if (!st) {
@@ -295,26 +299,32 @@ static int check_attention_case(const struct attn_case * tc, double * worst) {
 
 static int check_attention(void) {
     static const int64_t shapes[][3] = { { 128, 1, 1 }, { 128, 4, 2 }, { 64, 9, 3 }, { 64, 4, 2 } }; /* D, heads, kv */
+    static const char *  names[]     = { "", "generic", "v3", "prefill" };
     int fails = 0;
     for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
-        for (int kern = 1; kern <= 2; kern++) {     /* 1: generic, 2: v3 (decode only) */
+        for (int kern = 1; kern <= 3; kern++) { /* 1: generic, 2: v3 (decode only), 3: prefill (micro-batches) */
             for (int pre = 0; pre <= 1; pre++) {
                 double worst = 0.0;
                 int    f     = 0;
-                for (int ci = 0; ci < 4; ci++) {
-                    static const int64_t nch[] = { 0, 1, 13, 37 }, nst[] = { 1, 17, 32, 5 };
-                    const int64_t        n_tok = kern == 2 ? 1 : (ci % 2 ? nst[ci] : 1);
+                for (int ci = 0; ci < 6; ci++) {
+                    /* cases 4, 5: micro-batches over several chunks (the ring holds their completed chunks) */
+                    static const int64_t nch[] = { 0, 1, 13, 37, 5, 40 }, nst[] = { 1, 17, 32, 5, 77, 150 };
+                    static const int64_t back[] = { 0, 0, 0, 0, 2, 4 }, ntok[] = { 1, 17, 1, 5, 77, 139 };
+                    if (kern == 2 && ci >= 4) {
+                        continue;
+                    }
+                    const int64_t n_tok = kern == 2 ? 1 : ntok[ci];
                     for (int split = 1; split <= 3; split += 2) {
                         const struct attn_case tc = { shapes[si][0], shapes[si][1], shapes[si][2], nch[ci], nst[ci],
-                                                      n_tok,         pre,           split,         kern };
+                                                      n_tok,         pre,           split,         kern,     back[ci] };
                         double                 e  = 0.0;
                         f += check_attention_case(&tc, &e);
                         worst = e > worst ? e : worst;
                     }
                 }
                 printf("attention D %lld, %lld/%lld heads, %s kernel, keys %s RoPE: worst row max|d|/max|ref| %.2e  %s\n",
-                       (long long) shapes[si][0], (long long) shapes[si][1], (long long) shapes[si][2],
-                       kern == 1 ? "generic" : "v3", pre ? "before" : "after", worst, f ? "FAIL" : "ok");
+                       (long long) shapes[si][0], (long long) shapes[si][1], (long long) shapes[si][2], names[kern],
+                       pre ? "before" : "after", worst, f ? "FAIL" : "ok");
                 fails += f;
             }
         }

@@ -92,11 +92,11 @@ static __device__ __forceinline__ int visible_chunks(const struct moqae_cuda_chu
  * Generic kernel: a tile decoded into shared memory (f16), WMMA for S = Q K^T and O += P V
  * ================================================================================================ */
 
-/* Rows of f16 [32][D] from `src` (row j at src + row_of(j) * D), zero for rows >= n_valid. */
-template <int D>
+/* Rows of f16 [32][D] from `src` (row j at src + row_of(j) * D), zero for rows >= n_valid; NT threads. */
+template <int D, int NT = ATT_THREADS>
 static __device__ void copy_rows_f16(const uint16_t * __restrict__ src, long long pos0, long long stage_rows,
                                      int n_valid, half * dst, int ld) {
-    for (int idx = threadIdx.x; idx < ATT_TILE * (D / 8); idx += ATT_THREADS) {
+    for (int idx = threadIdx.x; idx < ATT_TILE * (D / 8); idx += NT) {
         const int j = idx / (D / 8), c = idx % (D / 8);
         uint4     v = make_uint4(0, 0, 0, 0);
         if (j < n_valid) {
@@ -108,8 +108,8 @@ static __device__ void copy_rows_f16(const uint16_t * __restrict__ src, long lon
 
 /* Keys of a quantized record -> ks[j][d] f16, after RoPE: one warp per key row, E channels per lane:
  * decode (as kv-codec.c: the outlier row from its 2b-bit codes), inverse Hadamard over D, then R(t)
- * and R(P0) (keys before RoPE; cs_t NULL: stored after RoPE). */
-template <int D>
+ * and R(P0) (keys before RoPE; cs_t NULL: stored after RoPE). NT threads. */
+template <int D, int NT = ATT_THREADS>
 static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, const float * __restrict__ cs_t,
                                     const float * __restrict__ cs_p0c, half * ks, int ld) {
     constexpr int  C = ATT_TILE, E = D / 32;
@@ -126,14 +126,14 @@ static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, 
         sc[e]       = kvl_scale(b.sb, rk[g.off_sc + d]);
         zr[e]       = kvl_zero(b.zl, b.zs, rk[g.off_zc + d]);
     }
-    for (int j = threadIdx.x / 32; j < C; j += ATT_THREADS / 32) {
+    for (int j = threadIdx.x / 32; j < C; j += NT / 32) {
         float v[E];
 #pragma unroll
         for (int e = 0; e < E; e++) {
             const int      d    = lane * E + e;
-            const unsigned code = kvl_get_code(rk + d * RB, j, bits);
+            const unsigned code = kvl_get_code_q(rk + d * RB, j, bits);
             if (j == xi) {
-                const unsigned hi = kvl_get_code(rk + g.off_xhi, d, bits);
+                const unsigned hi = kvl_get_code_q(rk + g.off_xhi, d, bits);
                 v[e]              = xadd(xmul(xs, (float) ((hi << bits) | code)), xz);
             } else {
                 v[e] = xadd(xmul(sc[e], (float) code), zr[e]);
@@ -163,7 +163,7 @@ static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, 
 }
 
 /* Values of a quantized record -> vs[j][d] f16: decode, inverse Hadamard per block of rot_block(G). */
-template <int D>
+template <int D, int NT = ATT_THREADS>
 static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, int G, half * vs, int ld) {
     constexpr int   C = ATT_TILE, E = D / 32;
     const kvl_geom  g = kvl_geom_v(codec, C, D, G);
@@ -171,13 +171,13 @@ static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, 
     const rec_bases b = read_bases(rv + g.off_bases);
     const int       n = kvl_rot_block(G);
     const float     f = kvl_rot_factor(n, true);
-    for (int j = threadIdx.x / 32; j < C; j += ATT_THREADS / 32) {
+    for (int j = threadIdx.x / 32; j < C; j += NT / 32) {
         const float scale = kvl_scale(b.sb, rv[g.off_sc + j]);
         float       v[E];
 #pragma unroll
         for (int e = 0; e < E; e++) {
             const int d = lane * E + e;
-            v[e] = xadd(xmul(scale, (float) kvl_get_code(rv + j * RB, d, bits)), kvl_zero(b.zl, b.zs, rv[g.off_zc + j * NG + d / G]));
+            v[e] = xadd(xmul(scale, (float) kvl_get_code_q(rv + j * RB, d, bits)), kvl_zero(b.zl, b.zs, rv[g.off_zc + j * NG + d / G]));
         }
         warp_fwht<E>(v, n);
 #pragma unroll
@@ -187,22 +187,22 @@ static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, 
     }
 }
 
-template <int D>
+template <int D, int NT = ATT_THREADS>
 static __device__ void gen_decode_chunk(const struct moqae_cuda_ring_geom & g, const uint8_t * rk, int codec,
                                         const float * cs_t, const float * cs_p0c, half * ks, half * vs, int ld) {
     const uint8_t * rv = rk + g.k_pad[codec];
     if (codec == 0) { /* keys transposed f16 [D][C] (after RoPE): pairs of tokens per 4-byte word */
-        for (int idx = threadIdx.x; idx < D * (ATT_TILE / 2); idx += ATT_THREADS) {
+        for (int idx = threadIdx.x; idx < D * (ATT_TILE / 2); idx += NT) {
             const int      d = idx % D, jj = idx / D;
             const uint32_t v = *(const uint32_t *) (rk + 2 * (d * ATT_TILE + 2 * jj));
             ks[(2 * jj) * ld + d]     = __ushort_as_half((unsigned short) (v & 0xffffu));
             ks[(2 * jj + 1) * ld + d] = __ushort_as_half((unsigned short) (v >> 16));
         }
-        copy_rows_f16<D>((const uint16_t *) rv, 0, 1LL << 40, ATT_TILE, vs, ld);
+        copy_rows_f16<D, NT>((const uint16_t *) rv, 0, 1LL << 40, ATT_TILE, vs, ld);
         return;
     }
-    gen_decode_k<D>(rk, codec, cs_t, cs_p0c, ks, ld);
-    gen_decode_v<D>(rv, codec, g.v_group, vs, ld);
+    gen_decode_k<D, NT>(rk, codec, cs_t, cs_p0c, ks, ld);
+    gen_decode_v<D, NT>(rv, codec, g.v_group, vs, ld);
 }
 
 /* Shared memory of one block (offsets in bytes, each 128-aligned). */
@@ -1235,6 +1235,250 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 }
 
 /* ================================================================================================
+ * Prefill: 256 query rows per block, one tile decoded per 256 rows, scores and weights in registers
+ * ================================================================================================
+ * The generic kernel's rule and tile walk, for micro-batches (n_tok > 4): the block's 16 warps decode
+ * a tile into shared memory together (f16 keys after RoPE, values turned back), then each warp takes
+ * 16 query rows: S = Q K^T (mma m16n8k16, Q as hi + lo f16 from shared memory, K by ldmatrix), the
+ * mask and the online softmax on the accumulators, P (hi + lo) straight from the accumulators into
+ * the A fragments of O += P V (V by ldmatrix.trans), O in registers for the whole walk (FlashAttention-2's
+ * order). The generic kernel kept S, P and O in shared memory with a barrier between each step, and
+ * took 64 rows per tile decode. */
+
+static int pf_warps() { /* MOQAE_CUDA_PF=128: 8 warps (128 rows) per block, 2 blocks per SM */
+    static int w = 0;
+    if (!w) {
+        const char * e = getenv("MOQAE_CUDA_PF");
+        w              = e && !strcmp(e, "128") ? 8 : 16;
+    }
+    return w;
+}
+
+/* W warps of 16 rows each: 16 (256 rows, the default) or 8 (MOQAE_CUDA_PF=128) */
+template <int D, int W> struct pf_layout {
+    static constexpr int ROWS  = 16 * W;
+    static constexpr int LDH   = D + 8; /* halves per row: 16-byte rows 4 banks apart (ldmatrix without conflicts) */
+    static constexpr int q     = 0;
+    static constexpr int ql    = q + ROWS * LDH * 2;
+    static constexpr int k     = ql + ROWS * LDH * 2;
+    static constexpr int v     = k + ATT_TILE * LDH * 2;
+    static constexpr int bytes = v + ATT_TILE * LDH * 2;
+};
+
+/* Four 8x8 b16 matrices from shared memory (sa: a shared-space address): lane l gives the address of
+ * row l % 8 of matrix l / 8 and receives, from matrix i, row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1,
+ * in r[i]; _t: ldsm_x4_trans's. */
+static __device__ __forceinline__ void ldsm_x4_at(uint32_t (&r)[4], unsigned sa) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(sa));
+}
+
+static __device__ __forceinline__ void ldsm_x4_trans_at(uint32_t (&r)[4], unsigned sa) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(sa));
+}
+
+static __device__ __forceinline__ uint32_t pack_h2(float lo_col, float hi_col) {
+    return h2_as_u32(__floats2half2_rn(lo_col, hi_col));
+}
+
+static __device__ __forceinline__ uint32_t pack_h2_rest(float a, float b) { /* what f16 rounding left of (a, b) */
+    const float2 r = __half22float2(__floats2half2_rn(a, b));
+    return h2_as_u32(__floats2half2_rn(a - r.x, b - r.y));
+}
+
+template <int D, int W>
+static __global__ void __launch_bounds__(32 * W, 16 / W)
+attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a, int tpb) {
+    using L = pf_layout<D, W>;
+    constexpr int LDH = L::LDH, C = ATT_TILE, NO = D / 8, PF_ROWS = L::ROWS, PF_THREADS = 32 * W;
+    extern __shared__ __align__(128) uint8_t sm[];
+    half *    qs = (half *) (sm + L::q), *qsl = (half *) (sm + L::ql), *ks = (half *) (sm + L::k), *vs = (half *) (sm + L::v);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, q4 = lane & 3;
+    const int hk = blockIdx.x, qt = blockIdx.y, split = blockIdx.z;
+    const int group = a.n_head / g.n_head_kv;
+    const long long n_past = a.dyn->n_past;
+    const int       t_first = qt * tpb, t_last = min(a.n_tok, t_first + tpb) - 1;
+    const long long p_last = n_past + t_last, own_first = (n_past + t_first) / C * C, own_last = p_last / C * C;
+    const int       n_vis = visible_chunks(a.table, a.dyn->n_chunks, own_last);
+    const int       n_st = (int) ((p_last - own_first) / C) + 1, total = n_vis + n_st;
+    const int       per = (total + a.n_split - 1) / a.n_split;
+    const int       s0 = min(total, split * per), s1 = min(total, s0 + per);
+
+    for (int e = tid; e < PF_ROWS * D; e += PF_THREADS) {
+        const int r = e / D, d = e % D, t = t_first + r / group;
+        float     v = 0.0f;
+        if (r < tpb * group && t <= t_last) {
+            v = a.q[((long long) t * a.n_head + hk * group + r % group) * D + d] * a.scale;
+        }
+        const half hi    = __float2half(v); /* hi + lo: the scores keep ~22 bits of Q, as the CPU's f32 dot products */
+        qs[r * LDH + d]  = hi;
+        qsl[r * LDH + d] = __float2half(v - __half2float(hi));
+    }
+    /* this lane's rows: 16 warp + g8 (+ 8); their positions and own chunks, relative to own_first (a
+     * micro-batch's span, int; ring tiles lie before it) */
+    bool row_ok[2];
+    int  p_row[2], own_row[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        const int       r = 16 * warp + g8 + 8 * rr, t = t_first + r / group;
+        const long long p = n_past + min(t, t_last);
+        row_ok[rr]        = r < tpb * group && t <= t_last;
+        p_row[rr]         = (int) (p - own_first);
+        own_row[rr]       = (int) (p / C * C - own_first);
+    }
+    float m_run[2] = { -INFINITY, -INFINITY }, l_run[2] = { 0.0f, 0.0f };
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++) {
+        o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    }
+    /* ldmatrix row addresses (shared space, bytes): Q rows 16 warp + l % 16, channels 8 (l / 16); K keys
+     * l % 8 + 8 (l / 16), channels 8 ((l / 8) % 2); V keys l % 8 + 8 ((l / 8) % 2), channels 8 (l / 16) */
+    const unsigned qa_at  = (unsigned) __cvta_generic_to_shared(qs + (16 * warp + (lane & 15)) * LDH + 8 * (lane >> 4));
+    const unsigned qla_at = qa_at + (L::ql - L::q);
+    const unsigned kb_at  = (unsigned) __cvta_generic_to_shared(ks + ((lane & 7) + 8 * (lane >> 4)) * LDH + 8 * ((lane >> 3) & 1));
+    const unsigned vb_at  = (unsigned) __cvta_generic_to_shared(vs + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LDH + 8 * (lane >> 4));
+
+    for (int it = s0; it < s1; it++) {
+        const bool ring = it < n_vis;
+        long long  tile_pos;
+        __syncthreads(); /* the previous tile is consumed (and, the first time, Q is written) */
+        if (ring) {
+            const moqae_cuda_chunk ch = a.table[it];
+            tile_pos                  = ch.pos;
+            gen_decode_chunk<D, PF_THREADS>(g, a.arena + ch.off + (long long) hk * (g.k_pad[ch.codec] + g.v_pad[ch.codec]),
+                                            ch.codec, a.cs_t, a.cs_t ? a.cs_p0 + (long long) it * D : nullptr, ks, vs, LDH);
+        } else {
+            tile_pos         = own_first + (long long) (it - n_vis) * C;
+            const int nvalid = (int) min((long long) C, p_last - tile_pos + 1);
+            copy_rows_f16<D, PF_THREADS>(a.stage_k + (long long) hk * g.stage_rows * D, tile_pos, g.stage_rows, nvalid, ks, LDH);
+            copy_rows_f16<D, PF_THREADS>(a.stage_v + (long long) hk * g.stage_rows * D, tile_pos, g.stage_rows, nvalid, vs, LDH);
+        }
+        __syncthreads();
+        const int tile_rel = (int) max(tile_pos - own_first, -(1LL << 30)); /* ring tiles: only its sign matters */
+        /* S = (Q scale) K^T: 16 rows x 32 keys, four n-tiles of 8 keys */
+        float s[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t qa[4], ql[4];
+            ldsm_x4_at(qa, qa_at + 32 * kk);
+            ldsm_x4_at(ql, qla_at + 32 * kk);
+#pragma unroll
+            for (int np = 0; np < 2; np++) { /* keys 16 np + 0..7 (b: matrices 0, 1) and + 8..15 (2, 3) */
+                uint32_t kb[4];
+                ldsm_x4_at(kb, kb_at + 2 * (16 * np * LDH + 16 * kk));
+                mma16816(s[2 * np], qa[0], qa[1], qa[2], qa[3], kb[0], kb[1]);
+                mma16816(s[2 * np], ql[0], ql[1], ql[2], ql[3], kb[0], kb[1]);
+                mma16816(s[2 * np + 1], qa[0], qa[1], qa[2], qa[3], kb[2], kb[3]);
+                mma16816(s[2 * np + 1], ql[0], ql[1], ql[2], ql[3], kb[2], kb[3]);
+            }
+        }
+        /* the rule (kv-cache.h): a ring chunk before the row's own chunk, the row's own tokens up to it */
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            const bool vis_ring = row_ok[rr] && tile_rel < own_row[rr];
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const int kp = tile_rel + 8 * n + 2 * q4 + c;
+                    const bool      ok = ring ? vis_ring : row_ok[rr] && kp >= own_row[rr] && kp <= p_row[rr];
+                    s[n][2 * rr + c]   = ok ? s[n][2 * rr + c] : -INFINITY;
+                }
+            }
+        }
+        /* online softmax: a row's 32 scores lie in the 4 lanes of its quad */
+        float corr[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+                mx = fmaxf(mx, fmaxf(s[n][2 * rr], s[n][2 * rr + 1]));
+            }
+            mx                = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx                = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[rr], mx);
+            corr[rr]          = m_run[rr] == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m_run[rr] - m_new);
+            float sum         = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const float x    = s[n][2 * rr + c];
+                    const float pj   = x == -INFINITY ? 0.0f : expf(x - m_new);
+                    s[n][2 * rr + c] = pj;
+                    sum += pj;
+                }
+            }
+            l_run[rr] = l_run[rr] * corr[rr] + sum; /* this lane's part; the quad is summed at the end */
+            m_run[rr] = m_new;
+        }
+#pragma unroll
+        for (int n = 0; n < NO; n++) {
+            o[n][0] *= corr[0], o[n][1] *= corr[0], o[n][2] *= corr[1], o[n][3] *= corr[1];
+        }
+        /* O += P V: P's accumulators are the A fragments (keys 16 kh + ...), hi + lo */
+#pragma unroll
+        for (int kh = 0; kh < 2; kh++) {
+            const uint32_t pa0 = pack_h2(s[2 * kh][0], s[2 * kh][1]), pa1 = pack_h2(s[2 * kh][2], s[2 * kh][3]);
+            const uint32_t pa2 = pack_h2(s[2 * kh + 1][0], s[2 * kh + 1][1]), pa3 = pack_h2(s[2 * kh + 1][2], s[2 * kh + 1][3]);
+            const uint32_t pl0 = pack_h2_rest(s[2 * kh][0], s[2 * kh][1]), pl1 = pack_h2_rest(s[2 * kh][2], s[2 * kh][3]);
+            const uint32_t pl2 = pack_h2_rest(s[2 * kh + 1][0], s[2 * kh + 1][1]);
+            const uint32_t pl3 = pack_h2_rest(s[2 * kh + 1][2], s[2 * kh + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < D / 16; dt++) { /* channels 16 dt + 0..7 (b: matrices 0, 1) and + 8..15 (2, 3) */
+                uint32_t vb[4];
+                ldsm_x4_trans_at(vb, vb_at + 2 * (16 * kh * LDH + 16 * dt));
+                mma16816(o[2 * dt], pa0, pa1, pa2, pa3, vb[0], vb[1]);
+                mma16816(o[2 * dt], pl0, pl1, pl2, pl3, vb[0], vb[1]);
+                mma16816(o[2 * dt + 1], pa0, pa1, pa2, pa3, vb[2], vb[3]);
+                mma16816(o[2 * dt + 1], pl0, pl1, pl2, pl3, vb[2], vb[3]);
+            }
+        }
+    }
+    /* write: normalized output (one split) or the split's partial (m, l, unnormalized O) */
+    const int n_qt = gridDim.y;
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float l = l_run[rr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int r = 16 * warp + g8 + 8 * rr, t = t_first + r / group;
+        if (!row_ok[rr]) {
+            continue;
+        }
+        if (a.n_split == 1) {
+            float * dst = a.out + ((long long) t * a.n_head + hk * group + r % group) * D + 2 * q4;
+            const float il = 1.0f / l;
+#pragma unroll
+            for (int n = 0; n < NO; n++) {
+                *(float2 *) (dst + 8 * n) = make_float2(o[n][2 * rr] * il, o[n][2 * rr + 1] * il);
+            }
+        } else {
+            const long long row = (((long long) split * g.n_head_kv + hk) * n_qt + qt) * PF_ROWS + r;
+            float *         dst = a.part + row * (D + 2);
+#pragma unroll
+            for (int n = 0; n < NO; n++) {
+                dst[8 * n + 2 * q4]     = o[n][2 * rr];
+                dst[8 * n + 2 * q4 + 1] = o[n][2 * rr + 1];
+            }
+            if (q4 == 0) {
+                dst[D]     = m_run[rr];
+                dst[D + 1] = l;
+            }
+        }
+    }
+}
+
+/* ================================================================================================
  * Merge of the splits, choice and launch
  * ================================================================================================ */
 
@@ -1281,15 +1525,18 @@ enum moqae_cuda_attn_kernel moqae_cuda_attn_pick(int head_dim, int chunk, int gr
     if (chunk != ATT_TILE || (head_dim != 64 && head_dim != 128) || group < 1) {
         return MOQAE_CUDA_ATTN_NONE;
     }
-    static int forced = -1; /* MOQAE_CUDA_ATTN=1: the generic kernel everywhere (comparison) */
+    static int forced = -1; /* MOQAE_CUDA_ATTN=1: the generic kernel everywhere (the earlier prefill, comparison) */
     if (forced < 0) {
         const char * e = getenv("MOQAE_CUDA_ATTN");
         forced         = e && *e == '1' ? 1 : 0;
     }
-    if (n_tok == 1 && group <= 4 && !forced) {
-        return MOQAE_CUDA_ATTN_V3;
+    if (group > 64) {
+        return MOQAE_CUDA_ATTN_NONE;
     }
-    return group <= 64 ? MOQAE_CUDA_ATTN_GENERIC : MOQAE_CUDA_ATTN_NONE;
+    if (forced) {
+        return MOQAE_CUDA_ATTN_GENERIC;
+    }
+    return n_tok == 1 && group <= 4 ? MOQAE_CUDA_ATTN_V3 : n_tok > 4 ? MOQAE_CUDA_ATTN_PF : MOQAE_CUDA_ATTN_GENERIC;
 }
 
 bool moqae_cuda_attn_supported(int head_dim, int chunk) {
@@ -1297,16 +1544,19 @@ bool moqae_cuda_attn_supported(int head_dim, int chunk) {
 }
 
 int moqae_cuda_attn_rows(int64_t n_tok) {
-    return n_tok <= 4 ? 16 : 64;
+    return n_tok <= 4 ? 16 : 16 * pf_warps();
 }
 
 size_t moqae_cuda_attn_part_floats(const struct moqae_cuda_ring_geom * g, int64_t n_tok, int64_t n_head, int n_split) {
-    const int     rows  = moqae_cuda_attn_rows(n_tok);
     const int64_t group = n_head / g->n_head_kv;
-    const int64_t tpb   = std::max<int64_t>(1, rows / group);
-    const int64_t n_qt  = (n_tok + tpb - 1) / tpb;
-    return (size_t) n_split * (size_t) g->n_head_kv * (size_t) n_qt * (size_t) std::max<int64_t>(rows, group) *
-           (size_t) (g->head_dim + 2);
+    size_t        most  = 0;
+    for (int rows : { moqae_cuda_attn_rows(n_tok), 64, 128, 256 }) { /* the generic kernel's 64 (MOQAE_CUDA_ATTN=1), the
+                                                                           prefill kernel's 128 and 256 */
+        const int64_t tpb  = std::max<int64_t>(1, rows / group);
+        const int64_t n_qt = (n_tok + tpb - 1) / tpb;
+        most = std::max(most, (size_t) n_qt * (size_t) std::max<int64_t>(rows, group));
+    }
+    return (size_t) n_split * (size_t) g->n_head_kv * most * (size_t) (g->head_dim + 2);
 }
 
 template <int D, int ROWS>
@@ -1328,6 +1578,31 @@ static int launch_generic(const struct moqae_cuda_ring_geom * g, const struct mo
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {
         merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * ROWS), D, 0, stream>>>(*g, *a, tpb, ROWS, n_qt);
+        MOQAE_CUDA_LAUNCH_CHECK();
+    }
+    return quantize_unmerged(a, D, stream);
+}
+
+template <int D, int W>
+static int launch_pf(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a, cudaStream_t stream) {
+    using L = pf_layout<D, W>;
+    constexpr int PF_ROWS = L::ROWS;
+    static bool   attr_set = false; /* same value for every caller: a race only repeats the call */
+    if (!attr_set) {
+        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_pf_kernel<D, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::bytes));
+        attr_set = true;
+    }
+    const int group = a->n_head / g->n_head_kv;
+    const int tpb   = PF_ROWS / group;
+    if (tpb < 1) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: %d query heads per KV head exceed %d rows", group, PF_ROWS);
+    }
+    const int  n_qt = (a->n_tok + tpb - 1) / tpb;
+    const dim3 grid((unsigned) g->n_head_kv, (unsigned) n_qt, (unsigned) a->n_split);
+    attn_pf_kernel<D, W><<<grid, 32 * W, L::bytes, stream>>>(*g, *a, tpb);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    if (a->n_split > 1) {
+        merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * PF_ROWS), D, 0, stream>>>(*g, *a, tpb, PF_ROWS, n_qt);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return quantize_unmerged(a, D, stream);
@@ -1399,10 +1674,15 @@ int moqae_cuda_attention(const struct moqae_cuda_ring_geom * g, const struct moq
                          cudaStream_t stream) {
     const int                   group = a->n_head / g->n_head_kv;
     enum moqae_cuda_attn_kernel k     = moqae_cuda_attn_pick(g->head_dim, g->chunk, group, a->n_tok);
-    if (k != MOQAE_CUDA_ATTN_NONE && a->kernel == MOQAE_CUDA_ATTN_GENERIC) {
-        k = MOQAE_CUDA_ATTN_GENERIC;
+    if (k != MOQAE_CUDA_ATTN_NONE && (a->kernel == MOQAE_CUDA_ATTN_GENERIC || a->kernel == MOQAE_CUDA_ATTN_PF)) {
+        k = (enum moqae_cuda_attn_kernel) a->kernel;
     }
     switch (k) {
+        case MOQAE_CUDA_ATTN_PF:
+            if (pf_warps() == 8) {
+                return g->head_dim == 64 ? launch_pf<64, 8>(g, a, stream) : launch_pf<128, 8>(g, a, stream);
+            }
+            return g->head_dim == 64 ? launch_pf<64, 16>(g, a, stream) : launch_pf<128, 16>(g, a, stream);
         case MOQAE_CUDA_ATTN_V3:
             if (g->head_dim == 64) {
                 return group == 1 ? launch_v3<64, 1>(g, a, stream) : launch_v3<64, 4>(g, a, stream);

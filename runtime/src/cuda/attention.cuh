@@ -55,14 +55,16 @@ enum moqae_cuda_attn_kernel {
     MOQAE_CUDA_ATTN_NONE = 0,
     MOQAE_CUDA_ATTN_GENERIC, /* tile decode into shared memory + WMMA: prefill, decode fallback */
     MOQAE_CUDA_ATTN_V3,      /* decode of one token, group <= 4: warp-independent chunk walk     */
+    MOQAE_CUDA_ATTN_PF,      /* micro-batches of more than 4 tokens: 128 rows per tile decode,
+                                S, P and O in registers                                           */
 };
 enum moqae_cuda_attn_kernel moqae_cuda_attn_pick(int head_dim, int chunk, int group, int64_t n_tok);
 
 /* Whether some kernel exists for this head_dim (64, 128) and chunk size (32). */
 bool moqae_cuda_attn_supported(int head_dim, int chunk);
 
-/* Rows per block of the generic kernel for a micro-batch of n_tok tokens (16 for decode, 64 for
- * prefill); the partials are laid out with it. */
+/* Rows per block for a micro-batch of n_tok tokens (the generic kernel's 16 up to 4 tokens, the
+ * prefill kernel's 128 above); the partials are laid out with it. */
 int moqae_cuda_attn_rows(int64_t n_tok);
 
 /* Floats the partials of n_split splits need for n_tok tokens. */

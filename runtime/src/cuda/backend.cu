@@ -1008,8 +1008,10 @@ int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out) {
     const int64_t C = 32, D = tc->head_dim, nkv = tc->n_head_kv, nch = tc->n_chunks, ns = tc->n_stage;
     struct moqae_kv_shape s = { C, D, D % MOQAE_KV_V_GROUP == 0 ? MOQAE_KV_V_GROUP : D };
     struct moqae_cuda_ring_geom g;
-    geom_of(&g, &s, (int) nkv, C + 64);
-    if (ns < 1 || ns > C || tc->n_tok < 1 || tc->n_tok > ns || nch < 0 || nch > 4096) {
+    const int64_t back = tc->stage_back;
+    geom_of(&g, &s, (int) nkv, (back + 1) * C + 64);
+    if (back < 0 || back > nch || ns < 1 || ns > (back + 1) * C || tc->n_tok < 1 || tc->n_tok > ns || nch < 0 ||
+        nch > 4096) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "attention check: bad case");
     }
     /* host images of the device buffers: records padded as the ring pads them */
@@ -1032,7 +1034,7 @@ int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out) {
         }
     }
     arena.resize(arena.size() + 16);
-    const int64_t rows = g.stage_rows, pos_stage = nch * C;
+    const int64_t rows = g.stage_rows, pos_stage = (nch - back) * C;
     std::vector<uint16_t> stage(2 * (size_t) (nkv * rows * D), 0);
     for (int64_t h = 0; h < nkv; h++) {
         for (int64_t j = 0; j < ns; j++) {
