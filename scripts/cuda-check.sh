@@ -13,7 +13,7 @@
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
-#         prefill smolpf fill128k pfncu attnpf (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
+#         prefill smolpf fill128k pfncu attnpf llamafill (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -131,6 +131,13 @@ for st in $stages; do
                 $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 128 -r 5 --kv $kv 2>&1 | grep -E "pp|tg" | tee -a "$S"
             done
         fi ;;
+    llamafill) # the fill itself, side by side: llama.cpp's pp32768 and pp131072 (a prompt from an empty context, its
+               # defaults: n_batch 2048, n_ubatch 512) against moqae's fill to 32,768 and 130,944 tokens (n_batch 512)
+        for n in 32768 131072; do
+            $LB -m $L7 -ngl 99 -fa 1 -ctk q4_0 -ctv q4_0 -p $n -n 0 -r 1 2>>"$OUT/llama-fill.err" | grep -E "^\|" | tee -a "$S"
+        done
+        bench7b 7b-fill32k -c 32896 --depth 32768 -n 4 -r 1 --kv int4
+        bench7b 7b-fill128k -c 131072 --depth 130944 -n 4 -r 1 --kv int4 ;;
     llama128k) # the same at depth 131072 (llama.cpp refills before each repetition: -r 1) and 130944 (moqae)
         $LB -m $L7 -ngl 99 -fa 1 -ctk q4_0 -ctv q4_0 -p 0 -n 32 -d 131072 -r 1 2>"$OUT/llama-128k.err" | grep -E "^\|" | tee -a "$S"
         bench7b 7b-int4-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 ;;

@@ -47,11 +47,12 @@ template <int E> static __device__ __forceinline__ void warp_fwht(float (&v)[E],
         }
     }
     for (int h = E; h < n; h *= 2) {
-        const int m = h / E;
+        const int   m   = h / E;
+        const float sgn = (lane & m) ? -1.0f : 1.0f; /* sgn v + o: o - v or v + o, rounded as either (one FFMA) */
 #pragma unroll
         for (int e = 0; e < E; e++) {
             const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
-            v[e]          = (lane & m) ? o - v[e] : v[e] + o;
+            v[e]          = fmaf(sgn, v[e], o);
         }
     }
 }
@@ -111,7 +112,7 @@ static __device__ void copy_rows_f16(const uint16_t * __restrict__ src, long lon
  * and R(P0) (keys before RoPE; cs_t NULL: stored after RoPE). NT threads. */
 template <int D, int NT = ATT_THREADS>
 static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, const float * __restrict__ cs_t,
-                                    const float * __restrict__ cs_p0c, half * ks, int ld) {
+                                    const float * __restrict__ cs_p0c, half * ks, int ld, const float2 * cst = nullptr) {
     constexpr int  C = ATT_TILE, E = D / 32;
     const kvl_geom g = kvl_geom_k(codec, C, D);
     const int      bits = g.bits, RB = C * bits / 8, lane = threadIdx.x & 31;
@@ -147,8 +148,9 @@ static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, 
         if (cs_t) {
 #pragma unroll
             for (int p = 0; p < E / 2; p++) {
-                const int   i = lane * (E / 2) + p;
-                const float c1 = cs_t[(2 * i) * C + j], s1 = cs_t[(2 * i + 1) * C + j];
+                const int    i  = lane * (E / 2) + p;
+                const float2 t1 = cst ? cst[j * (D / 2) + i] : make_float2(cs_t[(2 * i) * C + j], cs_t[(2 * i + 1) * C + j]);
+                const float  c1 = t1.x, s1 = t1.y;
                 const float c0 = cs_p0c[2 * i], s0 = cs_p0c[2 * i + 1];
                 const float x1 = v[2 * p] * c1 - v[2 * p + 1] * s1, y1 = v[2 * p] * s1 + v[2 * p + 1] * c1;
                 v[2 * p]       = x1 * c0 - y1 * s0;
@@ -173,11 +175,12 @@ static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, 
     const float     f = kvl_rot_factor(n, true);
     for (int j = threadIdx.x / 32; j < C; j += NT / 32) {
         const float scale = kvl_scale(b.sb, rv[g.off_sc + j]);
+        const float zero  = kvl_zero(b.zl, b.zs, rv[g.off_zc + j * NG + lane * E / G]); /* G >= 16 > E: one group */
         float       v[E];
 #pragma unroll
         for (int e = 0; e < E; e++) {
             const int d = lane * E + e;
-            v[e] = xadd(xmul(scale, (float) kvl_get_code_q(rv + j * RB, d, bits)), kvl_zero(b.zl, b.zs, rv[g.off_zc + j * NG + d / G]));
+            v[e] = xadd(xmul(scale, (float) kvl_get_code_q(rv + j * RB, d, bits)), zero);
         }
         warp_fwht<E>(v, n);
 #pragma unroll
@@ -189,7 +192,8 @@ static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, 
 
 template <int D, int NT = ATT_THREADS>
 static __device__ void gen_decode_chunk(const struct moqae_cuda_ring_geom & g, const uint8_t * rk, int codec,
-                                        const float * cs_t, const float * cs_p0c, half * ks, half * vs, int ld) {
+                                        const float * cs_t, const float * cs_p0c, half * ks, half * vs, int ld,
+                                        const float2 * cst = nullptr) {
     const uint8_t * rv = rk + g.k_pad[codec];
     if (codec == 0) { /* keys transposed f16 [D][C] (after RoPE): pairs of tokens per 4-byte word */
         for (int idx = threadIdx.x; idx < D * (ATT_TILE / 2); idx += NT) {
@@ -201,7 +205,7 @@ static __device__ void gen_decode_chunk(const struct moqae_cuda_ring_geom & g, c
         copy_rows_f16<D, NT>((const uint16_t *) rv, 0, 1LL << 40, ATT_TILE, vs, ld);
         return;
     }
-    gen_decode_k<D, NT>(rk, codec, cs_t, cs_p0c, ks, ld);
+    gen_decode_k<D, NT>(rk, codec, cs_t, cs_p0c, ks, ld, cst);
     gen_decode_v<D, NT>(rv, codec, g.v_group, vs, ld);
 }
 
@@ -1260,9 +1264,11 @@ template <int D, int W> struct pf_layout {
     static constexpr int LDH   = D + 8; /* halves per row: 16-byte rows 4 banks apart (ldmatrix without conflicts) */
     static constexpr int q     = 0;
     static constexpr int ql    = q + ROWS * LDH * 2;
-    static constexpr int k     = ql + ROWS * LDH * 2;
+    static constexpr int k     = ql + ROWS * LDH * 2;           /* two buffers of K [C][LDH] and V [C][LDH] */
     static constexpr int v     = k + ATT_TILE * LDH * 2;
-    static constexpr int bytes = v + ATT_TILE * LDH * 2;
+    static constexpr int kvb   = 2 * ATT_TILE * LDH * 2;         /* the second buffer's offset */
+    static constexpr int cst   = k + 2 * kvb; /* R(t): [C][D/2] float2 (cs_t transposed) */
+    static constexpr int bytes = cst + ATT_TILE * (D / 2) * 8;
 };
 
 /* Four 8x8 b16 matrices from shared memory (sa: a shared-space address): lane l gives the address of
@@ -1317,6 +1323,13 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         qs[r * LDH + d]  = hi;
         qsl[r * LDH + d] = __float2half(v - __half2float(hi));
     }
+    float2 * cst = a.cs_t ? (float2 *) (sm + L::cst) : nullptr; /* a row's pairs in consecutive words */
+    if (cst) {
+        for (int e = tid; e < C * (D / 2); e += PF_THREADS) {
+            const int t = e % C, i = e / C;
+            cst[t * (D / 2) + i] = make_float2(a.cs_t[(2 * i) * C + t], a.cs_t[(2 * i + 1) * C + t]);
+        }
+    }
     /* this lane's rows: 16 warp + g8 (+ 8); their positions and own chunks, relative to own_first (a
      * micro-batch's span, int; ring tiles lie before it) */
     bool row_ok[2];
@@ -1342,23 +1355,37 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     const unsigned kb_at  = (unsigned) __cvta_generic_to_shared(ks + ((lane & 7) + 8 * (lane >> 4)) * LDH + 8 * ((lane >> 3) & 1));
     const unsigned vb_at  = (unsigned) __cvta_generic_to_shared(vs + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LDH + 8 * (lane >> 4));
 
+    /* tile it into buffer b (K after RoPE, V turned back, f16) */
+    auto decode = [&](int it, int b) {
+        half * kd = ks + b * (L::kvb / 2), *vd = vs + b * (L::kvb / 2);
+        if (it < n_vis) {
+            const moqae_cuda_chunk ch = a.table[it];
+            gen_decode_chunk<D, PF_THREADS>(g, a.arena + ch.off + (long long) hk * (g.k_pad[ch.codec] + g.v_pad[ch.codec]),
+                                            ch.codec, a.cs_t, a.cs_t ? a.cs_p0 + (long long) it * D : nullptr, kd, vd, LDH,
+                                            cst);
+        } else {
+            const long long tile_pos = own_first + (long long) (it - n_vis) * C;
+            const int       nvalid   = (int) min((long long) C, p_last - tile_pos + 1);
+            copy_rows_f16<D, PF_THREADS>(a.stage_k + (long long) hk * g.stage_rows * D, tile_pos, g.stage_rows, nvalid, kd, LDH);
+            copy_rows_f16<D, PF_THREADS>(a.stage_v + (long long) hk * g.stage_rows * D, tile_pos, g.stage_rows, nvalid, vd, LDH);
+        }
+    };
+    /* One barrier per tile: the next tile is decoded into the other buffer before this one's products,
+     * so that warps done with their share of the decode go on to the tensor cores. */
+    __syncthreads(); /* Q and the RoPE table are written */
+    if (s0 < s1) {
+        decode(s0, 0);
+    }
     for (int it = s0; it < s1; it++) {
         const bool ring = it < n_vis;
-        long long  tile_pos;
-        __syncthreads(); /* the previous tile is consumed (and, the first time, Q is written) */
-        if (ring) {
-            const moqae_cuda_chunk ch = a.table[it];
-            tile_pos                  = ch.pos;
-            gen_decode_chunk<D, PF_THREADS>(g, a.arena + ch.off + (long long) hk * (g.k_pad[ch.codec] + g.v_pad[ch.codec]),
-                                            ch.codec, a.cs_t, a.cs_t ? a.cs_p0 + (long long) it * D : nullptr, ks, vs, LDH);
-        } else {
-            tile_pos         = own_first + (long long) (it - n_vis) * C;
-            const int nvalid = (int) min((long long) C, p_last - tile_pos + 1);
-            copy_rows_f16<D, PF_THREADS>(a.stage_k + (long long) hk * g.stage_rows * D, tile_pos, g.stage_rows, nvalid, ks, LDH);
-            copy_rows_f16<D, PF_THREADS>(a.stage_v + (long long) hk * g.stage_rows * D, tile_pos, g.stage_rows, nvalid, vs, LDH);
+        const int  b    = (it - s0) & 1;
+        __syncthreads(); /* tile it is decoded; the other buffer's last tile is consumed */
+        if (it + 1 < s1) {
+            decode(it + 1, b ^ 1);
         }
-        __syncthreads();
+        const long long tile_pos = ring ? a.table[it].pos : own_first + (long long) (it - n_vis) * C;
         const int tile_rel = (int) max(tile_pos - own_first, -(1LL << 30)); /* ring tiles: only its sign matters */
+        const unsigned kb_b = kb_at + b * L::kvb, vb_b = vb_at + b * L::kvb;
         /* S = (Q scale) K^T: 16 rows x 32 keys, four n-tiles of 8 keys */
         float s[4][4];
 #pragma unroll
@@ -1373,7 +1400,7 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 #pragma unroll
             for (int np = 0; np < 2; np++) { /* keys 16 np + 0..7 (b: matrices 0, 1) and + 8..15 (2, 3) */
                 uint32_t kb[4];
-                ldsm_x4_at(kb, kb_at + 2 * (16 * np * LDH + 16 * kk));
+                ldsm_x4_at(kb, kb_b + 2 * (16 * np * LDH + 16 * kk));
                 mma16816(s[2 * np], qa[0], qa[1], qa[2], qa[3], kb[0], kb[1]);
                 mma16816(s[2 * np], ql[0], ql[1], ql[2], ql[3], kb[0], kb[1]);
                 mma16816(s[2 * np + 1], qa[0], qa[1], qa[2], qa[3], kb[2], kb[3]);
@@ -1436,7 +1463,7 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 #pragma unroll
             for (int dt = 0; dt < D / 16; dt++) { /* channels 16 dt + 0..7 (b: matrices 0, 1) and + 8..15 (2, 3) */
                 uint32_t vb[4];
-                ldsm_x4_trans_at(vb, vb_at + 2 * (16 * kh * LDH + 16 * dt));
+                ldsm_x4_trans_at(vb, vb_b + 2 * (16 * kh * LDH + 16 * dt));
                 mma16816(o[2 * dt], pa0, pa1, pa2, pa3, vb[0], vb[1]);
                 mma16816(o[2 * dt], pl0, pl1, pl2, pl3, vb[0], vb[1]);
                 mma16816(o[2 * dt + 1], pa0, pa1, pa2, pa3, vb[2], vb[3]);
