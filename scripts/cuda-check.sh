@@ -13,7 +13,7 @@
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
-#         prefill smolpf fill128k pfncu attnpf llamafill (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
+#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -302,6 +302,31 @@ for st in $stages; do
         timeout 200 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $L7 -ngl 99 -p 1 -n 2 -r 1 --kv int4 \
             > "$OUT/prof7b.csv" 2>/dev/null
         prof_table "$OUT/prof7b.csv" | tee -a "$S" ;;
+    imma) # prefill's weight products: 4 quant blocks per stage (default) against one (MOQAE_CUDA_IMMA=1), 7B pp512 and
+          # the fill to 32k, SmolLM2 pp512 (int4, fp16)
+        for k in 1 0 1 0; do
+            ( export MOQAE_CUDA_IMMA=$k; bench7b 7b-pp512-imma$k -p 512 -n 0 -r 5 --kv int4 )
+            if [ -f $SMOL ]; then
+                for kv in int4 fp16; do
+                    MOQAE_CUDA_IMMA=$k $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 0 -r 5 --kv $kv 2>&1 | grep -E "pp" |
+                        sed "s/^/IMMA=$k /" | tee -a "$S"
+                done
+            fi
+        done
+        for k in 1 0; do
+            ( export MOQAE_CUDA_IMMA=$k; bench7b 7b-fill32k-imma$k -c 32896 --depth 32768 -n 4 -r 1 --kv int4 )
+        done ;;
+    profpp) # every kernel of a 7B pp512 (int4 ring; warm-up included) and of SmolLM2 pp512 (int4, fp16): time per launch
+        timeout 200 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 1 --kv int4 \
+            > "$OUT/profpp7b.csv" 2>/dev/null
+        prof_table "$OUT/profpp7b.csv" | head -14 | tee -a "$S"
+        if [ -f $SMOL ]; then
+            for kv in int4 fp16; do
+                timeout 120 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 0 -r 1 \
+                    --kv $kv > "$OUT/profppsmol.csv" 2>/dev/null
+                note "SmolLM2 pp512 $kv:"; prof_table "$OUT/profppsmol.csv" | head -10 | tee -a "$S"
+            done
+        fi ;;
     profsmol) # the same for SmolLM2 (tg4)
         timeout 120 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $SMOL -ngl 99 -p 1 -n 4 -r 1 --kv fp16 \
             > "$OUT/profsmol.csv" 2>/dev/null

@@ -383,13 +383,14 @@ mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
     }
 }
 
-/* ---- mat-mat on int8 tensor cores (prefill): 64 tokens x 64 rows per block, one quant block (32)
- * per k-step: mma.m16n8k32 s8 gives each block's exact integer sums, which are scaled into f32
- * accumulators with the CPU's per-block formula ------------------------------------------------------ */
+/* ---- mat-mat on int8 tensor cores (prefill): 64 tokens x 64 rows per block, KB quant blocks (of 32)
+ * per stage between two barriers: each thread's loads of a stage are issued together; each k-step of
+ * one block is one mma.m16n8k32 s8 per 16 x 8 tile, whose exact integer sums are scaled into f32
+ * accumulators with the CPU's per-block formula, block after block (KB does not change the result) ---- */
 
 #define IMMA_BT 64 /* tokens per tile */
 #define IMMA_BR 64 /* rows per tile   */
-#define IMMA_LD 48 /* bytes per smem row: 32 + 16 (rows g = 0..7 at 4q land in distinct banks) */
+#define IMMA_KB 4  /* quant blocks per stage */
 
 static __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                               uint32_t b1) {
@@ -399,97 +400,113 @@ static __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int TYPE>
+/* bytes per shared row: KB blocks of 32 codes + 16, an odd multiple of 4 words (KB 1: 12, KB 4: 36), so
+ * that the rows g = 0..7 read at word q land in distinct banks */
+template <int KB> struct imma_ld { static constexpr int v = 32 * KB + 16; };
+
+template <int TYPE, int KB>
 static __global__ void __launch_bounds__(128)
 imma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows, const q8x * __restrict__ xq,
             int64_t n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
-    __shared__ __align__(16) uint8_t xs[IMMA_BT * IMMA_LD];
-    __shared__ __align__(16) uint8_t ws[IMMA_BR * IMMA_LD];
-    __shared__ float                 dx[IMMA_BT], sx[IMMA_BT], dw[IMMA_BR], mw[IMMA_BR];
+    constexpr int LD = imma_ld<KB>::v;
+    __shared__ __align__(16) uint8_t xs[IMMA_BT * LD];
+    __shared__ __align__(16) uint8_t ws[IMMA_BR * LD];
+    __shared__ float                 dx[KB][IMMA_BT], sx[KB][IMMA_BT], dw[KB][IMMA_BR], mw[KB][IMMA_BR];
     const int     tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, q = lane & 3;
     const int64_t r0 = (int64_t) blockIdx.x * IMMA_BR, t0 = (int64_t) blockIdx.y * IMMA_BT;
     const int64_t nb = n_cols / 32;
     const int     wt = (warp / 2) * 32, wr = (warp % 2) * 32; /* this warp's 32 tokens x 32 rows */
     float         acc[2][4][4] = {};
-    for (int64_t b = 0; b < nb; b++) {
-        { /* activations: 64 tokens x 32 int8, two threads per token */
+    for (int64_t b0 = 0; b0 < nb; b0 += KB) {
+        const int nk = (int) min((int64_t) KB, nb - b0); /* blocks in this stage (the last may have fewer) */
+        { /* activations: 64 tokens x KB blocks of 32 int8, two threads per token */
             const int tok = tid / 2, hf = tid % 2;
-            uint4     v   = make_uint4(0, 0, 0, 0);
-            float     d = 0.0f, s = 0.0f;
-            if (t0 + tok < n_tok) {
-                const q8x * xb = xq + (t0 + tok) * nb + b;
-                const uint2 lo = *(const uint2 *) &xb->q[4 * hf], hi = *(const uint2 *) &xb->q[4 * hf + 2]; /* 8-aligned */
-                v              = make_uint4(lo.x, lo.y, hi.x, hi.y);
-                d = xb->d, s = xb->s;
-            }
-            *(uint4 *) (xs + tok * IMMA_LD + 16 * hf) = v;
-            if (hf == 0) {
-                dx[tok] = d, sx[tok] = s;
-            }
-        }
-        { /* weights: 64 rows x one block as int8 codes (Q4_0: q - 8), two threads per row */
-            const int row = tid / 2, hf = tid % 2;
-            uint32_t  c[4] = { 0, 0, 0, 0 };
-            float     d = 0.0f, m = 0.0f;
-            if (r0 + row < n_rows) {
-                const uint8_t * wr = w + (r0 + row) * row_bytes;
-                const uint8_t * sc = scale_of<TYPE>(wr, nb, b);
-                if constexpr (TYPE == MOQAE_TYPE_Q8_0) { /* codes 16 hf .. 16 hf + 15 */
-                    const uint4 v = *(const uint4 *) (codes_of<TYPE>(wr, b) + 16 * hf);
-                    d             = moqae_dev_f16_to_f32(*(const uint16_t *) sc);
-                    c[0] = v.x, c[1] = v.y, c[2] = v.z, c[3] = v.w;
-                } else {
-                    const uint4    v     = *(const uint4 *) codes_of<TYPE>(wr, b); /* the 16 bytes of nibbles */
-                    const uint32_t qs[4] = { v.x, v.y, v.z, v.w };
-                    if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
-                        d = moqae_dev_f16_to_f32(*(const uint16_t *) sc);
-                    } else {
-                        const uint32_t dm = *(const uint32_t *) sc;
-                        d                 = moqae_dev_f16_to_f32((uint16_t) (dm & 0xffffu));
-                        m                 = moqae_dev_f16_to_f32((uint16_t) (dm >> 16));
-                    }
-                    /* elements 16 hf .. 16 hf + 15: low nibbles (hf 0) or high nibbles (hf 1) of the 16 bytes */
 #pragma unroll
-                    for (int k = 0; k < 4; k++) {
-                        uint32_t u = (qs[k] >> (4 * hf)) & 0x0f0f0f0fu;
-                        if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
-                            u = __vsub4(u, 0x08080808u);
-                        }
-                        c[k] = u;
-                    }
+            for (int kb = 0; kb < KB; kb++) {
+                uint4 v = make_uint4(0, 0, 0, 0);
+                float d = 0.0f, s = 0.0f;
+                if (t0 + tok < n_tok && kb < nk) {
+                    const q8x * xb = xq + (t0 + tok) * nb + b0 + kb;
+                    const uint2 lo = *(const uint2 *) &xb->q[4 * hf], hi = *(const uint2 *) &xb->q[4 * hf + 2]; /* 8-aligned */
+                    v              = make_uint4(lo.x, lo.y, hi.x, hi.y);
+                    d = xb->d, s = xb->s;
+                }
+                *(uint4 *) (xs + tok * LD + 32 * kb + 16 * hf) = v;
+                if (hf == 0) {
+                    dx[kb][tok] = d, sx[kb][tok] = s;
                 }
             }
-            *(uint4 *) (ws + row * IMMA_LD + 16 * hf) = make_uint4(c[0], c[1], c[2], c[3]);
-            if (hf == 0) {
-                dw[row] = d, mw[row] = m;
+        }
+        { /* weights: 64 rows x KB blocks as int8 codes (Q4_0: q - 8), two threads per row */
+            const int row = tid / 2, hf = tid % 2;
+#pragma unroll
+            for (int kb = 0; kb < KB; kb++) {
+                uint32_t c[4] = { 0, 0, 0, 0 };
+                float    d = 0.0f, m = 0.0f;
+                if (r0 + row < n_rows && kb < nk) {
+                    const uint8_t * wr = w + (r0 + row) * row_bytes;
+                    const uint8_t * sc = scale_of<TYPE>(wr, nb, b0 + kb);
+                    if constexpr (TYPE == MOQAE_TYPE_Q8_0) { /* codes 16 hf .. 16 hf + 15 */
+                        const uint4 v = *(const uint4 *) (codes_of<TYPE>(wr, b0 + kb) + 16 * hf);
+                        d             = moqae_dev_f16_to_f32(*(const uint16_t *) sc);
+                        c[0] = v.x, c[1] = v.y, c[2] = v.z, c[3] = v.w;
+                    } else {
+                        const uint4    v     = *(const uint4 *) codes_of<TYPE>(wr, b0 + kb); /* the 16 bytes of nibbles */
+                        const uint32_t qs[4] = { v.x, v.y, v.z, v.w };
+                        if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
+                            d = moqae_dev_f16_to_f32(*(const uint16_t *) sc);
+                        } else {
+                            const uint32_t dm = *(const uint32_t *) sc;
+                            d                 = moqae_dev_f16_to_f32((uint16_t) (dm & 0xffffu));
+                            m                 = moqae_dev_f16_to_f32((uint16_t) (dm >> 16));
+                        }
+                        /* elements 16 hf .. 16 hf + 15: low nibbles (hf 0) or high nibbles (hf 1) of the 16 bytes */
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            uint32_t u = (qs[k] >> (4 * hf)) & 0x0f0f0f0fu;
+                            if constexpr (TYPE == MOQAE_TYPE_Q4_0) {
+                                u = __vsub4(u, 0x08080808u);
+                            }
+                            c[k] = u;
+                        }
+                    }
+                }
+                *(uint4 *) (ws + row * LD + 32 * kb + 16 * hf) = make_uint4(c[0], c[1], c[2], c[3]);
+                if (hf == 0) {
+                    dw[kb][row] = d, mw[kb][row] = m;
+                }
             }
         }
         __syncthreads();
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++) {
-            const uint8_t * xa = xs + (wt + 16 * mt + g) * IMMA_LD + 4 * q;
-            const uint32_t  a0 = *(const uint32_t *) xa, a1 = *(const uint32_t *) (xa + 8 * IMMA_LD);
-            const uint32_t  a2 = *(const uint32_t *) (xa + 16), a3 = *(const uint32_t *) (xa + 8 * IMMA_LD + 16);
-            const float     dx0 = dx[wt + 16 * mt + g], dx1 = dx[wt + 16 * mt + g + 8];
-            const float     sx0 = sx[wt + 16 * mt + g], sx1 = sx[wt + 16 * mt + g + 8];
+        for (int kb = 0; kb < KB; kb++) {
 #pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const uint8_t * wb = ws + (wr + 8 * nt + g) * IMMA_LD + 4 * q;
-                int             c[4] = { 0, 0, 0, 0 };
-                mma_s8(c, a0, a1, a2, a3, *(const uint32_t *) wb, *(const uint32_t *) (wb + 16));
-                const int   rr  = wr + 8 * nt + 2 * q;
-                const float dw0 = dw[rr], dw1 = dw[rr + 1];
-                float *     ac  = acc[mt][nt];
-                ac[0] = fmaf((float) c[0], __fmul_rn(dw0, dx0), ac[0]);
-                ac[1] = fmaf((float) c[1], __fmul_rn(dw1, dx0), ac[1]);
-                ac[2] = fmaf((float) c[2], __fmul_rn(dw0, dx1), ac[2]);
-                ac[3] = fmaf((float) c[3], __fmul_rn(dw1, dx1), ac[3]);
-                if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
-                    const float mw0 = mw[rr], mw1 = mw[rr + 1];
-                    ac[0] = fmaf(mw0, sx0, ac[0]);
-                    ac[1] = fmaf(mw1, sx0, ac[1]);
-                    ac[2] = fmaf(mw0, sx1, ac[2]);
-                    ac[3] = fmaf(mw1, sx1, ac[3]);
+            for (int mt = 0; mt < 2; mt++) {
+                const uint8_t * xa = xs + (wt + 16 * mt + g) * LD + 32 * kb + 4 * q;
+                const uint32_t  a0 = *(const uint32_t *) xa, a1 = *(const uint32_t *) (xa + 8 * LD);
+                const uint32_t  a2 = *(const uint32_t *) (xa + 16), a3 = *(const uint32_t *) (xa + 8 * LD + 16);
+                const float     dx0 = dx[kb][wt + 16 * mt + g], dx1 = dx[kb][wt + 16 * mt + g + 8];
+                const float     sx0 = sx[kb][wt + 16 * mt + g], sx1 = sx[kb][wt + 16 * mt + g + 8];
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    const uint8_t * wb = ws + (wr + 8 * nt + g) * LD + 32 * kb + 4 * q;
+                    int             c[4] = { 0, 0, 0, 0 };
+                    mma_s8(c, a0, a1, a2, a3, *(const uint32_t *) wb, *(const uint32_t *) (wb + 16));
+                    const int   rr  = wr + 8 * nt + 2 * q;
+                    const float dw0 = dw[kb][rr], dw1 = dw[kb][rr + 1];
+                    float *     ac  = acc[mt][nt];
+                    /* a stage's missing blocks (kb >= nk) have codes and scales 0: the sums are unchanged */
+                    ac[0] = fmaf((float) c[0], __fmul_rn(dw0, dx0), ac[0]);
+                    ac[1] = fmaf((float) c[1], __fmul_rn(dw1, dx0), ac[1]);
+                    ac[2] = fmaf((float) c[2], __fmul_rn(dw0, dx1), ac[2]);
+                    ac[3] = fmaf((float) c[3], __fmul_rn(dw1, dx1), ac[3]);
+                    if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
+                        const float mw0 = mw[kb][rr], mw1 = mw[kb][rr + 1];
+                        ac[0] = fmaf(mw0, sx0, ac[0]);
+                        ac[1] = fmaf(mw1, sx0, ac[1]);
+                        ac[2] = fmaf(mw0, sx1, ac[2]);
+                        ac[3] = fmaf(mw1, sx1, ac[3]);
+                    }
                 }
             }
         }
@@ -637,15 +654,16 @@ struct type_ops {
     rows_fn rows;
     mmvq_fn mmvq1;   /* integer codes, one token; NULL for F32, F16     */
     mmvq_fn mmvq8;   /* integer codes, up to 8 tokens                   */
-    imma_fn imma;
+    imma_fn imma;    /* IMMA_KB blocks per stage                        */
+    imma_fn imma1;   /* one block per stage (MOQAE_CUDA_IMMA=1: the earlier kernel's stages, for comparison) */
 };
 
 template <int TYPE> static constexpr type_ops make_ops() {
     if constexpr (TYPE == MOQAE_TYPE_Q4_0 || TYPE == MOQAE_TYPE_Q4_1 || TYPE == MOQAE_TYPE_Q8_0) {
         return type_ops{ nullptr, nullptr, get_rows_kernel<TYPE>, mmvq_kernel<TYPE, 1>, mmvq_kernel<TYPE, 8>,
-                         imma_kernel<TYPE> };
+                         imma_kernel<TYPE, IMMA_KB>, imma_kernel<TYPE, 1> };
     } else {
-        return type_ops{ mmv_kernel<TYPE>, mma_kernel<TYPE>, get_rows_kernel<TYPE>, nullptr, nullptr, nullptr };
+        return type_ops{ mmv_kernel<TYPE>, mma_kernel<TYPE>, get_rows_kernel<TYPE>, nullptr, nullptr, nullptr, nullptr };
     }
 }
 
@@ -776,8 +794,13 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
         }
         case MOQAE_CUDA_MM_IMMA: {
             const dim3 grid((unsigned) ((w->n_rows + IMMA_BR - 1) / IMMA_BR), (unsigned) ((n_tok + IMMA_BT - 1) / IMMA_BT));
-            ops->imma<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, n_tok, y,
-                                                ldy, acc);
+            static int one = -1; /* MOQAE_CUDA_IMMA=1: one block per stage */
+            if (one < 0) {
+                const char * e = getenv("MOQAE_CUDA_IMMA");
+                one            = e && *e == '1' ? 1 : 0;
+            }
+            (one ? ops->imma1 : ops->imma)<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows,
+                                                                     (const q8x *) xq, n_tok, y, ldy, acc);
             break;
         }
         case MOQAE_CUDA_MM_MMA: {
