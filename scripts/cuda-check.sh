@@ -57,7 +57,7 @@ if not rows:
 h = rows[0]; kn = h.index("Kernel Name"); mv = h.index("Metric Value"); un = h.index("Metric Unit")
 tot = collections.defaultdict(float); cnt = collections.Counter()
 for r in rows[1:]:
-    v = float(r[mv].replace(",", "")) * {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3}.get(r[un], 1)
+    v = float(r[mv].replace(",", "")) * {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1, "us": 1, "msecond": 1e3, "ms": 1e3}.get(r[un], 1)
     k = r[kn].split("(")[0]; tot[k] += v; cnt[k] += 1
 for k in sorted(tot, key=tot.get, reverse=True):
     print(f"{k[:60]:60s} {cnt[k]:6d} x {tot[k] / cnt[k]:9.2f} us = {tot[k]:10.1f} us")

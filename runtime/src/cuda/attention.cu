@@ -1,5 +1,5 @@
 /*
- * cuda/attention.cu — see attention.cuh. Two kernels over the same tile walk (ring chunks visible to
+ * cuda/attention.cu — see attention.cuh. Three kernels over the same tile walk (ring chunks visible to
  * the rows, then the staging window's tiles), a merge kernel for flash-decoding splits, and the
  * choice between them. Record layouts: kv-codec.h (kv-layout.cuh reads them); keys of quantized
  * records are rotated (Hadamard over D) and, unless MOQAE_KV_KEYS=post, turned back to before RoPE:
