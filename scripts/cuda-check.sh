@@ -13,7 +13,7 @@
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
-#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
+#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -316,6 +316,24 @@ for st in $stages; do
         for k in 1 0; do
             ( export MOQAE_CUDA_IMMA=$k; bench7b 7b-fill32k-imma$k -c 32896 --depth 32768 -n 4 -r 1 --kv int4 )
         done ;;
+    pfk) # the prefill kernel's quantized keys on tensor cores (default) against per-row decode (MOQAE_CUDA_PFK=0), fill 32k
+        for k in 0 1 0 1; do
+            ( export MOQAE_CUDA_PFK=$k; bench7b 7b-fill32k-pfk$k -c 32896 --depth 32768 -n 4 -r 1 --kv int4 )
+        done ;;
+    immacmp) # the prefill's weight products against the old tree's (stage otbuild) in one call: 7B pp512, SmolLM2 pp512
+        for t in new old new old; do
+            b=$BNEW; [ $t = old ] && b=/tmp/ot/build-gpu
+            $b/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 5 --kv int4 2>&1 | grep -E "pp512" | sed "s/^/$t /" | tee -a "$S"
+            [ -f $SMOL ] && $b/moqae-bench -m $SMOL -ngl 99 -p 512 -n 0 -r 5 --kv fp16 2>&1 | grep -E "pp512" |
+                sed "s/^/$t /" | tee -a "$S"
+        done ;;
+    immancu) # one prefill weight product (the 7B gate/up shape, launch 20 of a pp512): throughput, stalls, occupancy
+        timeout 200 ncu --kernel-name regex:imma_kernel --launch-skip 20 --launch-count 1 --section SpeedOfLight \
+            --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+            --section MemoryWorkloadAnalysis --print-details all \
+            $B/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 1 --kv int4 > "$OUT/immancu.txt" 2>&1
+        grep -E "imma_kernel|Duration|Throughput|Stall|stall|Warp Cycles Per Issued|Issued Warp|No Eligible|Occupancy|Registers|Block Limit|Executed Ipc" \
+            "$OUT/immancu.txt" | head -60 | tee -a "$S" ;;
     profpp) # every kernel of a 7B pp512 (int4 ring; warm-up included) and of SmolLM2 pp512 (int4, fp16): time per launch
         timeout 200 ncu --metrics gpu__time_duration.sum --csv $B/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 1 --kv int4 \
             > "$OUT/profpp7b.csv" 2>/dev/null

@@ -112,7 +112,8 @@ static __device__ void copy_rows_f16(const uint16_t * __restrict__ src, long lon
  * and R(P0) (keys before RoPE; cs_t NULL: stored after RoPE). NT threads. */
 template <int D, int NT = ATT_THREADS>
 static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, const float * __restrict__ cs_t,
-                                    const float * __restrict__ cs_p0c, half * ks, int ld, const float2 * cst = nullptr) {
+                                    const float * __restrict__ cs_p0c, half * ks, int ld, const float2 * cst = nullptr,
+                                    int j0 = -1, int jstep = NT / 32) { /* rows j0, j0 + jstep, ...; -1: the warp's */
     constexpr int  C = ATT_TILE, E = D / 32;
     const kvl_geom g = kvl_geom_k(codec, C, D);
     const int      bits = g.bits, RB = C * bits / 8, lane = threadIdx.x & 31;
@@ -127,7 +128,7 @@ static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, 
         sc[e]       = kvl_scale(b.sb, rk[g.off_sc + d]);
         zr[e]       = kvl_zero(b.zl, b.zs, rk[g.off_zc + d]);
     }
-    for (int j = threadIdx.x / 32; j < C; j += NT / 32) {
+    for (int j = j0 < 0 ? (int) threadIdx.x / 32 : j0; j < C; j += jstep) {
         float v[E];
 #pragma unroll
         for (int e = 0; e < E; e++) {
@@ -166,14 +167,15 @@ static __device__ void gen_decode_k(const uint8_t * __restrict__ rk, int codec, 
 
 /* Values of a quantized record -> vs[j][d] f16: decode, inverse Hadamard per block of rot_block(G). */
 template <int D, int NT = ATT_THREADS>
-static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, int G, half * vs, int ld) {
+static __device__ void gen_decode_v(const uint8_t * __restrict__ rv, int codec, int G, half * vs, int ld, int j0 = -1,
+                                    int jstep = NT / 32) {
     constexpr int   C = ATT_TILE, E = D / 32;
     const kvl_geom  g = kvl_geom_v(codec, C, D, G);
     const int       bits = g.bits, RB = D * bits / 8, lane = threadIdx.x & 31, NG = D / G;
     const rec_bases b = read_bases(rv + g.off_bases);
     const int       n = kvl_rot_block(G);
     const float     f = kvl_rot_factor(n, true);
-    for (int j = threadIdx.x / 32; j < C; j += NT / 32) {
+    for (int j = j0 < 0 ? (int) threadIdx.x / 32 : j0; j < C; j += jstep) {
         const float scale = kvl_scale(b.sb, rv[g.off_sc + j]);
         const float zero  = kvl_zero(b.zl, b.zs, rv[g.off_zc + j * NG + lane * E / G]); /* G >= 16 > E: one group */
         float       v[E];
@@ -1268,7 +1270,12 @@ template <int D, int W> struct pf_layout {
     static constexpr int v     = k + ATT_TILE * LDH * 2;
     static constexpr int kvb   = 2 * ATT_TILE * LDH * 2;         /* the second buffer's offset */
     static constexpr int cst   = k + 2 * kvb; /* R(t): [C][D/2] float2 (cs_t transposed) */
-    static constexpr int bytes = cst + ATT_TILE * (D / 2) * 8;
+    /* the 4 key warps' scratch (pf_keys_tc): a key record (INT8 at most: D C codes + 3 D + 11 bytes), then
+     * the relative scales (f16) and the stage-1 start values (f32) */
+    static constexpr int KRAW  = D * ATT_TILE + 4 * D + 64;
+    static constexpr int KW    = KRAW + D * 2 + D * 4;
+    static constexpr int kw    = cst + ATT_TILE * (D / 2) * 8;
+    static constexpr int bytes = kw + 4 * KW;
 };
 
 /* Four 8x8 b16 matrices from shared memory (sa: a shared-space address): lane l gives the address of
@@ -1293,6 +1300,114 @@ static __device__ __forceinline__ uint32_t pack_h2(float lo_col, float hi_col) {
 static __device__ __forceinline__ uint32_t pack_h2_rest(float a, float b) { /* what f16 rounding left of (a, b) */
     const float2 r = __half22float2(__floats2half2_rn(a, b));
     return h2_as_u32(__floats2half2_rn(a - r.x, b - r.y));
+}
+
+/* Keys of a quantized record on tensor cores for the prefill kernel, written as f16 after RoPE: v3's
+ * stage 1 (the 16-point inverse Hadamard in mma m16n8k16, codes straight into the A fragments, the
+ * relative scales with the signs in B, the accumulators started at the zero terms) and stage 2 (the
+ * D/16-point butterflies in registers), then times sb f_D, R(t) and R(P0). unit 0..3 is v3's (u, nt) of
+ * the INT4 path or (mt, nt) of the INT8 / INT2 path: 16 tokens x D/2 channels. rk: the key record in
+ * the warp's shared scratch (16-byte aligned); shat, corr: the warp's scratch. The outlier token is
+ * not written (its codes are the low bits of a wider code: the caller decodes it apart). */
+template <int D>
+static __device__ void pf_keys_tc(const uint8_t * rk, int codec, int unit, const float2 * cst, const float * cs_p0c,
+                                  half * kd, int ld, half * shat, float * corr, uint32_t k6464) {
+    constexpr int   C = ATT_TILE, E = D / 32, NA = D / 16;
+    const int       lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
+    const kvl_geom  gk   = kvl_geom_k(codec, C, D);
+    const int       bits = gk.bits, RB = C * bits / 8, xi = rk[gk.off_x + 4];
+    const rec_bases b    = read_bases(rk + gk.off_bases);
+    const float     sbe = b.sb > 0.0f ? b.sb : 1.0f, isb = 1.0f / sbe;
+    {
+        float w[E];
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const int  d  = lane * E + e;
+            const half hh = __float2half(b.sb > 0.0f ? kvl_scale_rel(rk[gk.off_sc + d]) : 0.0f);
+            shat[d]       = hh;
+            w[e]          = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb - 1024.0f * __half2float(hh);
+        }
+        warp_fwht<E>(w, 16);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            corr[lane * E + e] = w[e];
+        }
+    }
+    __syncwarp();
+    const int nt = unit & 1, hi = unit >> 1; /* hi: u (INT4) or mt (INT8 / INT2) */
+    uint32_t  s01, s89;                      /* B-fragment signs of H_16 (attn_v3_kernel's sg01 / sg89) */
+    {
+        const int n = 8 * nt + g8, k = 2 * q4;
+        s01         = ((uint32_t) (__popc(k & n) & 1) << 15) | ((uint32_t) (__popc((k + 1) & n) & 1) << 31);
+        s89         = ((uint32_t) (__popc((k + 8) & n) & 1) << 15) | ((uint32_t) (__popc((k + 9) & n) & 1) << 31);
+    }
+    float acc[NA][4];
+    if (codec == 2) { /* MOQAE_KV_CODEC_Q4: attn_v3_kernel's ldmatrix path, product u = hi */
+#pragma unroll
+        for (int ab = 0; ab < NA; ab += 2) {
+            uint32_t r[4];
+            ldsm_x4_trans(r, rk + (16 * ab + lane) * 16);
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const float2 cr = *(const float2 *) (corr + 16 * (ab + k) + 8 * nt + 2 * q4);
+                acc[ab + k][0] = cr.x, acc[ab + k][1] = cr.y, acc[ab + k][2] = cr.x, acc[ab + k][3] = cr.y;
+                const uint32_t x0 = r[2 * k] >> (8 * hi), x1 = r[2 * k + 1] >> (8 * hi);
+                const uint32_t b01 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4) ^ s01;
+                const uint32_t b89 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4 + 8) ^ s89;
+                mma16816(acc[ab + k], h2_1024_nib(x0, k6464), h2_1024_nib(x0 >> 4, k6464), h2_1024_nib(x1, k6464),
+                         h2_1024_nib(x1 >> 4, k6464), b01, b89);
+            }
+        }
+    } else { /* INT8 / INT2: the byte and word paths, product mt = hi */
+#pragma unroll
+        for (int ab = 0; ab < NA; ab++) {
+            const float2 cr = *(const float2 *) (corr + 16 * ab + 8 * nt + 2 * q4);
+            acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
+            const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
+            uint32_t        A0, A1, A2, A3;
+            if (bits == 8) {
+                const int o0 = 16 * hi + g8, o1 = o0 + 8;
+                A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
+                A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
+                A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
+                A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
+            } else {
+                const uint32_t * w   = (const uint32_t *) r0 + hi;
+                const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
+                const int        sh  = 2 * (g8 >> 2);
+                const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
+                A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
+                A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
+            }
+            const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ s01;
+            const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ s89;
+            mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
+        }
+    }
+    v3_stage2(acc);
+    /* accumulator row half hh holds token t (v3_score_rows' t0 + 8 hh), the pair (2i, 2i + 1), i = 8 ab + 4 nt + q4 */
+    const float f   = sbe * kvl_rot_factor(D, true);
+    const int   tau = g8 < 4 ? 2 * g8 : 2 * g8 + 8;
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        const int t = codec == 2 ? tau + hi + 8 * hh : 16 * hi + g8 + 8 * hh;
+        if (t == xi) {
+            continue;
+        }
+#pragma unroll
+        for (int ab = 0; ab < NA; ab++) {
+            const int i = 8 * ab + 4 * nt + q4;
+            float     x = acc[ab][2 * hh] * f, y = acc[ab][2 * hh + 1] * f;
+            if (cst) { /* R(t), then R(P0), as gen_decode_k */
+                const float2 t1 = cst[t * (D / 2) + i];
+                const float  c0 = cs_p0c[2 * i], s0 = cs_p0c[2 * i + 1];
+                const float  x1 = x * t1.x - y * t1.y, y1 = x * t1.y + y * t1.x;
+                x = x1 * c0 - y1 * s0;
+                y = x1 * s0 + y1 * c0;
+            }
+            *(half2 *) (kd + t * ld + 2 * i) = __floats2half2_rn(x, y);
+        }
+    }
 }
 
 template <int D, int W>
@@ -1324,6 +1439,7 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         qsl[r * LDH + d] = __float2half(v - __half2float(hi));
     }
     float2 * cst = a.cs_t ? (float2 *) (sm + L::cst) : nullptr; /* a row's pairs in consecutive words */
+    const uint32_t k6464 = 0x64006400u | ((uint32_t) a.raw_bytes >> 31); /* raw_bytes >= 0: h2_1024_nib's k */
     if (cst) {
         for (int e = tid; e < C * (D / 2); e += PF_THREADS) {
             const int t = e % C, i = e / C;
@@ -1359,10 +1475,25 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     auto decode = [&](int it, int b) {
         half * kd = ks + b * (L::kvb / 2), *vd = vs + b * (L::kvb / 2);
         if (it < n_vis) {
-            const moqae_cuda_chunk ch = a.table[it];
-            gen_decode_chunk<D, PF_THREADS>(g, a.arena + ch.off + (long long) hk * (g.k_pad[ch.codec] + g.v_pad[ch.codec]),
-                                            ch.codec, a.cs_t, a.cs_t ? a.cs_p0 + (long long) it * D : nullptr, kd, vd, LDH,
-                                            cst);
+            const moqae_cuda_chunk ch    = a.table[it];
+            const uint8_t *        rec   = a.arena + ch.off + (long long) hk * (g.k_pad[ch.codec] + g.v_pad[ch.codec]);
+            const float *          cs_p0 = a.cs_t ? a.cs_p0 + (long long) it * D : nullptr;
+            if (ch.codec == 0 || a.pf_keys_gen) {
+                gen_decode_chunk<D, PF_THREADS>(g, rec, ch.codec, a.cs_t, cs_p0, kd, vd, LDH, cst);
+            } else if (warp < 4) { /* keys on tensor cores, a quarter each */
+                uint8_t * kw = sm + L::kw + warp * L::KW;
+                for (int o = lane * 16; o < (int) g.k_pad[ch.codec]; o += 512) {
+                    *(uint4 *) (kw + o) = *(const uint4 *) (rec + o);
+                }
+                __syncwarp();
+                pf_keys_tc<D>(kw, ch.codec, warp, cst, cs_p0, kd, LDH, (half *) (kw + L::KRAW),
+                              (float *) (kw + L::KRAW + D * 2), k6464);
+            } else if (warp == 4) { /* the outlier key token */
+                const int xi = rec[kvl_geom_k(ch.codec, C, D).off_x + 4];
+                gen_decode_k<D, PF_THREADS>(rec, ch.codec, a.cs_t, cs_p0, kd, LDH, cst, xi, C);
+            } else {
+                gen_decode_v<D, PF_THREADS>(rec + g.k_pad[ch.codec], ch.codec, g.v_group, vd, LDH, warp - 5, W - 5);
+            }
         } else {
             const long long tile_pos = own_first + (long long) (it - n_vis) * C;
             const int       nvalid   = (int) min((long long) C, p_last - tile_pos + 1);
@@ -1624,9 +1755,16 @@ static int launch_pf(const struct moqae_cuda_ring_geom * g, const struct moqae_c
     if (tpb < 1) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: %d query heads per KV head exceed %d rows", group, PF_ROWS);
     }
+    static int keys_gen = -1; /* MOQAE_CUDA_PFK=0: keys decoded per row on CUDA cores (5d0f7e3's decode) */
+    if (keys_gen < 0) {
+        const char * e = getenv("MOQAE_CUDA_PFK");
+        keys_gen       = e && *e == '0' ? 1 : 0;
+    }
+    struct moqae_cuda_attn_args aa = *a;
+    aa.pf_keys_gen                 = keys_gen;
     const int  n_qt = (a->n_tok + tpb - 1) / tpb;
     const dim3 grid((unsigned) g->n_head_kv, (unsigned) n_qt, (unsigned) a->n_split);
-    attn_pf_kernel<D, W><<<grid, 32 * W, L::bytes, stream>>>(*g, *a, tpb);
+    attn_pf_kernel<D, W><<<grid, 32 * W, L::bytes, stream>>>(*g, aa, tpb);
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {
         merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * PF_ROWS), D, 0, stream>>>(*g, *a, tpb, PF_ROWS, n_qt);

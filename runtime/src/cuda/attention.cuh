@@ -52,6 +52,9 @@ struct moqae_cuda_attn_args {
                                                   take their chunks in table order whatever the codec
                                                   (session 7's walk, for comparison); otherwise INT4
                                                   chunks first, then the others                    */
+    int                             pf_keys_gen; /* set by the launcher from MOQAE_CUDA_PFK=0: the prefill
+                                                  kernel decodes quantized keys per row on CUDA cores;
+                                                  otherwise on tensor cores (4 warps)              */
 };
 
 /* Which kernel: the one choice point ("supported" derives from it). */
