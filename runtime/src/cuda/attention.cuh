@@ -6,9 +6,10 @@
  * back to before RoPE (kv-codec.h, kv-ring.c): the kernels rotate them forward with the ring's
  * tables. Three kernels, one choice point (moqae_cuda_attn_pick):
  *  - prefill (micro-batches of more than 4 tokens): a block of 16 warps takes 256 query rows, decodes
- *    each tile once into shared memory (f16 keys after RoPE, values turned back; two buffers, the next
- *    tile decoded before this one's products), and each warp keeps its 16 rows' scores, weights and
- *    outputs in registers (mma m16n8k16, online softmax on the accumulators);
+ *    each tile once into shared memory (f16 keys after RoPE, quantized ones on tensor cores as v3 does;
+ *    values turned back; two buffers, the next tile decoded before this one's products), and each warp
+ *    keeps its 16 rows' scores, weights and outputs in registers (mma m16n8k16, online softmax on the
+ *    accumulators);
  *  - generic (decode fallback, micro-batches of 2-4 tokens, MOQAE_CUDA_ATTN=1): a block takes ROWS query
  *    rows, decodes each key tile into shared memory (codes -> f32 -> inverse Hadamard -> RoPE -> f16)
  *    and scores / weights it on tensor cores (WMMA, f32 accumulate), online softmax in f32;
