@@ -1244,7 +1244,9 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
  * Prefill: 256 query rows per block, one tile decoded per 256 rows, scores and weights in registers
  * ================================================================================================
  * The generic kernel's rule and tile walk, for micro-batches (n_tok > 4): the block's 16 warps decode
- * a tile into shared memory together (f16 keys after RoPE, values turned back), then each warp takes
+ * a tile into shared memory together (f16 keys after RoPE, values turned back; a quantized record's
+ * keys on tensor cores by warps 0-3 (pf_keys_tc), its outlier key row by warp 4, its values by the
+ * others), the next tile into the other buffer while this one is multiplied; then each warp takes
  * 16 query rows: S = Q K^T (mma m16n8k16, Q as hi + lo f16 from shared memory, K by ldmatrix), the
  * mask and the online softmax on the accumulators, P (hi + lo) straight from the accumulators into
  * the A fragments of O += P V (V by ldmatrix.trans), O in registers for the whole walk (FlashAttention-2's
@@ -1482,8 +1484,8 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                 gen_decode_chunk<D, PF_THREADS>(g, rec, ch.codec, a.cs_t, cs_p0, kd, vd, LDH, cst);
             } else if (warp < 4) { /* keys on tensor cores, a quarter each */
                 uint8_t * kw = sm + L::kw + warp * L::KW;
-                for (int o = lane * 16; o < (int) g.k_pad[ch.codec]; o += 512) {
-                    *(uint4 *) (kw + o) = *(const uint4 *) (rec + o);
+                for (int off = lane * 16; off < (int) g.k_pad[ch.codec]; off += 512) {
+                    *(uint4 *) (kw + off) = *(const uint4 *) (rec + off);
                 }
                 __syncwarp();
                 pf_keys_tc<D>(kw, ch.codec, warp, cst, cs_p0, kd, LDH, (half *) (kw + L::KRAW),
