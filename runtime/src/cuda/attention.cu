@@ -89,6 +89,31 @@ static __device__ __forceinline__ int visible_chunks(const struct moqae_cuda_chu
     return lo;
 }
 
+/* The tiles a block of a micro-batch walks (generic and prefill kernels): its tokens t_first..t_last
+ * (blockIdx.y, tpb tokens a block), the ring chunks visible to its last row (n_vis), then the staging
+ * window's tiles from its first row's chunk (own_first) to its last position (p_last); its split
+ * (blockIdx.z) takes the tiles s0..s1 - 1 of that walk. */
+struct tile_walk {
+    int       t_first, t_last, n_vis, s0, s1;
+    long long p_last, own_first;
+};
+
+static __device__ __forceinline__ tile_walk tile_walk_of(const struct moqae_cuda_attn_args & a, int tpb) {
+    constexpr int   C = ATT_TILE;
+    const long long n_past = a.dyn->n_past;
+    tile_walk       w;
+    w.t_first                = (int) blockIdx.y * tpb;
+    w.t_last                 = min(a.n_tok, w.t_first + tpb) - 1;
+    w.p_last                 = n_past + w.t_last;
+    w.own_first              = (n_past + w.t_first) / C * C;
+    w.n_vis                  = visible_chunks(a.table, a.dyn->n_chunks, w.p_last / C * C);
+    const int total          = w.n_vis + (int) ((w.p_last - w.own_first) / C) + 1;
+    const int per            = (total + a.n_split - 1) / a.n_split;
+    w.s0                     = min(total, (int) blockIdx.z * per);
+    w.s1                     = min(total, w.s0 + per);
+    return w;
+}
+
 /* ================================================================================================
  * Generic kernel: a tile decoded into shared memory (f16), WMMA for S = Q K^T and O += P V
  * ================================================================================================ */
@@ -246,13 +271,9 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
     const int       hk = blockIdx.x, qt = blockIdx.y, split = blockIdx.z;
     const int       group = a.n_head / g.n_head_kv, C = ATT_TILE;
     const long long n_past = a.dyn->n_past;
-    const int       t_first = qt * tpb, t_last = min(a.n_tok, t_first + tpb) - 1;
-    const long long p_last = n_past + t_last, own_first = (n_past + t_first) / C * C, own_last = p_last / C * C;
-
-    const int n_vis = visible_chunks(a.table, a.dyn->n_chunks, own_last);
-    const int n_st = (int) ((p_last - own_first) / C) + 1, total = n_vis + n_st;
-    const int per = (total + a.n_split - 1) / a.n_split;
-    const int s0 = min(total, split * per), s1 = min(total, s0 + per);
+    const tile_walk w = tile_walk_of(a, tpb);
+    const int       t_first = w.t_first, t_last = w.t_last, n_vis = w.n_vis, s0 = w.s0, s1 = w.s1;
+    const long long p_last = w.p_last, own_first = w.own_first;
 
     for (int e = tid; e < ROWS * D; e += ATT_THREADS) {
         const int r = e / D, d = e % D, t = t_first + r / group;
@@ -504,6 +525,63 @@ template <int NA> static __device__ __forceinline__ void v3_stage2(float (&acc)[
                 }
             }
         }
+    }
+}
+
+/* Stage 1 of the keys of a quantized record (attn_v3_kernel and the prefill's pf_keys_tc): for each
+ * 16-channel block ab, the product of 16 tokens' codes (A: INT4 through ldmatrix.trans, product u = hi:
+ * tokens tau + hi (+ 8); INT8 / INT2 by byte or word loads, product mt = hi: tokens 16 hi + g8 (+ 8)) with
+ * the record's relative scales and the signs of H_16 (B, n-tile nt), the accumulators started at the
+ * zero terms (corr). rk: the record in shared memory; shat, corr: the record's relative scales (f16)
+ * and stage-1 start values (v3_key_setup). */
+template <int NA>
+static __device__ __forceinline__ void v3_key_product(float (&acc)[NA][4], const uint8_t * rk, bool nib4, int bits,
+                                                      int RB, int hi, int nt, const half * shat, const float * corr,
+                                                      uint32_t s01, uint32_t s89, uint32_t k6464) {
+    const int lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
+    if (nib4) { /* the codes of 8 channel rows x 32 tokens are one 8x8 b16 matrix (16 bytes a row) */
+#pragma unroll
+        for (int ab = 0; ab < NA; ab += 2) {
+            uint32_t r[4];
+            ldsm_x4_trans(r, rk + (16 * ab + lane) * 16);
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const float2 cr = *(const float2 *) (corr + 16 * (ab + k) + 8 * nt + 2 * q4);
+                acc[ab + k][0] = cr.x, acc[ab + k][1] = cr.y, acc[ab + k][2] = cr.x, acc[ab + k][3] = cr.y;
+                const uint32_t x0 = r[2 * k] >> (8 * hi), x1 = r[2 * k + 1] >> (8 * hi);
+                const uint32_t b01 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4) ^ s01;
+                const uint32_t b89 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4 + 8) ^ s89;
+                mma16816(acc[ab + k], h2_1024_nib(x0, k6464), h2_1024_nib(x0 >> 4, k6464), h2_1024_nib(x1, k6464),
+                         h2_1024_nib(x1 >> 4, k6464), b01, b89);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int ab = 0; ab < NA; ab++) { /* INT8 / INT2: two channel rows per A register */
+        const float2 cr = *(const float2 *) (corr + 16 * ab + 8 * nt + 2 * q4);
+        acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
+        const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
+        uint32_t        A0, A1, A2, A3;
+        if (bits == 8) {
+            const int o0 = 16 * hi + g8, o1 = o0 + 8;
+            A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
+            A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
+            A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
+            A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
+        } else {
+            /* INT2: word hi of channel rows 2 q4, + 1 (+ 8, + 9) (8 bytes each); byte g8 % 4 of the two into
+             * bytes 0 and 2 (one byte-permute), then the 2-bit code of the token by a shift and one LOP3 */
+            const uint32_t * w   = (const uint32_t *) r0 + hi;
+            const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
+            const int        sh  = 2 * (g8 >> 2);
+            const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
+            A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
+            A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
+        }
+        const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ s01;
+        const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ s89;
+        mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
     }
 }
 
@@ -902,21 +980,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                     for (int nt = 0; nt < 2; nt++) {
                         const uint32_t s01 = nt ? sg01[1] : sg01[0], s89 = nt ? sg89[1] : sg89[0];
                         float          acc[NA][4];
-#pragma unroll
-                        for (int ab = 0; ab < NA; ab += 2) {
-                            uint32_t r[4];
-                            ldsm_x4_trans(r, rk + (16 * ab + lane) * 16);
-#pragma unroll
-                            for (int k = 0; k < 2; k++) {
-                                const float2 cr = *(const float2 *) (corr + 16 * (ab + k) + 8 * nt + 2 * q4);
-                                acc[ab + k][0] = cr.x, acc[ab + k][1] = cr.y, acc[ab + k][2] = cr.x, acc[ab + k][3] = cr.y;
-                                const uint32_t x0 = r[2 * k] >> (8 * u), x1 = r[2 * k + 1] >> (8 * u);
-                                const uint32_t b01 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4) ^ s01;
-                                const uint32_t b89 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4 + 8) ^ s89;
-                                mma16816(acc[ab + k], h2_1024_nib(x0, k6464), h2_1024_nib(x0 >> 4, k6464),
-                                         h2_1024_nib(x1, k6464), h2_1024_nib(x1 >> 4, k6464), b01, b89);
-                            }
-                        }
+                        v3_key_product<NA>(acc, rk, true, 4, RB, u, nt, shat, corr, s01, s89, k6464);
                         v3_stage2(acc);
                         v3_score_rows<D, MM>(acc, nt, q4, tau + u, pre, cst, q0s, sc);
                     }
@@ -933,33 +997,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 #pragma unroll
                     for (int nt = 0; nt < 2; nt++) {
                         float acc[NA][4];
-#pragma unroll
-                        for (int ab = 0; ab < NA; ab++) {
-                            const float2 cr = *(const float2 *) (corr + 16 * ab + 8 * nt + 2 * q4);
-                            acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
-                            const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
-                            uint32_t        A0, A1, A2, A3;
-                            if (bits == 8) {
-                                const int o0 = 16 * mt + g8, o1 = o0 + 8;
-                                A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
-                                A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
-                                A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
-                                A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
-                            } else {
-                                /* INT2: word mt of channel rows 2 q4, + 1 (+ 8, + 9) (8 bytes each); byte g8 % 4
-                                 * of the two into bytes 0 and 2 (one byte-permute), then the 2-bit code of the
-                                 * token by a shift and one LOP3 per A register */
-                                const uint32_t * w   = (const uint32_t *) r0 + mt;
-                                const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
-                                const int        sh  = 2 * (g8 >> 2);
-                                const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
-                                A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
-                                A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
-                            }
-                            const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ sg01[nt];
-                            const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ sg89[nt];
-                            mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
-                        }
+                        v3_key_product<NA>(acc, rk, false, bits, RB, mt, nt, shat, corr, sg01[nt], sg89[nt], k6464);
                         v3_stage2(acc);
                         v3_score_rows<D, MM>(acc, nt, q4, 16 * mt + g8, pre, cst, q0s, sc);
                     }
@@ -1344,48 +1382,7 @@ static __device__ void pf_keys_tc(const uint8_t * rk, int codec, int unit, const
         s89         = ((uint32_t) (__popc((k + 8) & n) & 1) << 15) | ((uint32_t) (__popc((k + 9) & n) & 1) << 31);
     }
     float acc[NA][4];
-    if (codec == 2) { /* MOQAE_KV_CODEC_Q4: attn_v3_kernel's ldmatrix path, product u = hi */
-#pragma unroll
-        for (int ab = 0; ab < NA; ab += 2) {
-            uint32_t r[4];
-            ldsm_x4_trans(r, rk + (16 * ab + lane) * 16);
-#pragma unroll
-            for (int k = 0; k < 2; k++) {
-                const float2 cr = *(const float2 *) (corr + 16 * (ab + k) + 8 * nt + 2 * q4);
-                acc[ab + k][0] = cr.x, acc[ab + k][1] = cr.y, acc[ab + k][2] = cr.x, acc[ab + k][3] = cr.y;
-                const uint32_t x0 = r[2 * k] >> (8 * hi), x1 = r[2 * k + 1] >> (8 * hi);
-                const uint32_t b01 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4) ^ s01;
-                const uint32_t b89 = *(const uint32_t *) (shat + 16 * (ab + k) + 2 * q4 + 8) ^ s89;
-                mma16816(acc[ab + k], h2_1024_nib(x0, k6464), h2_1024_nib(x0 >> 4, k6464), h2_1024_nib(x1, k6464),
-                         h2_1024_nib(x1 >> 4, k6464), b01, b89);
-            }
-        }
-    } else { /* INT8 / INT2: the byte and word paths, product mt = hi */
-#pragma unroll
-        for (int ab = 0; ab < NA; ab++) {
-            const float2 cr = *(const float2 *) (corr + 16 * ab + 8 * nt + 2 * q4);
-            acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
-            const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
-            uint32_t        A0, A1, A2, A3;
-            if (bits == 8) {
-                const int o0 = 16 * hi + g8, o1 = o0 + 8;
-                A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
-                A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
-                A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
-                A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
-            } else {
-                const uint32_t * w   = (const uint32_t *) r0 + hi;
-                const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
-                const int        sh  = 2 * (g8 >> 2);
-                const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
-                A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
-                A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
-            }
-            const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ s01;
-            const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ s89;
-            mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
-        }
-    }
+    v3_key_product<NA>(acc, rk, codec == 2 /* MOQAE_KV_CODEC_Q4 */, bits, RB, hi, nt, shat, corr, s01, s89, k6464);
     v3_stage2(acc);
     /* accumulator row half hh holds token t (v3_score_rows' t0 + 8 hh), the pair (2i, 2i + 1), i = 8 ab + 4 nt + q4 */
     const float f   = sbe * kvl_rot_factor(D, true);
@@ -1420,15 +1417,12 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     extern __shared__ __align__(128) uint8_t sm[];
     half *    qs = (half *) (sm + L::q), *qsl = (half *) (sm + L::ql), *ks = (half *) (sm + L::k), *vs = (half *) (sm + L::v);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, q4 = lane & 3;
-    const int hk = blockIdx.x, qt = blockIdx.y, split = blockIdx.z;
-    const int group = a.n_head / g.n_head_kv;
+    const int       hk = blockIdx.x, qt = blockIdx.y, split = blockIdx.z;
+    const int       group = a.n_head / g.n_head_kv;
     const long long n_past = a.dyn->n_past;
-    const int       t_first = qt * tpb, t_last = min(a.n_tok, t_first + tpb) - 1;
-    const long long p_last = n_past + t_last, own_first = (n_past + t_first) / C * C, own_last = p_last / C * C;
-    const int       n_vis = visible_chunks(a.table, a.dyn->n_chunks, own_last);
-    const int       n_st = (int) ((p_last - own_first) / C) + 1, total = n_vis + n_st;
-    const int       per = (total + a.n_split - 1) / a.n_split;
-    const int       s0 = min(total, split * per), s1 = min(total, s0 + per);
+    const tile_walk w = tile_walk_of(a, tpb);
+    const int       t_first = w.t_first, t_last = w.t_last, n_vis = w.n_vis, s0 = w.s0, s1 = w.s1;
+    const long long p_last = w.p_last, own_first = w.own_first;
 
     for (int e = tid; e < PF_ROWS * D; e += PF_THREADS) {
         const int r = e / D, d = e % D, t = t_first + r / group;
