@@ -1292,11 +1292,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
  * took 64 rows per tile decode. */
 
 static int pf_warps() { /* MOQAE_CUDA_PF=128: 8 warps (128 rows) per block, 2 blocks per SM */
-    static int w = 0;
-    if (!w) {
-        const char * e = getenv("MOQAE_CUDA_PF");
-        w              = e && !strcmp(e, "128") ? 8 : 16;
-    }
+    static const int w = strcmp(moqae_cuda_switch("MOQAE_CUDA_PF"), "128") ? 16 : 8;
     return w;
 }
 
@@ -1679,11 +1675,8 @@ enum moqae_cuda_attn_kernel moqae_cuda_attn_pick(int head_dim, int chunk, int gr
     if (chunk != ATT_TILE || (head_dim != 64 && head_dim != 128) || group < 1) {
         return MOQAE_CUDA_ATTN_NONE;
     }
-    static int forced = -1; /* MOQAE_CUDA_ATTN=1: the generic kernel everywhere (the earlier prefill, comparison) */
-    if (forced < 0) {
-        const char * e = getenv("MOQAE_CUDA_ATTN");
-        forced         = e && *e == '1' ? 1 : 0;
-    }
+    /* MOQAE_CUDA_ATTN=1: the generic kernel everywhere (the earlier prefill, comparison) */
+    static const bool forced = *moqae_cuda_switch("MOQAE_CUDA_ATTN") == '1';
     if (group > 64) {
         return MOQAE_CUDA_ATTN_NONE;
     }
@@ -1751,11 +1744,8 @@ static int launch_pf(const struct moqae_cuda_ring_geom * g, const struct moqae_c
     if (tpb < 1) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: %d query heads per KV head exceed %d rows", group, PF_ROWS);
     }
-    static int keys_gen = -1; /* MOQAE_CUDA_PFK=0: keys decoded per row on CUDA cores (5d0f7e3's decode) */
-    if (keys_gen < 0) {
-        const char * e = getenv("MOQAE_CUDA_PFK");
-        keys_gen       = e && *e == '0' ? 1 : 0;
-    }
+    /* MOQAE_CUDA_PFK=0: keys decoded per row on CUDA cores (5d0f7e3's decode) */
+    static const int keys_gen = *moqae_cuda_switch("MOQAE_CUDA_PFK") == '0' ? 1 : 0;
     struct moqae_cuda_attn_args aa = *a;
     aa.pf_keys_gen                 = keys_gen;
     const int  n_qt = (a->n_tok + tpb - 1) / tpb;
@@ -1779,17 +1769,12 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
         attr = bytes;
     }
     const int group = a->n_head / g->n_head_kv;
-    static int pv_cores = -1; /* MOQAE_CUDA_PV=0: INT4 and INT2 values on CUDA cores; =2: tensor cores, INT4
-                                 codes as normal f16; =4: INT2 values on CUDA cores (session 7's paths) */
-    if (pv_cores < 0) {
-        const char * e = getenv("MOQAE_CUDA_PV");
-        pv_cores       = e && *e == '0' ? 1 : e && *e == '2' ? 2 : e && *e == '4' ? 3 : 0;
-    }
-    static int walk_mixed = -1; /* MOQAE_CUDA_WALK=0: chunks in table order whatever the codec */
-    if (walk_mixed < 0) {
-        const char * e = getenv("MOQAE_CUDA_WALK");
-        walk_mixed     = e && *e == '0' ? 1 : 0;
-    }
+    /* MOQAE_CUDA_PV=0: INT4 and INT2 values on CUDA cores; =2: tensor cores, INT4 codes as normal f16; =4:
+     * INT2 values on CUDA cores (session 7's paths) */
+    static const char pv       = *moqae_cuda_switch("MOQAE_CUDA_PV");
+    static const int  pv_cores = pv == '0' ? 1 : pv == '2' ? 2 : pv == '4' ? 3 : 0;
+    /* MOQAE_CUDA_WALK=0: chunks in table order whatever the codec */
+    static const int walk_mixed = *moqae_cuda_switch("MOQAE_CUDA_WALK") == '0' ? 1 : 0;
     struct moqae_cuda_attn_args aa = *a;
     aa.pv_cores                    = pv_cores;
     aa.walk_mixed                  = walk_mixed;

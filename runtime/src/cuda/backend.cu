@@ -688,12 +688,8 @@ static int run_layers(struct moqae_cuda_context * cc, int64_t n_tok, int n_split
     cudaStream_t                    s  = cc->stream;
     const int64_t                   E = hp->n_embd, D = hp->head_dim, nkv = hp->n_head_kv;
     const size_t stage_layer = (size_t) nkv * (size_t) cc->geom.stage_rows * (size_t) D;
-    static int   no_fuse     = -1; /* MOQAE_CUDA_FUSE=0: one launch per product, as before (comparison) */
-    if (no_fuse < 0) {
-        const char * e = getenv("MOQAE_CUDA_FUSE");
-        no_fuse        = e && *e == '0';
-    }
-    const bool fuse = !no_fuse;
+    /* MOQAE_CUDA_FUSE=0: one launch per product, as before (comparison) */
+    static const bool fuse = *moqae_cuda_switch("MOQAE_CUDA_FUSE") != '0';
 
     if (cm->layer0 == 0) { /* else x came from the CPU's layers */
         MOQAE_TRY(moqae_cuda_get_rows(&cm->tok_embd, cc->ids, n_tok, cc->x, s));

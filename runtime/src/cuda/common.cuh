@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 extern "C" {
 #include "../common.h"
@@ -27,6 +28,13 @@ extern "C" {
 
 /* After a kernel launch: the launch's own error (bad configuration), as a status. */
 #define MOQAE_CUDA_LAUNCH_CHECK() MOQAE_CUDA_CHECK(cudaGetLastError())
+
+/* A comparison switch's value (the environment variable `name`, "" when unset), for the MOQAE_CUDA_*
+ * variables that select an earlier path; call sites keep it in a function-local static (read once). */
+static inline const char * moqae_cuda_switch(const char * name) {
+    const char * e = getenv(name);
+    return e ? e : "";
+}
 
 /* Propagate a status. */
 #define MOQAE_TRY(expr)                                                                                    \

@@ -794,11 +794,7 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
         }
         case MOQAE_CUDA_MM_IMMA: {
             const dim3 grid((unsigned) ((w->n_rows + IMMA_BR - 1) / IMMA_BR), (unsigned) ((n_tok + IMMA_BT - 1) / IMMA_BT));
-            static int one = -1; /* MOQAE_CUDA_IMMA=1: one block per stage */
-            if (one < 0) {
-                const char * e = getenv("MOQAE_CUDA_IMMA");
-                one            = e && *e == '1' ? 1 : 0;
-            }
+            static const bool one = *moqae_cuda_switch("MOQAE_CUDA_IMMA") == '1'; /* one block per stage */
             (one ? ops->imma1 : ops->imma)<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows,
                                                                      (const q8x *) xq, n_tok, y, ldy, acc);
             break;
