@@ -13,7 +13,7 @@
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
-#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
+#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu enccmp (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -319,6 +319,24 @@ for st in $stages; do
     pfk) # the prefill kernel's quantized keys on tensor cores (default) against per-row decode (MOQAE_CUDA_PFK=0), fill 32k
         for k in 0 1 0 1; do
             ( export MOQAE_CUDA_PFK=$k; bench7b 7b-fill32k-pfk$k -c 32896 --depth 32768 -n 4 -r 1 --kv int4 )
+        done ;;
+    encncu) # the KV encoder in a 7B pp512 (one launch = one layer's chunks x heads x keys/values)
+        timeout 300 ncu --kernel-name regex:encode_kernel --launch-skip 4 --launch-count 1 --section SpeedOfLight \
+            --section WarpStateStats --section SourceCounters --section Occupancy --section LaunchStats \
+            $B/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 1 --kv ${ENC_KV:-int4} > "$OUT/encncu.txt" 2>&1
+        grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Compute \(SM\)|Grid Size|Branch Instructions  |Dynamic Shared" \
+            "$OUT/encncu.txt" | head -30 | tee -a "$S" ;;
+    enccmp) # the KV encoder against the old tree's (stage otbuild), alternating in one call: 7B pp512 and the fill to
+            # 32k (int4), SmolLM2 pp512 (int4, int2, fp16) when stashed
+        for t in new old new old; do
+            b=$BNEW; [ $t = old ] && b=/tmp/ot/build-gpu
+            $b/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 5 --kv int4 2>&1 | grep -E "pp512" | sed "s/^/$t /" | tee -a "$S"
+            $b/moqae-bench -m $L7 -ngl 99 -c 32896 --depth 32768 -n 4 -r 1 --kv int4 2>&1 | grep -E "fill" |
+                sed "s/^/$t /" | tee -a "$S"
+            for kv in int4 int2 fp16; do
+                [ -f $SMOL ] && $b/moqae-bench -m $SMOL -ngl 99 -p 512 -n 0 -r 5 --kv $kv 2>&1 | grep -E "pp512" |
+                    sed "s/^/$t /" | tee -a "$S"
+            done
         done ;;
     immacmp) # the prefill's weight products against the old tree's (stage otbuild) in one call: 7B pp512, SmolLM2 pp512
         for t in new old new old; do

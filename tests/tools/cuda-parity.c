@@ -88,13 +88,14 @@ static void ring_encode_k(enum moqae_kv_codec c, const struct moqae_kv_shape * s
 
 static int check_codecs(int emulated) {
     int fails = 0, pairs = 0;
-    for (int di = 0; di < 2; di++) {
-        const int64_t         D = di ? 128 : 64, C = 32;
-        struct moqae_kv_shape s = { C, D, MOQAE_KV_V_GROUP };
+    static const int64_t dims[] = { 64, 128, 96, 256 }; /* 96: one value group of 96 (the ring's G = D) */
+    for (int di = 0; di < 4; di++) {
+        const int64_t         D = dims[di], C = 32;
+        struct moqae_kv_shape s = { C, D, D % MOQAE_KV_V_GROUP ? D : MOQAE_KV_V_GROUP };
         float *               k = malloc(sizeof(float) * C * D), *v = malloc(sizeof(float) * C * D);
         uint8_t *             a = malloc(4 * C * D + 64), *b = malloc(4 * C * D + 64);
         uint8_t *             c = malloc(4 * C * D + 64), *d = malloc(4 * C * D + 64);
-        float                 theta[128], cs_t[128 * 32], cs_p0[128];
+        float                 theta[256], cs_t[256 * 32], cs_p0[256];
         ring_theta(D, D, 10000.0f, theta);
         moqae_kv_rope_fill(D, C, 0, theta, cs_t);
         for (int trial = 0; trial < 24; trial++) {
@@ -150,7 +151,7 @@ static int check_codecs(int emulated) {
         }
         free(k), free(v), free(a), free(b), free(c), free(d);
     }
-    printf("codec bytes%s: %s (%d record pairs: 4 codecs x D 64, 128 x 24 chunks, keys before/after RoPE)\n",
+    printf("codec bytes%s: %s (%d record pairs: 4 codecs x D 64, 128, 96, 256 x 24 chunks, keys before/after RoPE)\n",
            emulated ? " (GPU encoder emulated on the CPU)" : "", fails ? "FAIL" : "identical", pairs);
     return fails;
 }

@@ -13,10 +13,6 @@
 #define ENC_THREADS    256
 #define ENC_C          32  /* chunk size (the GPU ring's)                            */
 #define ENC_MAX_D      256
-#define ENC_LDX        (ENC_MAX_D + 1) /* padded rows: thread j on row j hits bank j + d        */
-#define ENC_MAX_GROUPS 512 /* C * D / 16 at C = 32, D = 256                           */
-#define ENC_MAX_ITEMS  1024 /* (run, scale try) pairs searched in parallel            */
-#define ENC_MAX_RZ     8192 /* zero codes kept per (group, scale try)                 */
 
 /* ---- f16 with directed rounding (kv-codec.c) ----------------------------------------------------- */
 
@@ -46,14 +42,19 @@ static __host__ __device__ __forceinline__ float quant_code(float x, float zero,
 
 /* ---- the block's shared state -------------------------------------------------------------------- */
 
-struct enc_smem {
-    float     x[ENC_C * ENC_LDX]; /* [C][LDX] the chunk of this head: as staged, then rotated        */
-    float     lo[ENC_MAX_GROUPS], hi[ENC_MAX_GROUPS], r[ENC_MAX_GROUPS];
-    float     mean[ENC_MAX_D], dist[ENC_C];
-    long long rsum[ENC_MAX_ITEMS];   /* the search: error sum of (run, scale try)                    */
-    uint8_t   rz[ENC_MAX_RZ];        /* zero code each group keeps under each scale try              */
-    uint8_t   zc[ENC_MAX_GROUPS], sc[ENC_MAX_GROUPS];
-    uint16_t  a0[ENC_MAX_GROUPS];    /* each run's covering scale code                               */
+/* Sized for head_dim <= MD (64, 128 or 256: the smallest that fits is launched, so that more blocks share
+ * an SM). Groups: n <= C * D / 16 (G is a multiple of 16); runs x scale tries: keys D x 16, values C x 16. */
+template <int MD> struct enc_smem {
+    static constexpr int LDX        = MD + 1; /* padded rows: thread j on row j hits bank j + d */
+    static constexpr int MAX_GROUPS = ENC_C * MD / 16;
+    static constexpr int MAX_ITEMS  = (MD > ENC_C ? MD : ENC_C) * 16;
+    float     x[ENC_C * LDX]; /* [C][LDX] the chunk of this head: as staged, then rotated             */
+    float     lo[MAX_GROUPS], hi[MAX_GROUPS], r[MAX_GROUPS];
+    float     mean[MD], dist[ENC_C];
+    long long rsum[MAX_ITEMS];       /* the search: error sum of (run, scale try)                    */
+    uint8_t   rz[MAX_GROUPS * 16];   /* zero code each group keeps under each scale try              */
+    uint8_t   zc[MAX_GROUPS], sc[MAX_GROUPS];
+    uint16_t  a0[MAX_ITEMS / 16];    /* each run's covering scale code                               */
     int       xi;                    /* keys: the outlier token                                      */
     float     lo_min, lo_max, need_max, zl, zs, sb, xz, xs;
     uint16_t  zlo16, zstep16, sbase16, xz16, xs16;
@@ -95,26 +96,39 @@ static __host__ __device__ enc_args stage_args(bool is_k, int C, int D, int G, i
 
 /* Element e of group i of the pass (keys: channel i, token e; values: token i / (D/G), columns
  * (i % (D/G)) * G + e). */
-static __host__ __device__ __forceinline__ float gx(const enc_smem & s, const enc_args & a, int i, int e) {
+template <class S> static __host__ __device__ __forceinline__ const float * group_base(const S & s, const enc_args & a, int i) {
     if (a.is_k) {
-        return s.x[e * ENC_LDX + i];
+        return s.x + i;
     }
     const int per = a.D / a.G;
-    return s.x[(i / per) * ENC_LDX + (i % per) * a.G + e];
+    return s.x + (i / per) * S::LDX + (i % per) * a.G;
 }
 
-/* Error sum of group i under (zero, scale): kv-codec.c's group_err. */
-static __host__ __device__ long long group_err(const enc_smem & s, const enc_args & a, int i, int m, int skip,
-                                               float zero, float scale, float qmax, int K) {
-    long long acc = 0;
+template <class S> static __host__ __device__ __forceinline__ float gx(const S & s, const enc_args & a, int i, int e) {
+    return group_base(s, a, i)[a.is_k ? e * S::LDX : e];
+}
+
+/* Error sum of a group (m elements at base, stride apart, element skip left out) under (zero, scale):
+ * kv-codec.c's group_err. Its ldexp(d * d, K) is d * d * 2^K here: d * d is exact in double and the
+ * product stays a normal double (|d| < 2^17, K in [-260, 340]), so both are the same exact value; the
+ * floor of a value >= 0 is its truncation. */
+static __host__ __device__ __forceinline__ long long group_err(const float * base, int stride, int m, int skip,
+                                                               float zero, float scale, float qmax, double p2k) {
+    long long  acc = 0;
+    const bool pos = scale > 0.0f; /* quant_code's guard, once */
     for (int e = 0; e < m; e++) {
         if (e == skip) {
             continue;
         }
-        const float  v = gx(s, a, i, e);
-        const float  d = xsub(v, xadd(xmul(scale, quant_code(v, zero, scale, qmax)), zero));
-        const double t = ldexp((double) d * (double) d, K);
-        acc += t < 0x1p48 ? (long long) floor(t) : (1LL << 48);
+        const float v = base[e * stride];
+        float       q = 0.0f;
+        if (pos) {
+            const float t = floorf(xadd(xdiv(xsub(v, zero), scale), 0.5f));
+            q             = t > 0.0f ? (t < qmax ? t : qmax) : 0.0f;
+        }
+        const float  d = xsub(v, xadd(xmul(scale, q), zero));
+        const double t = (double) d * (double) d * p2k;
+        acc += t < 0x1p48 ? (long long) t : (1LL << 48);
     }
     return acc;
 }
@@ -122,28 +136,38 @@ static __host__ __device__ long long group_err(const enc_smem & s, const enc_arg
 /* ---- one record: the phases ---------------------------------------------------------------------
  * EX is the executor: ex.run(f) calls f(tid, n_threads) for every thread, ex.sync() is the barrier. */
 
-/* The rotation of every row of s.x (keys over D, values in blocks of G), forward or back: kv-codec.c's. */
-template <class EX> static __host__ __device__ void rotate_rows(EX & ex, enc_smem & s, const enc_args & a, bool inverse) {
-    ex.run([&](int tid, int nt) {
-        const int n = kvl_rot_block(a.is_k ? a.D : a.G);
-        for (int j = tid; j < a.C; j += nt) {
-            kvl_fwht(s.x + j * ENC_LDX, a.D, 1, n, kvl_rot_factor(n, inverse));
-        }
-    });
-    ex.sync();
+/* The rotation of every row of s.x (keys over D, values in blocks of G), forward or back: kv-codec.c's
+ * fwht, one butterfly stage at a time over all rows (each butterfly of a stage is independent; the same
+ * sums in the same stage order), its final scaling folded into the last stage (the same rounding). */
+template <class EX, class S> static __host__ __device__ void rotate_rows(EX & ex, S & s, const enc_args & a, bool inverse) {
+    const int   n = kvl_rot_block(a.is_k ? a.D : a.G), half = a.D / 2, C = a.C;
+    const float f = kvl_rot_factor(n, inverse);
+    for (int h = 1; h < n; h *= 2) {
+        const bool last = 2 * h == n;
+        ex.run([&](int tid, int nt) {
+            for (int u = tid; u < C * half; u += nt) {
+                const int p = u % half, lo = ((p & ~(h - 1)) << 1) | (p & (h - 1));
+                float *   y = s.x + (u / half) * S::LDX + lo;
+                const float b = y[0], c = y[h];
+                y[0]          = last ? xmul(xadd(b, c), f) : xadd(b, c);
+                y[h]          = last ? xmul(xsub(b, c), f) : xsub(b, c);
+            }
+        });
+        ex.sync();
+    }
 }
 
 /* The old record a.src decoded into s.x [C][D] as kv-codec.c's moqae_kv_decode_k/_v decodes it: each
  * element scale * code + zero (product rounded first), the keys' outlier row, the inverse rotation
  * (a demotion: kv-ring.c demote_fill). */
-template <class EX> static __host__ __device__ void decode_record(EX & ex, enc_smem & s, const enc_args & a) {
+template <class EX, class S> static __host__ __device__ void decode_record(EX & ex, S & s, const enc_args & a) {
     const int       C = a.C, D = a.D, G = a.G;
     const uint8_t * rec = a.src;
     if (a.src_codec == 0) { /* FP16: keys [D][C], values [C][D] */
         ex.run([&](int tid, int nt) {
             for (int e = tid; e < C * D; e += nt) {
                 const int j = e / D, d = e % D;
-                s.x[j * ENC_LDX + d] = xf16_to_f32(kvl_rd16(rec + (a.is_k ? 2 * (d * C + j) : 2 * e)));
+                s.x[j * S::LDX + d] = xf16_to_f32(kvl_rd16(rec + (a.is_k ? 2 * (d * C + j) : 2 * e)));
             }
         });
         ex.sync();
@@ -160,7 +184,7 @@ template <class EX> static __host__ __device__ void decode_record(EX & ex, enc_s
             const float     zero  = kvl_zero(zl, zs, rec[g.off_zc + i]);
             const float     x     = xadd(xmul(scale, (float) kvl_get_code(row, e, g.bits)), zero);
             const int       per   = D / G;
-            s.x[a.is_k ? e * ENC_LDX + i : (i / per) * ENC_LDX + (i % per) * G + e] = x;
+            s.x[a.is_k ? e * S::LDX + i : (i / per) * S::LDX + (i % per) * G + e] = x;
         }
     });
     ex.sync();
@@ -171,7 +195,7 @@ template <class EX> static __host__ __device__ void decode_record(EX & ex, enc_s
             for (int d = tid; d < D; d += nt) {
                 const unsigned lo = kvl_get_code(rec + d * C * g.bits / 8, xi, g.bits);
                 const unsigned q  = kvl_get_code(rec + g.off_xhi, d, g.bits) << g.bits | lo;
-                s.x[xi * ENC_LDX + d] = xadd(xmul(xs, (float) q), xz);
+                s.x[xi * S::LDX + d] = xadd(xmul(xs, (float) q), xz);
             }
         });
         ex.sync();
@@ -179,7 +203,7 @@ template <class EX> static __host__ __device__ void decode_record(EX & ex, enc_s
     rotate_rows(ex, s, a, true);
 }
 
-template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_smem & s, const enc_args & a) {
+template <class EX, class S> static __host__ __device__ void encode_record(EX & ex, S & s, const enc_args & a) {
     const int C = a.C, D = a.D, G = a.G;
 
     if (a.src) { /* a demotion: the old record, decoded (never to FP16) */
@@ -188,7 +212,7 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
         ex.run([&](int tid, int nt) {
             for (int e = tid; e < C * D; e += nt) {
                 const int j = e / D, d = e % D;
-                s.x[j * ENC_LDX + d] = xf16_to_f32(a.stage[((a.pos + j) % a.stage_rows) * D + d]);
+                s.x[j * S::LDX + d] = xf16_to_f32(a.stage[((a.pos + j) % a.stage_rows) * D + d]);
             }
         });
         ex.sync();
@@ -210,7 +234,7 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
         ex.run([&](int tid, int nt) {
             for (int u = tid; u < C * (D / 2); u += nt) {
                 const int   j = u / (D / 2), i = u % (D / 2);
-                float *     p = s.x + j * ENC_LDX + 2 * i;
+                float *     p = s.x + j * S::LDX + 2 * i;
                 const float x = p[0], y = p[1];
                 const float c0 = a.cs_p0[2 * i], s0 = a.cs_p0[2 * i + 1];
                 const float t0 = xadd(xmul(x, c0), xmul(y, s0)), t1 = xsub(xmul(y, c0), xmul(x, s0));
@@ -226,7 +250,7 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
             for (int d = tid; d < D; d += nt) {
                 float acc = 0.0f;
                 for (int j = 0; j < C; j++) {
-                    acc = xadd(acc, s.x[j * ENC_LDX + d]);
+                    acc = xadd(acc, s.x[j * S::LDX + d]);
                 }
                 s.mean[d] = xdiv(acc, (float) C);
             }
@@ -236,7 +260,7 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
             for (int j = tid; j < C; j += nt) {
                 float dist = 0.0f;
                 for (int d = 0; d < D; d++) {
-                    const float t = xsub(s.x[j * ENC_LDX + d], s.mean[d]);
+                    const float t = xsub(s.x[j * S::LDX + d], s.mean[d]);
                     dist          = xadd(dist, xmul(t, t));
                 }
                 s.dist[j] = dist;
@@ -265,7 +289,6 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
     const int      n     = g.n_groups, m = g.n_elems, share = g.share, n_runs = n / share;
     const int      skip  = a.is_k ? s.xi : -1;
     const int      NS    = bits == 2 ? 16 : 8; /* MOQAE_KV_SEARCH_SCALES */
-    const bool     par_t = n_runs * NS <= ENC_MAX_ITEMS && n * NS <= ENC_MAX_RZ; /* else n * 2 <= ENC_MAX_RZ */
     uint8_t *      rec   = a.rec;
     ex.run([&](int tid, int nt) { /* group ranges without the outlier */
         for (int i = tid; i < n; i += nt) {
@@ -341,89 +364,74 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
         }
     });
     ex.sync();
-    /* the search: per (run, scale try t) the groups' best zero codes and their error sum; with too
-     * many pairs, one item per run trying its scales in order */
+    /* the search: per (run, scale try t) the groups' best zero codes and their error sum (any thread may
+     * take any pair: the sums are of integers). A zero code tried twice (clamped, or the centred ones
+     * meeting the one that clips nothing) has the same error and cannot win again: tried once. */
     ex.run([&](int tid, int nt) {
-        const int n_items = par_t ? n_runs * NS : n_runs;
-        for (int it = tid; it < n_items; it += nt) {
-            const int      r  = par_t ? it / NS : it;
+        const int lg = NS == 16 ? 4 : 3;
+        for (int it = tid; it < n_runs * NS; it += nt) {
+            const int      r = it >> lg, t = it & (NS - 1);
             const unsigned a0 = s.a0[r];
             int            E;
             (void) frexpf(xmul(kvl_scale(s.sb, a0), qmax), &E);
-            const int K      = 40 - 2 * E; /* MOQAE_KV_ERR_BITS */
-            long long best   = -1;
-            int       t_best = 0;
-            for (int t = par_t ? it % NS : 0; t < (par_t ? it % NS + 1 : NS); t++) {
-                const unsigned aa  = a0 + (unsigned) t < 255u ? a0 + (unsigned) t : 255u;
-                const float    sc  = kvl_scale(s.sb, aa);
-                long long      sum = 0;
-                for (int i = r * share; i < r * share + share; i++) {
-                    float cand[6];
-                    cand[0]         = (float) s.zc[i];
-                    const float cen = s.zs > 0.0f
-                                          ? floorf(xadd(xdiv(xsub(xsub(xmul(xadd(s.lo[i], s.hi[i]), 0.5f),
-                                                                       xmul(xmul(sc, qmax), 0.5f)),
-                                                                  s.zl),
-                                                             s.zs),
-                                                        0.5f))
-                                          : 0.0f;
-                    for (int u = -2; u <= 2; u++) { /* MOQAE_KV_SEARCH_ZEROS */
-                        cand[3 + u] = cen + (float) u;
-                    }
-                    long long gbest = -1;
-                    uint8_t   zb    = 0;
-                    for (int k = 0; k < 6; k++) {
-                        float z = s.zs > 0.0f ? cand[k] : 0.0f;
-                        z       = z > 0.0f ? (z < 255.0f ? z : 255.0f) : 0.0f;
-                        const long long e = group_err(s, a, i, m, skip, kvl_zero(s.zl, s.zs, (unsigned) z), sc, qmax, K);
-                        if (gbest < 0 || e < gbest) {
-                            gbest = e;
-                            zb    = (uint8_t) z;
-                        }
-                    }
-                    sum += gbest;
-                    s.rz[par_t ? i * NS + t : 2 * i] = zb; /* serial tries: [2i] the try in progress */
+            const double   p2k = ldexp(1.0, 40 - 2 * E); /* MOQAE_KV_ERR_BITS */
+            const unsigned aa  = a0 + (unsigned) t < 255u ? a0 + (unsigned) t : 255u;
+            const float    sc  = kvl_scale(s.sb, aa);
+            long long      sum = 0;
+            for (int i = r * share; i < r * share + share; i++) {
+                float cand[6];
+                cand[0]         = (float) s.zc[i];
+                const float cen = s.zs > 0.0f ? floorf(xadd(xdiv(xsub(xsub(xmul(xadd(s.lo[i], s.hi[i]), 0.5f),
+                                                                           xmul(xmul(sc, qmax), 0.5f)),
+                                                                      s.zl),
+                                                                 s.zs),
+                                                            0.5f))
+                                              : 0.0f;
+                for (int u = -2; u <= 2; u++) { /* MOQAE_KV_SEARCH_ZEROS */
+                    cand[3 + u] = cen + (float) u;
                 }
-                if (par_t) {
-                    s.rsum[it] = sum;
-                } else if (best < 0 || sum < best) {
-                    best   = sum;
-                    t_best = t;
-                    for (int i = r * share; i < r * share + share; i++) {
-                        s.rz[2 * i + 1] = s.rz[2 * i]; /* [2i+1] the best so far (zc keeps zc0) */
+                const float * base  = group_base(s, a, i);
+                const int     step  = a.is_k ? S::LDX : 1;
+                long long     gbest = -1;
+                uint8_t       zb    = 0;
+                for (int k = 0; k < 6; k++) {
+                    float z = s.zs > 0.0f ? cand[k] : 0.0f;
+                    z       = z > 0.0f ? (z < 255.0f ? z : 255.0f) : 0.0f;
+                    bool seen = false;
+                    for (int j = 0; j < k; j++) {
+                        seen |= cand[j] == z;
+                    }
+                    cand[k] = z;
+                    if (seen) {
+                        continue;
+                    }
+                    const long long e = group_err(base, step, m, skip, kvl_zero(s.zl, s.zs, (unsigned) z), sc, qmax, p2k);
+                    if (gbest < 0 || e < gbest) {
+                        gbest = e;
+                        zb    = (uint8_t) z;
                     }
                 }
+                sum += gbest;
+                s.rz[i * NS + t] = zb;
             }
-            if (!par_t) {
-                s.sc[r] = (uint8_t) (a0 + (unsigned) t_best < 255u ? a0 + (unsigned) t_best : 255u);
+            s.rsum[it] = sum;
+        }
+    });
+    ex.sync();
+    ex.run([&](int tid, int nt) { /* each run keeps its first scale try of least error */
+        for (int r = tid; r < n_runs; r += nt) {
+            int t_best = 0;
+            for (int t = 1; t < NS; t++) {
+                t_best = s.rsum[r * NS + t] < s.rsum[r * NS + t_best] ? t : t_best;
+            }
+            const unsigned a0 = s.a0[r];
+            s.sc[r]           = (uint8_t) (a0 + (unsigned) t_best < 255u ? a0 + (unsigned) t_best : 255u);
+            for (int i = r * share; i < r * share + share; i++) {
+                s.zc[i] = s.rz[i * NS + t_best];
             }
         }
     });
     ex.sync();
-    if (!par_t) {
-        ex.run([&](int tid, int nt) {
-            for (int i = tid; i < n; i += nt) {
-                s.zc[i] = s.rz[2 * i + 1];
-            }
-        });
-        ex.sync();
-    }
-    if (par_t) {
-        ex.run([&](int tid, int nt) { /* each run keeps its first scale try of least error */
-            for (int r = tid; r < n_runs; r += nt) {
-                int t_best = 0;
-                for (int t = 1; t < NS; t++) {
-                    t_best = s.rsum[r * NS + t] < s.rsum[r * NS + t_best] ? t : t_best;
-                }
-                const unsigned a0 = s.a0[r];
-                s.sc[r]           = (uint8_t) (a0 + (unsigned) t_best < 255u ? a0 + (unsigned) t_best : 255u);
-                for (int i = r * share; i < r * share + share; i++) {
-                    s.zc[i] = s.rz[i * NS + t_best];
-                }
-            }
-        });
-        ex.sync();
-    }
     ex.run([&](int tid, int nt) { /* metadata bytes; the outlier's own zero and scale */
         for (int i = tid; i < n; i += nt) {
             rec[g.off_zc + i] = s.zc[i];
@@ -436,7 +444,7 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
             kvl_wr16(rec + g.off_bases + 2, s.zstep16);
             kvl_wr16(rec + g.off_bases + 4, s.sbase16);
             if (a.is_k) {
-                const float * yx   = s.x + s.xi * ENC_LDX;
+                const float * yx   = s.x + s.xi * S::LDX;
                 float         xmin = yx[0], xmax = yx[0];
                 for (int d = 1; d < D; d++) {
                     xmin = yx[d] < xmin ? yx[d] : xmin;
@@ -469,11 +477,11 @@ template <class EX> static __host__ __device__ void encode_record(EX & ex, enc_s
                 const int L = 16 * kk + rr + bpb * j;
                 unsigned  q;
                 if (hi_row) { /* xhi: element L = channel L of the outlier's row */
-                    q = (unsigned) quant_code(s.x[s.xi * ENC_LDX + L], s.xz, s.xs, qmax2) >> bits;
+                    q = (unsigned) quant_code(s.x[s.xi * S::LDX + L], s.xz, s.xs, qmax2) >> bits;
                 } else {
                     const int i = L / m, e = L % m;
                     if (e == skip) {
-                        q = (unsigned) quant_code(s.x[s.xi * ENC_LDX + i], s.xz, s.xs, qmax2) & ((1u << bits) - 1u);
+                        q = (unsigned) quant_code(s.x[s.xi * S::LDX + i], s.xz, s.xs, qmax2) & ((1u << bits) - 1u);
                     } else {
                         const float scale = kvl_scale(s.sb, s.sc[i / share]);
                         const float zero  = kvl_zero(s.zl, s.zs, s.zc[i]);
@@ -547,14 +555,16 @@ struct dev_exec { /* __host__ too only so that encode_record's host instantiatio
     }
 };
 
-static __global__ void __launch_bounds__(ENC_THREADS)
+/* One block per (chunk, KV head, keys or values) of a layer: blockIdx.y = 2 * head + (0 keys, 1 values). */
+template <int MD>
+static __global__ void __launch_bounds__(ENC_THREADS, 5)
 encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__ stage_k,
               const uint16_t * __restrict__ stage_v, long long stage_stride, uint8_t * __restrict__ arena,
               const struct moqae_cuda_chunk * __restrict__ table, long long table_stride, const float * __restrict__ cs_t,
               const float * __restrict__ cs_p0, const struct moqae_cuda_dyn * __restrict__ dyn) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
-    enc_smem & s = *(enc_smem *) smem_raw;
-    const int  ci = blockIdx.x, h = blockIdx.y;
+    enc_smem<MD> & s = *(enc_smem<MD> *) smem_raw;
+    const int      ci = blockIdx.x, h = blockIdx.y >> 1, pass = blockIdx.y & 1;
     if (ci >= dyn->n_enc) {
         return;
     }
@@ -565,13 +575,39 @@ encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__
     const moqae_cuda_chunk ch  = table[idx];
     uint8_t *              rk  = arena + ch.off + (long long) h * (g.k_pad[ch.codec] + g.v_pad[ch.codec]);
     dev_exec               ex;
-    for (int pass = 0; pass < 2; pass++) {
-        const enc_args a = stage_args(pass == 0, g.chunk, g.head_dim, g.v_group, ch.codec, (int) g.stage_rows, ch.pos,
-                                      (pass == 0 ? stage_k : stage_v) + (long long) h * g.stage_rows * g.head_dim, cs_t,
-                                      cs_t ? cs_p0 + (long long) idx * g.head_dim : nullptr,
-                                      pass == 0 ? rk : rk + g.k_pad[ch.codec]);
-        encode_record(ex, s, a);
+    const enc_args a = stage_args(pass == 0, g.chunk, g.head_dim, g.v_group, ch.codec, (int) g.stage_rows, ch.pos,
+                                  (pass == 0 ? stage_k : stage_v) + (long long) h * g.stage_rows * g.head_dim, cs_t,
+                                  cs_t ? cs_p0 + (long long) idx * g.head_dim : nullptr,
+                                  pass == 0 ? rk : rk + g.k_pad[ch.codec]);
+    encode_record(ex, s, a);
+}
+
+/* The encoder's shapes: chunk ENC_C, head_dim a multiple of 16 up to ENC_MAX_D, value groups of >= 16. */
+static bool enc_shape_ok(int C, int D, int G) {
+    return C == ENC_C && D <= ENC_MAX_D && D % 16 == 0 && G >= 16 && G % 16 == 0 && D % G == 0;
+}
+
+/* The smallest enc_smem<MD> that holds head_dim D. */
+static int enc_md(int D) {
+    return D <= 64 ? 64 : D <= 128 ? 128 : 256;
+}
+
+template <int MD>
+static int encode_launch(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
+                         long long stage_stride, uint8_t * arena, const struct moqae_cuda_chunk * table,
+                         long long table_stride, int n_layers, const float * cs_t, const float * cs_p0, int max_enc,
+                         const struct moqae_cuda_dyn * dyn, cudaStream_t stream) {
+    static bool attr_set = false; /* same value for every caller: a race only repeats the call */
+    if (!attr_set) {
+        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(encode_kernel<MD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int) sizeof(enc_smem<MD>)));
+        attr_set = true;
     }
+    encode_kernel<MD><<<dim3((unsigned) max_enc, 2u * (unsigned) g->n_head_kv, (unsigned) n_layers), ENC_THREADS,
+                        sizeof(enc_smem<MD>), stream>>>(*g, stage_k, stage_v, stage_stride, arena, table, table_stride,
+                                                        cs_t, cs_p0, dyn);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    return MOQAE_OK;
 }
 
 int moqae_cuda_kv_encode(const struct moqae_cuda_ring_geom * g, const uint16_t * stage_k, const uint16_t * stage_v,
@@ -587,20 +623,19 @@ int moqae_cuda_kv_encode_layers(const struct moqae_cuda_ring_geom * g, const uin
     if (max_enc <= 0 || n_layers <= 0) {
         return MOQAE_OK;
     }
-    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d (supported: %d / <= %d)",
-                          g->chunk, g->head_dim, ENC_C, ENC_MAX_D);
+    if (!enc_shape_ok(g->chunk, g->head_dim, g->v_group)) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED,
+                          "CUDA KV encoder: chunk %d / head_dim %d / value group %d (supported: %d / <= %d, a multiple of "
+                          "16 / a multiple of 16 dividing head_dim)",
+                          g->chunk, g->head_dim, g->v_group, ENC_C, ENC_MAX_D);
     }
-    static bool attr_set = false; /* same value for every caller: a race only repeats the call */
-    if (!attr_set) {
-        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int) sizeof(enc_smem)));
-        attr_set = true;
-    }
-    encode_kernel<<<dim3((unsigned) max_enc, (unsigned) g->n_head_kv, (unsigned) n_layers), ENC_THREADS, sizeof(enc_smem),
-                    stream>>>(*g, stage_k, stage_v, stage_stride, arena, table, table_stride, cs_t, cs_p0, dyn);
-    MOQAE_CUDA_LAUNCH_CHECK();
-    return MOQAE_OK;
+    const int md = enc_md(g->head_dim);
+    return md == 64    ? encode_launch<64>(g, stage_k, stage_v, stage_stride, arena, table, table_stride, n_layers, cs_t,
+                                           cs_p0, max_enc, dyn, stream)
+           : md == 128 ? encode_launch<128>(g, stage_k, stage_v, stage_stride, arena, table, table_stride, n_layers, cs_t,
+                                            cs_p0, max_enc, dyn, stream)
+                       : encode_launch<256>(g, stage_k, stage_v, stage_stride, arena, table, table_stride, n_layers,
+                                            cs_t, cs_p0, max_enc, dyn, stream);
 }
 
 /* ---- demote ------------------------------------------------------------------------------------- */
@@ -617,24 +652,39 @@ static __host__ __device__ enc_args demote_args(bool is_k, int C, int D, int G, 
     return a;
 }
 
-static __global__ void __launch_bounds__(ENC_THREADS)
+/* One block per (job, KV head, keys or values), as encode_kernel. */
+template <int MD>
+static __global__ void __launch_bounds__(ENC_THREADS, 5)
 demote_kernel(const struct moqae_cuda_ring_geom g, const uint8_t * __restrict__ arena,
               const struct moqae_cuda_demotion * __restrict__ jobs, uint8_t * __restrict__ out,
               const float * __restrict__ cs_t) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
-    enc_smem &                        s  = *(enc_smem *) smem_raw;
-    const struct moqae_cuda_demotion & j  = jobs[blockIdx.x];
-    const int                         h  = blockIdx.y;
-    const uint8_t *                   rk = arena + j.src + (long long) h * (g.k_pad[j.old_codec] + g.v_pad[j.old_codec]);
-    uint8_t *                         wk = out + j.out + (long long) h * (g.k_pad[j.new_codec] + g.v_pad[j.new_codec]);
-    dev_exec                          ex;
-    for (int pass = 0; pass < 2; pass++) {
-        const enc_args a = demote_args(pass == 0, g.chunk, g.head_dim, g.v_group,
-                                       pass == 0 ? rk : rk + g.k_pad[j.old_codec], j.old_codec,
-                                       pass == 0 ? wk : wk + g.k_pad[j.new_codec], j.new_codec, j.has_p0 ? cs_t : nullptr,
-                                       j.p0);
-        encode_record(ex, s, a);
+    enc_smem<MD> &                     s    = *(enc_smem<MD> *) smem_raw;
+    const struct moqae_cuda_demotion & j    = jobs[blockIdx.x];
+    const int                          h    = blockIdx.y >> 1, pass = blockIdx.y & 1;
+    const uint8_t * rk = arena + j.src + (long long) h * (g.k_pad[j.old_codec] + g.v_pad[j.old_codec]);
+    uint8_t *       wk = out + j.out + (long long) h * (g.k_pad[j.new_codec] + g.v_pad[j.new_codec]);
+    dev_exec        ex;
+    const enc_args  a = demote_args(pass == 0, g.chunk, g.head_dim, g.v_group, pass == 0 ? rk : rk + g.k_pad[j.old_codec],
+                                    j.old_codec, pass == 0 ? wk : wk + g.k_pad[j.new_codec], j.new_codec,
+                                    j.has_p0 ? cs_t : nullptr, j.p0);
+    encode_record(ex, s, a);
+}
+
+template <int MD>
+static int demote_launch(const struct moqae_cuda_ring_geom * g, const uint8_t * arena,
+                         const struct moqae_cuda_demotion * jobs, int n_jobs, uint8_t * out, const float * cs_t,
+                         cudaStream_t stream) {
+    static bool attr_set = false; /* same value for every caller: a race only repeats the call */
+    if (!attr_set) {
+        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(demote_kernel<MD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int) sizeof(enc_smem<MD>)));
+        attr_set = true;
     }
+    demote_kernel<MD><<<dim3((unsigned) n_jobs, 2u * (unsigned) g->n_head_kv), ENC_THREADS, sizeof(enc_smem<MD>),
+                        stream>>>(*g, arena, jobs, out, cs_t);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    return MOQAE_OK;
 }
 
 int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * arena,
@@ -643,19 +693,14 @@ int moqae_cuda_kv_demote(const struct moqae_cuda_ring_geom * g, const uint8_t * 
     if (n_jobs <= 0) {
         return MOQAE_OK;
     }
-    if (g->chunk != ENC_C || g->head_dim > ENC_MAX_D || g->head_dim % 16 != 0) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV demotion: chunk %d / head_dim %d", g->chunk, g->head_dim);
+    if (!enc_shape_ok(g->chunk, g->head_dim, g->v_group)) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV demotion: chunk %d / head_dim %d / value group %d", g->chunk,
+                          g->head_dim, g->v_group);
     }
-    static bool attr_set = false; /* same value for every caller: a race only repeats the call */
-    if (!attr_set) {
-        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(demote_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int) sizeof(enc_smem)));
-        attr_set = true;
-    }
-    demote_kernel<<<dim3((unsigned) n_jobs, (unsigned) g->n_head_kv), ENC_THREADS, sizeof(enc_smem), stream>>>(
-        *g, arena, jobs, out, cs_t);
-    MOQAE_CUDA_LAUNCH_CHECK();
-    return MOQAE_OK;
+    const int md = enc_md(g->head_dim);
+    return md == 64    ? demote_launch<64>(g, arena, jobs, n_jobs, out, cs_t, stream)
+           : md == 128 ? demote_launch<128>(g, arena, jobs, n_jobs, out, cs_t, stream)
+                       : demote_launch<256>(g, arena, jobs, n_jobs, out, cs_t, stream);
 }
 
 /* ---- the same phases on the CPU (tests: the device code without a device) ----------------------- */
@@ -670,42 +715,40 @@ struct host_exec { /* __device__ too only so that encode_record's device instant
     __host__ __device__ void sync() {}
 };
 
-int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k, const uint16_t * v,
-                              const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec) {
-    if (C != ENC_C || D > ENC_MAX_D || D % 16 != 0) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d", C, D);
-    }
-    enc_smem * s = (enc_smem *) malloc(sizeof(enc_smem));
+/* Both passes of a record pair on the CPU with the shared state the device would use (enc_smem<MD>). */
+template <int MD> static int host_pair(const enc_args & ka, const enc_args & va) {
+    enc_smem<MD> * s = (enc_smem<MD> *) malloc(sizeof(enc_smem<MD>));
     if (!s) {
         return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
     }
     host_exec ex = { ENC_THREADS };
-    for (int pass = 0; pass < 2; pass++) {
-        const enc_args a =
-            stage_args(pass == 0, C, D, G, codec, C, 0, pass == 0 ? k : v, cs_t, cs_p0, pass == 0 ? krec : vrec);
-        encode_record(ex, *s, a);
-    }
+    encode_record(ex, *s, ka);
+    encode_record(ex, *s, va);
     free(s);
     return MOQAE_OK;
+}
+
+static int host_pair_md(int D, const enc_args & ka, const enc_args & va) {
+    const int md = enc_md(D);
+    return md == 64 ? host_pair<64>(ka, va) : md == 128 ? host_pair<128>(ka, va) : host_pair<256>(ka, va);
+}
+
+int moqae_cuda_kv_encode_host(int codec, int C, int D, int G, const uint16_t * k, const uint16_t * v,
+                              const float * cs_t, const float * cs_p0, uint8_t * krec, uint8_t * vrec) {
+    if (!enc_shape_ok(C, D, G)) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV encoder: chunk %d / head_dim %d / value group %d", C, D, G);
+    }
+    return host_pair_md(D, stage_args(true, C, D, G, codec, C, 0, k, cs_t, cs_p0, krec),
+                        stage_args(false, C, D, G, codec, C, 0, v, cs_t, cs_p0, vrec));
 }
 
 int moqae_cuda_kv_demote_host(int old_codec, int new_codec, int C, int D, int G, const uint8_t * krec,
                               const uint8_t * vrec, const float * cs_t, const float * cs_p0, uint8_t * kout,
                               uint8_t * vout) {
-    if (C != ENC_C || D > ENC_MAX_D || D % 16 != 0 || new_codec <= old_codec || new_codec > 3) {
+    if (!enc_shape_ok(C, D, G) || new_codec <= old_codec || new_codec > 3) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA KV demotion: codec %d -> %d, chunk %d / head_dim %d", old_codec,
                           new_codec, C, D);
     }
-    enc_smem * s = (enc_smem *) malloc(sizeof(enc_smem));
-    if (!s) {
-        return moqae_fail(MOQAE_ERR_OUT_OF_MEMORY, "out of memory");
-    }
-    host_exec ex = { ENC_THREADS };
-    for (int pass = 0; pass < 2; pass++) {
-        const enc_args a = demote_args(pass == 0, C, D, G, pass == 0 ? krec : vrec, old_codec, pass == 0 ? kout : vout,
-                                       new_codec, cs_p0 ? cs_t : nullptr, cs_p0);
-        encode_record(ex, *s, a);
-    }
-    free(s);
-    return MOQAE_OK;
+    return host_pair_md(D, demote_args(true, C, D, G, krec, old_codec, kout, new_codec, cs_p0 ? cs_t : nullptr, cs_p0),
+                        demote_args(false, C, D, G, vrec, old_codec, vout, new_codec, cs_p0 ? cs_t : nullptr, cs_p0));
 }
