@@ -13,7 +13,7 @@
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
-#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu enccmp (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
+#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -153,7 +153,7 @@ for st in $stages; do
         PYTHONPATH=/tmp/site python3 models/make_tiny.py -o /tmp/tiny.gguf --vocab bytes --wtype q4_1 --n-embd 256 \
             --n-layer 4 --n-head 4 --n-head-kv 2 --n-ff 512 --n-ctx 2048 > /dev/null
         $B/cuda-parity /tmp/tiny.gguf > "$OUT/parity-tiny.log" 2>&1
-        grep -E "^codec|^attention|^kv|^greedy|^model|failed|error" "$OUT/parity-tiny.log" | tee -a "$S"
+        grep -E "^codec|^int8|^attention|^kv|^greedy|^model|failed|error" "$OUT/parity-tiny.log" | tee -a "$S"
         note "parity tiny: $(tail -1 "$OUT/parity-tiny.log")" ;;
     attnpf) # the attention checks with the prefill kernel's 128-row blocks (MOQAE_CUDA_PF=128)
         MOQAE_CUDA_PF=128 $B/cuda-parity /nonexistent.gguf 2>&1 | grep -E "^attention.*prefill" | sed "s/^/PF=128 /" |
@@ -326,7 +326,7 @@ for st in $stages; do
             $B/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 1 --kv ${ENC_KV:-int4} > "$OUT/encncu.txt" 2>&1
         grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Compute \(SM\)|Grid Size|Branch Instructions  |Dynamic Shared" \
             "$OUT/encncu.txt" | head -30 | tee -a "$S" ;;
-    enccmp) # the KV encoder against the old tree's (stage otbuild), alternating in one call: 7B pp512 and the fill to
+    cmpold) # the tree against the old one (stage otbuild), alternating in one call: 7B pp512 and the fill to
             # 32k (int4), SmolLM2 pp512 (int4, int2, fp16) when stashed
         for t in new old new old; do
             b=$BNEW; [ $t = old ] && b=/tmp/ot/build-gpu

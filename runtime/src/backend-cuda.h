@@ -93,6 +93,12 @@ int moqae_cuda_codec_demote_emulated(enum moqae_kv_codec old_codec, enum moqae_k
                                      const struct moqae_kv_shape * s, const uint8_t * krec, const uint8_t * vrec,
                                      const float * cs_t, const float * cs_p0, uint8_t * kout, uint8_t * vout);
 
+/* The int8 tensor-core product y = W . x of n_rows GGUF rows (type Q4_0, Q4_1 or Q8_0) with x [n_tok][n_cols]
+ * (quantized on the device as the runtime does) by each of its kernels: y gets 3 x [n_tok][n_rows] floats,
+ * the default kernel (stages copied ahead), then the earlier one with 4 and with 1 quant block per stage. */
+int moqae_cuda_imma_check(enum moqae_type type, int64_t n_rows, int64_t n_cols, int64_t n_tok, const uint8_t * rows,
+                          const float * x, float * y);
+
 /* One attention call on the GPU over a hand-made ring: n_chunks completed chunks (positions 0, C, ...)
  * whose records are given, then n_stage rows of the staging window (positions n_chunks * C ...); the
  * n_tok queries are those of the last n_tok staged positions. */

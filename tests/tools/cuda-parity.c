@@ -156,6 +156,90 @@ static int check_codecs(int emulated) {
     return fails;
 }
 
+/* ---- 1b. the int8 tensor-core products ------------------------------------------------------------
+ * Random GGUF rows of each integer type and random activations, shapes with a partial last stage (17, 18
+ * quant blocks), partial tiles of rows and tokens, and a 4096-column one: the default kernel (stages
+ * copied ahead) must give the same floats as the earlier kernel with 4 and with 1 block per stage, and
+ * agree with the CPU's reference product (per-block values from the same 8-bit activations). */
+
+static int check_imma(void) {
+    static const enum moqae_type types[] = { MOQAE_TYPE_Q4_0, MOQAE_TYPE_Q4_1, MOQAE_TYPE_Q8_0 };
+    static const int64_t shapes[][3] = { { 100, 544, 77 }, { 64, 576, 64 }, { 130, 4096, 9 }, { 72, 1024, 200 } };
+    const struct moqae_cpu_kernels * ref = moqae_cpu_kernels_ref();
+    int fails = 0, n_cases = 0;
+    double worst = 0.0;
+    for (int ti = 0; ti < 3; ti++) {
+        const enum moqae_type t = types[ti];
+        for (int si = 0; si < 4; si++) {
+            const int64_t nr = shapes[si][0], nc = shapes[si][1], nt = shapes[si][2];
+            const size_t  rb = moqae_type_row_bytes(t, nc);
+            const int     bb = t == MOQAE_TYPE_Q4_0 ? 18 : t == MOQAE_TYPE_Q4_1 ? 20 : 34; /* bytes per block */
+            const enum moqae_type vt = ref->type[t].vec_dot_type;
+            const size_t  xrb = moqae_type_row_bytes(vt, nc);
+            uint8_t *     w = malloc(rb * nr), *xq = malloc(xrb * nt);
+            float *       x = malloc(sizeof(float) * nc * nt), *y = malloc(sizeof(float) * 3 * nt * nr);
+            for (size_t i = 0; i < rb * nr; i++) {
+                w[i] = (uint8_t) (frand() * 256.0f);
+            }
+            for (int64_t r = 0; r < nr; r++) { /* valid f16 scales (and Q4_1 minimums) */
+                for (int64_t b = 0; b < nc / 32; b++) {
+                    uint8_t *      blk = w + r * rb + b * bb;
+                    const uint16_t d = moqae_f32_to_f16(0.001f + 0.02f * frand()), m = moqae_f32_to_f16(-0.1f * frand());
+                    memcpy(blk, &d, 2);
+                    if (t == MOQAE_TYPE_Q4_1) {
+                        memcpy(blk + 2, &m, 2);
+                    }
+                }
+            }
+            for (int64_t i = 0; i < nc * nt; i++) {
+                x[i] = (frand() - 0.5f) * 4.0f;
+            }
+            n_cases++;
+            const int st = moqae_cuda_imma_check(t, nr, nc, nt, w, x, y);
+            if (st) {
+                printf("int8 products %s %lldx%lld, %lld tokens: %s\n", moqae_type_name(t), (long long) nr,
+                       (long long) nc, (long long) nt, moqae_last_error());
+                fails++;
+            } else {
+                size_t diff4 = 0, diff1 = 0;
+                double err = 0.0;
+                for (int64_t i = 0; i < nt * nr; i++) {
+                    diff4 += memcmp(&y[i], &y[nt * nr + i], 4) != 0;
+                    diff1 += memcmp(&y[i], &y[2 * nt * nr + i], 4) != 0;
+                }
+                for (int64_t tk = 0; tk < nt; tk++) {
+                    ref->type[vt].from_float(x + tk * nc, xq + tk * xrb, nc);
+                }
+                for (int64_t tk = 0; tk < nt; tk++) {
+                    for (int64_t r = 0; r < nr; r++) {
+                        float c = 0.0f, mag = 0.0f;
+                        ref->type[t].vec_dot(nc, &c, w + r * rb, xq + tk * xrb);
+                        for (int64_t b = 0; b < nc / 32; b++) { /* scale of the sum: sum |d_w| * 32 * 2 */
+                            uint16_t d;
+                            memcpy(&d, w + r * rb + b * bb, 2);
+                            mag += fabsf(moqae_f16_to_f32(d)) * 64.0f;
+                        }
+                        const double e = fabs((double) y[tk * nr + r] - (double) c) / (double) mag;
+                        err            = e > err ? e : err;
+                    }
+                }
+                worst = err > worst ? err : worst;
+                if (diff4 || diff1 || !(err < 1e-5)) {
+                    printf("int8 products %s %lldx%lld, %lld tokens: %zu / %zu outputs differ from the 4- / 1-block "
+                           "kernel, worst error against the CPU %.2e\n",
+                           moqae_type_name(t), (long long) nr, (long long) nc, (long long) nt, diff4, diff1, err);
+                    fails++;
+                }
+            }
+            free(w), free(xq), free(x), free(y);
+        }
+    }
+    printf("int8 products: %s (%d cases: Q4_0, Q4_1, Q8_0; the three kernels bit for bit, the CPU within %.1e of the "
+           "scale)\n",
+           fails ? "FAIL" : "identical", n_cases, worst);
+    return fails;
+}
+
 /* ---- 2. attention on hand-made rings --------------------------------------------------------------- */
 
 struct attn_case {
@@ -941,7 +1025,7 @@ int main(int argc, char ** argv) {
         }
     }
     floor_isas(&src);
-    int fails = floor_only ? 0 : check_codecs(0) + check_attention();
+    int fails = floor_only ? 0 : check_codecs(0) + check_imma() + check_attention();
     struct moqae_model *      mc = NULL, *mg = NULL;
     struct moqae_model_params pg = moqae_model_default_params();
     pg.n_gpu_layers              = 99;

@@ -476,20 +476,6 @@ static __device__ __forceinline__ uint32_t h2_1024_crumb(uint32_t x, uint32_t k)
     return d;
 }
 
-static __device__ __forceinline__ void cp_async16(void * smem, const void * gmem) {
-    const unsigned sa = (unsigned) __cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem));
-}
-static __device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-static __device__ __forceinline__ void cp_async_wait1() {
-    asm volatile("cp.async.wait_group 1;\n" ::);
-}
-static __device__ __forceinline__ void cp_async_wait0() {
-    asm volatile("cp.async.wait_group 0;\n" ::);
-}
-
 /* Bytes of v3's shared memory: queries, the RoPE offsets table, kv-layout's FRAC table (lanes index it
  * by their own scale codes: in constant memory each distinct address of a warp is a serialized replay),
  * per warp two copy buffers, the record's relative scales (f16), the stage-1 start values and R(-P0) q. */

@@ -997,6 +997,48 @@ int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape *
     return st;
 }
 
+int moqae_cuda_imma_check(enum moqae_type type, int64_t n_rows, int64_t n_cols, int64_t n_tok, const uint8_t * rows,
+                          const float * x, float * y) {
+    if (!moqae_cuda_available()) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "no CUDA device");
+    }
+    if (!moqae_cuda_type_quantized(type) || n_rows < 1 || n_cols < 32 || n_cols % 32 != 0 || n_tok < 1) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "int8 product check: bad case");
+    }
+    const size_t gguf_rb = moqae_type_row_bytes(type, n_cols), rb = moqae_cuda_weight_row_bytes(type, n_cols, gguf_rb);
+    std::vector<uint8_t> host((size_t) n_rows * rb);
+    moqae_cuda_repack_rows(type, n_cols, n_rows, rows, gguf_rb, host.data());
+    const size_t wbytes = host.size(), xbytes = (size_t) (n_tok * n_cols) * 4, qbytes = moqae_cuda_quant_bytes(n_tok, n_cols);
+    const size_t ybytes = (size_t) (n_tok * n_rows) * 4;
+    uint8_t *    d      = NULL;
+    int          st     = MOQAE_OK;
+    cudaError_t  err    = cudaMalloc((void **) &d, wbytes + xbytes + qbytes + ybytes + 1024);
+    if (err == cudaSuccess) {
+        uint8_t * dw = d;
+        float *   dx = (float *) (d + ((wbytes + 255) / 256) * 256);
+        uint8_t * dq = (uint8_t *) dx + ((xbytes + 255) / 256) * 256;
+        float *   dy = (float *) (dq + ((qbytes + 255) / 256) * 256);
+        const struct moqae_cuda_weight w = { type, n_cols, n_rows, rb, dw };
+        if ((err = cudaMemcpy(dw, host.data(), wbytes, cudaMemcpyHostToDevice)) == cudaSuccess &&
+            (err = cudaMemcpy(dx, x, xbytes, cudaMemcpyHostToDevice)) == cudaSuccess) {
+            st = moqae_cuda_quantize(dx, n_tok, n_cols, dq, 0);
+            static const int variants[3] = { 0, 4, 1 };
+            for (int v = 0; v < 3 && !st && err == cudaSuccess; v++) {
+                if ((err = cudaMemset(dy, 0xff, ybytes)) == cudaSuccess &&
+                    !(st = moqae_cuda_matmul_imma(&w, dq, n_tok, dy, n_rows, false, variants[v], 0)) &&
+                    (err = cudaDeviceSynchronize()) == cudaSuccess) {
+                    err = cudaMemcpy(y + (size_t) v * (size_t) (n_tok * n_rows), dy, ybytes, cudaMemcpyDeviceToHost);
+                }
+            }
+        }
+        cudaFree(d);
+    }
+    if (!st && err != cudaSuccess) {
+        st = moqae_fail(MOQAE_ERR_INTERNAL, "CUDA int8 product check: %s", cudaGetErrorString(err));
+    }
+    return st;
+}
+
 int moqae_cuda_attn_check(const struct moqae_cuda_attn_case * tc, float * out) {
     if (!moqae_cuda_available()) {
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "no CUDA device");

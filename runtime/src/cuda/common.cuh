@@ -141,6 +141,30 @@ static __host__ __device__ __forceinline__ uint16_t xf32_to_f16(float f) {
 
 /* graph.c rope_head's rotation of one pair (x0, x1) by (cos c, sin sn), without fused multiply-adds:
  * the CPU's values. */
+/* cp.async (sm_80+): global -> shared memory without registers; a group completes in order. 16 bytes
+ * bypass L1 (.cg), 4 and 8 bytes go through it (.ca: the only form of those sizes). */
+static __device__ __forceinline__ void cp_async16(void * smem, const void * gmem) {
+    const unsigned sa = (unsigned) __cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem));
+}
+static __device__ __forceinline__ void cp_async8(void * smem, const void * gmem) {
+    const unsigned sa = (unsigned) __cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(sa), "l"(gmem));
+}
+static __device__ __forceinline__ void cp_async4(void * smem, const void * gmem) {
+    const unsigned sa = (unsigned) __cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(sa), "l"(gmem));
+}
+static __device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+static __device__ __forceinline__ void cp_async_wait1() {
+    asm volatile("cp.async.wait_group 1;\n" ::);
+}
+static __device__ __forceinline__ void cp_async_wait0() {
+    asm volatile("cp.async.wait_group 0;\n" ::);
+}
+
 static __device__ __forceinline__ float2 moqae_dev_rope_pair(float x0, float x1, float c, float sn) {
     return make_float2(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn)), __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, c)));
 }

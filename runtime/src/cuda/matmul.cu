@@ -528,6 +528,155 @@ imma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
     }
 }
 
+/* ---- the same products with the stages copied ahead (cp.async, two buffers): 64 tokens x 64 rows per
+ * block, IMMP_KB quant blocks per stage. The copies of stage s + 1 run while stage s is multiplied, one
+ * barrier per stage. Weights stay packed in shared memory (Q4: 16 bytes of nibbles per block, unpacked
+ * into the mma's B fragment: elements 4q..4q+3 are the low nibbles of bytes 4q..4q+3, elements
+ * 16+4q.. their high nibbles) with their f16 scales; every output's sum is imma_kernel's, term by term
+ * in the same order (block after block, the same fmaf chain), so the values are identical. Q4_0 and
+ * Q8_0 only: Q4_1 (its minimum terms: 128 registers, 4 blocks per SM) measured 2-4% slower than
+ * imma_kernel on SmolLM2 (docs/CUDA-KERNELS.md), so Q4_1 keeps imma_kernel. ---- */
+
+#define IMMP_KB 4 /* quant blocks per stage */
+
+template <int TYPE> struct immp_stage {
+    static_assert(TYPE == MOQAE_TYPE_Q4_0 || TYPE == MOQAE_TYPE_Q8_0, "immp: Q4_0 and Q8_0");
+    static constexpr int XLD = 32 * IMMP_KB + 16;                  /* activation bytes per token (imma_ld)     */
+    static constexpr int WC  = plane<TYPE>::code;                  /* code bytes per weight block              */
+    static constexpr int WLD = WC * IMMP_KB + 16;                  /* 20 or 36 words: rows g = 0..7 at word q
+                                                                      of distinct banks                       */
+    static constexpr int WS  = 2 * IMMP_KB;                        /* f16 scale bytes per row and stage        */
+    uint8_t xs[IMMA_BT * XLD];
+    float2  ds[IMMP_KB][IMMA_BT]; /* each activation block's (d, s): one 8-byte copy (s unused here; copying d
+                                     alone took the Q4_0 kernel from 87 to 112 registers) */
+    uint8_t ws[IMMA_BR * WLD];
+    uint8_t sc[IMMA_BR * WS];
+};
+
+/* Issue the copies of the stage of blocks b0 .. b0 + IMMP_KB - 1 (those < nb). Rows and tokens past the
+ * ends are not copied: their outputs are never stored. A 4-byte unit of two f16 scales may start at block
+ * nb - 1 and end in the row's padding (rows are padded to 16 bytes, and 2 nb is not a multiple of 16 when
+ * nb is odd); the blocks >= nb are skipped by the product. */
+template <int TYPE>
+static __device__ __forceinline__ void immp_issue(immp_stage<TYPE> & st, const uint8_t * __restrict__ w, size_t row_bytes,
+                                                  int64_t nb, int64_t n_rows, const q8x * __restrict__ xq, int64_t n_tok,
+                                                  int64_t r0, int64_t t0, int64_t b0) {
+    using S          = immp_stage<TYPE>;
+    const int tid    = threadIdx.x;
+    const int nk     = (int) min((int64_t) IMMP_KB, nb - b0);
+    constexpr int WP = S::WC / 16;                /* 16-byte parts per weight block */
+    constexpr int SU = S::WS / 4;                 /* 4-byte units of 2 scales per row */
+#pragma unroll
+    for (int it = tid; it < IMMA_BT * IMMP_KB * 2; it += 128) {
+        const int tok = it / (IMMP_KB * 2), kb = (it / 2) % IMMP_KB, hf = it % 2;
+        if (t0 + tok < n_tok && kb < nk) {
+            cp_async16(st.xs + tok * S::XLD + 32 * kb + 16 * hf, (const uint8_t *) (xq + (t0 + tok) * nb + b0 + kb) + 16 * hf);
+        }
+    }
+#pragma unroll
+    for (int it = tid; it < IMMA_BT * IMMP_KB; it += 128) {
+        const int tok = it / IMMP_KB, kb = it % IMMP_KB;
+        if (t0 + tok < n_tok && kb < nk) {
+            cp_async8(&st.ds[kb][tok], &xq[(t0 + tok) * nb + b0 + kb].d);
+        }
+    }
+#pragma unroll
+    for (int it = tid; it < IMMA_BR * IMMP_KB * WP; it += 128) {
+        const int row = it / (IMMP_KB * WP), kb = (it / WP) % IMMP_KB, part = it % WP;
+        if (r0 + row < n_rows && kb < nk) {
+            cp_async16(st.ws + row * S::WLD + S::WC * kb + 16 * part,
+                       codes_of<TYPE>(w + (r0 + row) * row_bytes, b0 + kb) + 16 * part);
+        }
+    }
+#pragma unroll
+    for (int it = tid; it < IMMA_BR * SU; it += 128) {
+        const int row = it / SU, u = it % SU;
+        if (r0 + row < n_rows && 2 * u < nk) {
+            cp_async4(st.sc + row * S::WS + 4 * u, scale_of<TYPE>(w + (r0 + row) * row_bytes, nb, b0) + 4 * u);
+        }
+    }
+}
+
+template <int TYPE>
+static __global__ void __launch_bounds__(128)
+immp_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows, const q8x * __restrict__ xq,
+            int64_t n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
+    using S = immp_stage<TYPE>;
+    __shared__ __align__(16) S st[2];
+    const int     tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, q = lane & 3;
+    const int64_t r0 = (int64_t) blockIdx.x * IMMA_BR, t0 = (int64_t) blockIdx.y * IMMA_BT;
+    const int64_t nb = n_cols / 32;
+    const int     wt = (warp / 2) * 32, wr = (warp % 2) * 32; /* this warp's 32 tokens x 32 rows */
+    float         acc[2][4][4] = {};
+    immp_issue<TYPE>(st[0], w, row_bytes, nb, n_rows, xq, n_tok, r0, t0, 0);
+    cp_async_commit();
+    int cur = 0;
+    for (int64_t b0 = 0; b0 < nb; b0 += IMMP_KB, cur ^= 1) {
+        cp_async_wait0();
+        __syncthreads(); /* stage b0 is in st[cur] for every thread; st[cur ^ 1] is no longer read */
+        if (b0 + IMMP_KB < nb) {
+            immp_issue<TYPE>(st[cur ^ 1], w, row_bytes, nb, n_rows, xq, n_tok, r0, t0, b0 + IMMP_KB);
+        }
+        cp_async_commit();
+        const S & s  = st[cur];
+        const int nk = (int) min((int64_t) IMMP_KB, nb - b0);
+#pragma unroll
+        for (int kb = 0; kb < IMMP_KB; kb++) {
+            if (kb >= nk) {
+                break;
+            }
+            uint32_t bf[4][2];
+            float    dw[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const uint8_t * wb = s.ws + (wr + 8 * nt + g) * S::WLD + S::WC * kb + 4 * q;
+                if constexpr (TYPE == MOQAE_TYPE_Q8_0) {
+                    bf[nt][0] = *(const uint32_t *) wb, bf[nt][1] = *(const uint32_t *) (wb + 16);
+                } else {
+                    const uint32_t u = *(const uint32_t *) wb;
+                    bf[nt][0]        = __vsub4(u & 0x0f0f0f0fu, 0x08080808u);
+                    bf[nt][1]        = __vsub4((u >> 4) & 0x0f0f0f0fu, 0x08080808u);
+                }
+                const int rr = wr + 8 * nt + 2 * q;
+                dw[nt][0]    = moqae_dev_f16_to_f32(*(const uint16_t *) (s.sc + rr * S::WS + 2 * kb));
+                dw[nt][1]    = moqae_dev_f16_to_f32(*(const uint16_t *) (s.sc + (rr + 1) * S::WS + 2 * kb));
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const uint8_t * xa = s.xs + (wt + 16 * mt + g) * S::XLD + 32 * kb + 4 * q;
+                const uint32_t  a0 = *(const uint32_t *) xa, a1 = *(const uint32_t *) (xa + 8 * S::XLD);
+                const uint32_t  a2 = *(const uint32_t *) (xa + 16), a3 = *(const uint32_t *) (xa + 8 * S::XLD + 16);
+                const float     x0 = s.ds[kb][wt + 16 * mt + g].x, x1 = s.ds[kb][wt + 16 * mt + g + 8].x;
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    int c[4] = { 0, 0, 0, 0 };
+                    mma_s8(c, a0, a1, a2, a3, bf[nt][0], bf[nt][1]);
+                    float * ac = acc[mt][nt];
+                    ac[0] = fmaf((float) c[0], __fmul_rn(dw[nt][0], x0), ac[0]);
+                    ac[1] = fmaf((float) c[1], __fmul_rn(dw[nt][1], x0), ac[1]);
+                    ac[2] = fmaf((float) c[2], __fmul_rn(dw[nt][0], x1), ac[2]);
+                    ac[3] = fmaf((float) c[3], __fmul_rn(dw[nt][1], x1), ac[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait0(); /* nothing is in flight past the loop (the last stage issues no copies); kept for safety */
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int64_t tok = t0 + wt + 16 * mt + g + 8 * (i / 2), row = r0 + wr + 8 * nt + 2 * q + (i % 2);
+                if (tok < n_tok && row < n_rows) {
+                    float * yp = y + tok * ldy + row;
+                    *yp        = accumulate ? *yp + acc[mt][nt][i] : acc[mt][nt][i];
+                }
+            }
+        }
+    }
+}
+
 /* ---- mat-mat for F16/F32 weights on f16 tensor cores: 64 tokens x 64 rows per block ------------- */
 
 #define MMA_BT  64 /* tokens per tile */
@@ -654,16 +803,25 @@ struct type_ops {
     rows_fn rows;
     mmvq_fn mmvq1;   /* integer codes, one token; NULL for F32, F16     */
     mmvq_fn mmvq8;   /* integer codes, up to 8 tokens                   */
-    imma_fn imma;    /* IMMA_KB blocks per stage                        */
+    imma_fn immp;    /* the default: stages copied ahead (Q4_0, Q8_0); Q4_1 imma_kernel<IMMA_KB> */
+    imma_fn imma;    /* IMMA_KB blocks per stage (MOQAE_CUDA_IMMA=4, for comparison) */
     imma_fn imma1;   /* one block per stage (MOQAE_CUDA_IMMA=1: the earlier kernel's stages, for comparison) */
 };
+
+template <int TYPE> static constexpr imma_fn default_imma() {
+    if constexpr (TYPE == MOQAE_TYPE_Q4_1) {
+        return imma_kernel<TYPE, IMMA_KB>;
+    } else {
+        return immp_kernel<TYPE>;
+    }
+}
 
 template <int TYPE> static constexpr type_ops make_ops() {
     if constexpr (TYPE == MOQAE_TYPE_Q4_0 || TYPE == MOQAE_TYPE_Q4_1 || TYPE == MOQAE_TYPE_Q8_0) {
         return type_ops{ nullptr, nullptr, get_rows_kernel<TYPE>, mmvq_kernel<TYPE, 1>, mmvq_kernel<TYPE, 8>,
-                         imma_kernel<TYPE, IMMA_KB>, imma_kernel<TYPE, 1> };
+                         default_imma<TYPE>(), imma_kernel<TYPE, IMMA_KB>, imma_kernel<TYPE, 1> };
     } else {
-        return type_ops{ mmv_kernel<TYPE>, mma_kernel<TYPE>, get_rows_kernel<TYPE>, nullptr, nullptr, nullptr, nullptr };
+        return type_ops{ mmv_kernel<TYPE>, mma_kernel<TYPE>, get_rows_kernel<TYPE>, nullptr, nullptr, nullptr, nullptr, nullptr };
     }
 }
 
@@ -776,6 +934,21 @@ static void launch_mmvq(const type_ops * ops, const uint8_t * w, size_t row_byte
                                                                          (int) n_tok, o, acc, wpr);
 }
 
+int moqae_cuda_matmul_imma(const struct moqae_cuda_weight * w, const void * xq, int64_t n_tok, float * y, int64_t ldy,
+                           bool accumulate, int variant, cudaStream_t stream) {
+    const type_ops * ops = ops_of(w->type);
+    if (!ops || !ops->immp || w->n_cols % 32 != 0 || n_tok < 1) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA: no int8 mat-mat for weight type %s with %lld columns",
+                          moqae_type_name(w->type), (long long) w->n_cols);
+    }
+    const dim3    grid((unsigned) ((w->n_rows + IMMA_BR - 1) / IMMA_BR), (unsigned) ((n_tok + IMMA_BT - 1) / IMMA_BT));
+    const imma_fn k = variant == 1 ? ops->imma1 : variant == 4 ? ops->imma : ops->immp;
+    k<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, n_tok, y, ldy,
+                                accumulate ? 1 : 0);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    return MOQAE_OK;
+}
+
 int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const void * xq, int64_t n_tok, float * y,
                       int64_t ldy, bool accumulate, cudaStream_t stream) {
     const type_ops * ops = ops_of(w->type);
@@ -793,11 +966,9 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
             break;
         }
         case MOQAE_CUDA_MM_IMMA: {
-            const dim3 grid((unsigned) ((w->n_rows + IMMA_BR - 1) / IMMA_BR), (unsigned) ((n_tok + IMMA_BT - 1) / IMMA_BT));
-            static const bool one = *moqae_cuda_switch("MOQAE_CUDA_IMMA") == '1'; /* one block per stage */
-            (one ? ops->imma1 : ops->imma)<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows,
-                                                                     (const q8x *) xq, n_tok, y, ldy, acc);
-            break;
+            /* MOQAE_CUDA_IMMA=1 / =4: the earlier kernel with one / IMMA_KB blocks per stage, no copies ahead */
+            static const char sw = *moqae_cuda_switch("MOQAE_CUDA_IMMA");
+            return moqae_cuda_matmul_imma(w, xq, n_tok, y, ldy, accumulate, sw == '1' ? 1 : sw == '4' ? 4 : 0, stream);
         }
         case MOQAE_CUDA_MM_MMA: {
             const dim3 grid((unsigned) ((w->n_rows + MMA_BR - 1) / MMA_BR), (unsigned) ((n_tok + MMA_BT - 1) / MMA_BT));

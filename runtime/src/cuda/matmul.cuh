@@ -64,6 +64,11 @@ int moqae_cuda_swiglu_quant(float * g, const float * u, int64_t n_tok, int64_t n
 int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const void * xq, int64_t n_tok, float * y,
                       int64_t ldy, bool accumulate, cudaStream_t stream);
 
+/* The int8 tensor-core product (MOQAE_CUDA_MM_IMMA) with a given kernel: 0 the default (stages copied
+ * ahead), 4 / 1 the earlier kernel with 4 / 1 quant blocks per stage; all give the same values. */
+int moqae_cuda_matmul_imma(const struct moqae_cuda_weight * w, const void * xq, int64_t n_tok, float * y, int64_t ldy,
+                           bool accumulate, int variant, cudaStream_t stream);
+
 /* ys[i] = ws[i] . x ([n_tok][ws[i]->n_rows] each) for n <= 3 weights read with the same activations: one
  * launch when the weights' rows follow one another on the device in one layout and the product is a
  * mat-vec (the upload stores a layer's Q, K, V and gate, up so), else one product each. */
