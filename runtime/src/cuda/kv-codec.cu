@@ -1,7 +1,7 @@
 /*
  * cuda/kv-codec.cu — see kv-codec.cuh. The encoder follows kv-codec.c step by step (and kv-ring.c's
- * turning of keys back to before RoPE), one block of ENC_THREADS threads per (chunk, KV head) of one
- * layer. Its work is a fixed sequence of phases separated by barriers; each phase is a loop over
+ * turning of keys back to before RoPE), one block of ENC_THREADS threads per (chunk, KV head, keys or
+ * values) of one layer. Its work is a fixed sequence of phases separated by barriers; each phase is a loop over
  * items (rows, groups, runs of groups x scale codes, output bytes) whose result does not depend on
  * which thread takes which item, and every sum the CPU makes in a given order is made by one thread
  * in that order. So the same phases run on the CPU too (encode_body with a host executor: how the
