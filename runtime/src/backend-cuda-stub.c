@@ -59,6 +59,12 @@ int moqae_cuda_codec_encode(enum moqae_kv_codec c, const struct moqae_kv_shape *
     return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
 }
 
+int moqae_cuda_imma_check(enum moqae_type type, int64_t n_rows, int64_t n_cols, int64_t n_tok, const uint8_t * rows,
+                          const float * x, float * y) {
+    (void) type, (void) n_rows, (void) n_cols, (void) n_tok, (void) rows, (void) x, (void) y;
+    return moqae_fail(MOQAE_ERR_UNSUPPORTED, "this build of libmoqae has no CUDA backend");
+}
+
 int moqae_cuda_codec_encode_emulated(enum moqae_kv_codec c, const struct moqae_kv_shape * s, const float * k,
                                      const float * v, const float * cs_t, const float * cs_p0, uint8_t * krec,
                                      uint8_t * vrec) {
