@@ -13,7 +13,7 @@
 #         overflow (SmolLM2: budgets with shift/demote and a per-layer router, GPU against the CPU ring with
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
-#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
+#         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold fillb fill128kb (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -326,6 +326,12 @@ for st in $stages; do
             $B/moqae-bench -m $L7 -ngl 99 -p 512 -n 0 -r 1 --kv ${ENC_KV:-int4} > "$OUT/encncu.txt" 2>&1
         grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Compute \(SM\)|Grid Size|Branch Instructions  |Dynamic Shared" \
             "$OUT/encncu.txt" | head -30 | tee -a "$S" ;;
+    fillb) # the fill to 32k with micro-batches of 512, 1024 and 2048 tokens (-b), alternating
+        for b in 512 1024 2048 512 1024 2048; do
+            bench7b 7b-fill32k-b$b -c 32896 --depth 32768 -n 4 -r 1 --kv int4 -b $b
+        done ;;
+    fill128kb) # the fill to 130,944 tokens with micro-batches of 2048 (-b 2048), decode there, peak memory
+        bench7b 7b-fill128k-b2048 -c 131072 --depth 130944 -n 32 -r 1 --kv int4 -b 2048 ;;
     cmpold) # the tree against the old one (stage otbuild), alternating in one call: 7B pp512 and the fill to
             # 32k (int4), SmolLM2 pp512 (int4, int2, fp16) when stashed
         for t in new old new old; do
