@@ -400,6 +400,27 @@ static __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+/* A warp's 32 tokens x 32 rows of outputs (tile t0, r0; the warp's wt, wr; lane g, q of the mma m16n8
+ * accumulator layout) into y. */
+static __device__ __forceinline__ void imma_store(const float (&acc)[2][4][4], float * __restrict__ y, int64_t ldy,
+                                                  int64_t n_tok, int64_t n_rows, int64_t t0, int64_t r0, int wt, int wr,
+                                                  int g, int q, int accumulate) {
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int64_t tok = t0 + wt + 16 * mt + g + 8 * (i / 2), row = r0 + wr + 8 * nt + 2 * q + (i % 2);
+                if (tok < n_tok && row < n_rows) {
+                    float * yp = y + tok * ldy + row;
+                    *yp        = accumulate ? *yp + acc[mt][nt][i] : acc[mt][nt][i];
+                }
+            }
+        }
+    }
+}
+
 /* bytes per shared row: KB blocks of 32 codes + 16, an odd multiple of 4 words (KB 1: 12, KB 4: 36), so
  * that the rows g = 0..7 read at word q land in distinct banks */
 template <int KB> struct imma_ld { static constexpr int v = 32 * KB + 16; };
@@ -512,20 +533,7 @@ imma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int64_t tok = t0 + wt + 16 * mt + g + 8 * (i / 2), row = r0 + wr + 8 * nt + 2 * q + (i % 2);
-                if (tok < n_tok && row < n_rows) {
-                    float * yp = y + tok * ldy + row;
-                    *yp        = accumulate ? *yp + acc[mt][nt][i] : acc[mt][nt][i];
-                }
-            }
-        }
-    }
+    imma_store(acc, y, ldy, n_tok, n_rows, t0, r0, wt, wr, g, q, accumulate);
 }
 
 /* ---- the same products with the stages copied ahead (cp.async, two buffers): 64 tokens x 64 rows per
@@ -661,20 +669,7 @@ immp_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, in
         }
     }
     cp_async_wait0(); /* nothing is in flight past the loop (the last stage issues no copies); kept for safety */
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int64_t tok = t0 + wt + 16 * mt + g + 8 * (i / 2), row = r0 + wr + 8 * nt + 2 * q + (i % 2);
-                if (tok < n_tok && row < n_rows) {
-                    float * yp = y + tok * ldy + row;
-                    *yp        = accumulate ? *yp + acc[mt][nt][i] : acc[mt][nt][i];
-                }
-            }
-        }
-    }
+    imma_store(acc, y, ldy, n_tok, n_rows, t0, r0, wt, wr, g, q, accumulate);
 }
 
 /* ---- mat-mat for F16/F32 weights on f16 tensor cores: 64 tokens x 64 rows per block ------------- */
