@@ -114,19 +114,13 @@ template <class S> static __host__ __device__ __forceinline__ float gx(const S &
  * floor of a value >= 0 is its truncation. */
 static __host__ __device__ __forceinline__ long long group_err(const float * base, int stride, int m, int skip,
                                                                float zero, float scale, float qmax, double p2k) {
-    long long  acc = 0;
-    const bool pos = scale > 0.0f; /* quant_code's guard, once */
+    long long acc = 0;
     for (int e = 0; e < m; e++) {
         if (e == skip) {
             continue;
         }
-        const float v = base[e * stride];
-        float       q = 0.0f;
-        if (pos) {
-            const float t = floorf(xadd(xdiv(xsub(v, zero), scale), 0.5f));
-            q             = t > 0.0f ? (t < qmax ? t : qmax) : 0.0f;
-        }
-        const float  d = xsub(v, xadd(xmul(scale, q), zero));
+        const float  v = base[e * stride];
+        const float  d = xsub(v, xadd(xmul(scale, quant_code(v, zero, scale, qmax)), zero));
         const double t = (double) d * (double) d * p2k;
         acc += t < 0x1p48 ? (long long) t : (1LL << 48);
     }

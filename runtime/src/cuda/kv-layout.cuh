@@ -143,22 +143,3 @@ static __host__ __device__ __forceinline__ float kvl_rot_factor(int n, bool inve
     }
     return kvl_pow2_neg((unsigned) (inverse ? (m + 1) / 2 : m / 2));
 }
-
-/* kv-codec.c's fwht on len floats at stride `stride`: butterflies of each block of n, stage by stage,
- * then times f. */
-static __host__ __device__ __forceinline__ void kvl_fwht(float * y, int len, int stride, int n, float f) {
-    for (int b = 0; b < len; b += n) {
-        for (int h = 1; h < n; h *= 2) {
-            for (int i = 0; i < n; i += 2 * h) {
-                for (int j = i; j < i + h; j++) {
-                    const float a = y[(b + j) * stride], c = y[(b + j + h) * stride];
-                    y[(b + j) * stride]     = xadd(a, c);
-                    y[(b + j + h) * stride] = xsub(a, c);
-                }
-            }
-        }
-        for (int i = 0; i < n; i++) {
-            y[(b + i) * stride] = xmul(y[(b + i) * stride], f);
-        }
-    }
-}
