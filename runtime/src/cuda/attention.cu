@@ -114,6 +114,29 @@ static __device__ __forceinline__ tile_walk tile_walk_of(const struct moqae_cuda
     return w;
 }
 
+/* The block's query rows (row r: token t_first + r / group of the walk, head hk * group + r % group) times
+ * scale into shared memory as two f16 planes hi + lo, so that the scores keep ~22 bits of Q, as the CPU's
+ * f32 dot products; rows past the block's tokens are zero. ZO: the f32 output tile os is zeroed in the
+ * same pass. rows x D elements, NT threads. */
+template <int D, int NT, bool ZO>
+static __device__ __forceinline__ void load_q_split(const struct moqae_cuda_attn_args & a, const tile_walk & w, int hk,
+                                                    int group, int tpb, int rows, float scale, half * qs, half * qsl,
+                                                    int ldh, float * os, int ldo) {
+    for (int e = threadIdx.x; e < rows * D; e += NT) {
+        const int r = e / D, d = e % D, t = w.t_first + r / group;
+        float     v = 0.0f;
+        if (r < tpb * group && t <= w.t_last) {
+            v = a.q[((long long) t * a.n_head + hk * group + r % group) * D + d] * scale;
+        }
+        const half hi    = __float2half(v);
+        qs[r * ldh + d]  = hi;
+        qsl[r * ldh + d] = __float2half(v - __half2float(hi));
+        if constexpr (ZO) {
+            os[r * ldo + d] = 0.0f;
+        }
+    }
+}
+
 /* ================================================================================================
  * Generic kernel: a tile decoded into shared memory (f16), WMMA for S = Q K^T and O += P V
  * ================================================================================================ */
@@ -275,18 +298,7 @@ attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_ar
     const int       t_first = w.t_first, t_last = w.t_last, n_vis = w.n_vis, s0 = w.s0, s1 = w.s1;
     const long long p_last = w.p_last, own_first = w.own_first;
 
-    for (int e = tid; e < ROWS * D; e += ATT_THREADS) {
-        const int r = e / D, d = e % D, t = t_first + r / group;
-        float     v = 0.0f;
-        if (r < tpb * group && t <= t_last) {
-            v = a.q[((long long) t * a.n_head + hk * group + r % group) * D + d];
-        }
-        /* Q as a sum of two f16 (hi + lo): the scores keep ~22 bits of Q, as the CPU's f32 dot products */
-        const half hi      = __float2half(v);
-        qs[r * L::LDH + d]  = hi;
-        qsl[r * L::LDH + d] = __float2half(v - __half2float(hi));
-        os[r * L::LDO + d]  = 0.0f;
-    }
+    load_q_split<D, ATT_THREADS, true>(a, w, hk, group, tpb, ROWS, 1.0f, qs, qsl, L::LDH, os, L::LDO);
     if (tid < ROWS) {
         mrow[tid] = -INFINITY;
         lrow[tid] = 0.0f;
@@ -474,6 +486,29 @@ static __device__ __forceinline__ uint32_t h2_1024_crumb(uint32_t x, uint32_t k)
     uint32_t d;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(0x00030003), "r"(k));
     return d;
+}
+
+/* A quantized key record's per-channel terms, E channels per lane of the warp: shat[d] = channel d's scale
+ * relative to sb as f16 (0 when sb is 0), corr[d] = the 16-point stage of zero_d / sb - 1024 shat[d] (the
+ * accumulators' start: the codes enter the mma as 1024 + code). rel(code): kvl_scale_rel, looked up where
+ * the caller keeps its table. */
+template <int E, class REL>
+static __device__ __forceinline__ void key_channel_setup(const uint8_t * rk, const kvl_geom & gk, const rec_bases & b,
+                                                         float isb, half * shat, float * corr, REL rel) {
+    const int lane = threadIdx.x & 31;
+    float     w[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        const int  d  = lane * E + e;
+        const half hh = __float2half(b.sb > 0.0f ? rel((unsigned) rk[gk.off_sc + d]) : 0.0f);
+        shat[d]       = hh;
+        w[e]          = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb - 1024.0f * __half2float(hh);
+    }
+    warp_fwht<E>(w, 16);
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        corr[lane * E + e] = w[e];
+    }
 }
 
 /* Bytes of v3's shared memory: queries, the RoPE offsets table, kv-layout's FRAC table (lanes index it
@@ -922,20 +957,9 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             const float     sbe  = b.sb > 0.0f ? b.sb : 1.0f, isb = 1.0f / sbe;
             const float2 *  csp  = (const float2 *) (cur + raw_stride - D * 4);
             {
-                float w[E];
-#pragma unroll
-                for (int e = 0; e < E; e++) {
-                    const int  d  = lane * E + e;
-                    const unsigned sa = rk[gk.off_sc + d]; /* kvl_scale_rel with the FRAC table in shared memory */
-                    const half hh = __float2half(b.sb > 0.0f ? xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) : 0.0f);
-                    shat[d]       = hh;
-                    w[e]          = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb - 1024.0f * __half2float(hh);
-                }
-                warp_fwht<E>(w, 16);
-#pragma unroll
-                for (int e = 0; e < E; e++) {
-                    corr[lane * E + e] = w[e];
-                }
+                /* kvl_scale_rel with the FRAC table in shared memory */
+                key_channel_setup<E>(rk, gk, b, isb, shat, corr,
+                                     [&](unsigned sa) { return xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)); });
 #pragma unroll
                 for (int pp = 0; pp < E / 2; pp++) { /* R(-P0) q for the lane's pairs */
                     const int    i  = lane * (E / 2) + pp;
@@ -1340,21 +1364,7 @@ static __device__ void pf_keys_tc(const uint8_t * rk, int codec, int unit, const
     const int       bits = gk.bits, RB = C * bits / 8, xi = rk[gk.off_x + 4];
     const rec_bases b    = read_bases(rk + gk.off_bases);
     const float     sbe = b.sb > 0.0f ? b.sb : 1.0f, isb = 1.0f / sbe;
-    {
-        float w[E];
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-            const int  d  = lane * E + e;
-            const half hh = __float2half(b.sb > 0.0f ? kvl_scale_rel(rk[gk.off_sc + d]) : 0.0f);
-            shat[d]       = hh;
-            w[e]          = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb - 1024.0f * __half2float(hh);
-        }
-        warp_fwht<E>(w, 16);
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-            corr[lane * E + e] = w[e];
-        }
-    }
+    key_channel_setup<E>(rk, gk, b, isb, shat, corr, [](unsigned sa) { return kvl_scale_rel(sa); });
     __syncwarp();
     const int nt = unit & 1, hi = unit >> 1; /* hi: u (INT4) or mt (INT8 / INT2) */
     uint32_t  s01, s89;                      /* B-fragment signs of H_16 (attn_v3_kernel's sg01 / sg89) */
@@ -1406,16 +1416,7 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     const int       t_first = w.t_first, t_last = w.t_last, n_vis = w.n_vis, s0 = w.s0, s1 = w.s1;
     const long long p_last = w.p_last, own_first = w.own_first;
 
-    for (int e = tid; e < PF_ROWS * D; e += PF_THREADS) {
-        const int r = e / D, d = e % D, t = t_first + r / group;
-        float     v = 0.0f;
-        if (r < tpb * group && t <= t_last) {
-            v = a.q[((long long) t * a.n_head + hk * group + r % group) * D + d] * a.scale;
-        }
-        const half hi    = __float2half(v); /* hi + lo: the scores keep ~22 bits of Q, as the CPU's f32 dot products */
-        qs[r * LDH + d]  = hi;
-        qsl[r * LDH + d] = __float2half(v - __half2float(hi));
-    }
+    load_q_split<D, PF_THREADS, false>(a, w, hk, group, tpb, PF_ROWS, a.scale, qs, qsl, LDH, nullptr, 0);
     float2 * cst = a.cs_t ? (float2 *) (sm + L::cst) : nullptr; /* a row's pairs in consecutive words */
     const uint32_t k6464 = 0x64006400u | ((uint32_t) a.raw_bytes >> 31); /* raw_bytes >= 0: h2_1024_nib's k */
     if (cst) {
@@ -1692,6 +1693,30 @@ size_t moqae_cuda_attn_part_floats(const struct moqae_cuda_ring_geom * g, int64_
     return (size_t) n_split * (size_t) g->n_head_kv * most * (size_t) (g->head_dim + 2);
 }
 
+/* The generic and prefill kernels' launch: one block per (KV head, tile of `rows` query rows, split) with
+ * `threads` threads and `bytes` of shared memory, run with the arguments ka (a's, plus the kernel's
+ * switches), then the merge of the splits and the quantization of the output. */
+typedef void (*tile_kernel_fn)(const struct moqae_cuda_ring_geom, const struct moqae_cuda_attn_args, int);
+
+static int launch_tiles(tile_kernel_fn kernel, int rows, int threads, int bytes, const struct moqae_cuda_ring_geom * g,
+                        const struct moqae_cuda_attn_args * a, const struct moqae_cuda_attn_args & ka,
+                        cudaStream_t stream) {
+    const int group = a->n_head / g->n_head_kv;
+    const int tpb   = rows / group;
+    if (tpb < 1) {
+        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: %d query heads per KV head exceed %d rows", group, rows);
+    }
+    const int  n_qt = (a->n_tok + tpb - 1) / tpb;
+    const dim3 grid((unsigned) g->n_head_kv, (unsigned) n_qt, (unsigned) a->n_split);
+    kernel<<<grid, threads, bytes, stream>>>(*g, ka, tpb);
+    MOQAE_CUDA_LAUNCH_CHECK();
+    if (a->n_split > 1) {
+        merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * rows), g->head_dim, 0, stream>>>(*g, *a, tpb, rows, n_qt);
+        MOQAE_CUDA_LAUNCH_CHECK();
+    }
+    return quantize_unmerged(a, g->head_dim, stream);
+}
+
 template <int D, int ROWS>
 static int launch_generic(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a, cudaStream_t stream) {
     using L = att_layout<D, ROWS>;
@@ -1700,20 +1725,7 @@ static int launch_generic(const struct moqae_cuda_ring_geom * g, const struct mo
         MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<D, ROWS>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::bytes));
         attr_set = true;
     }
-    const int group = a->n_head / g->n_head_kv;
-    const int tpb   = ROWS / group;
-    if (tpb < 1) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: %d query heads per KV head exceed %d rows", group, ROWS);
-    }
-    const int  n_qt = (a->n_tok + tpb - 1) / tpb;
-    const dim3 grid((unsigned) g->n_head_kv, (unsigned) n_qt, (unsigned) a->n_split);
-    attn_kernel<D, ROWS><<<grid, ATT_THREADS, L::bytes, stream>>>(*g, *a, tpb);
-    MOQAE_CUDA_LAUNCH_CHECK();
-    if (a->n_split > 1) {
-        merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * ROWS), D, 0, stream>>>(*g, *a, tpb, ROWS, n_qt);
-        MOQAE_CUDA_LAUNCH_CHECK();
-    }
-    return quantize_unmerged(a, D, stream);
+    return launch_tiles(attn_kernel<D, ROWS>, ROWS, ATT_THREADS, L::bytes, g, a, *a, stream);
 }
 
 template <int D, int W>
@@ -1725,24 +1737,11 @@ static int launch_pf(const struct moqae_cuda_ring_geom * g, const struct moqae_c
         MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_pf_kernel<D, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::bytes));
         attr_set = true;
     }
-    const int group = a->n_head / g->n_head_kv;
-    const int tpb   = PF_ROWS / group;
-    if (tpb < 1) {
-        return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA attention: %d query heads per KV head exceed %d rows", group, PF_ROWS);
-    }
     /* MOQAE_CUDA_PFK=0: keys decoded per row on CUDA cores (5d0f7e3's decode) */
     static const int keys_gen = *moqae_cuda_switch("MOQAE_CUDA_PFK") == '0' ? 1 : 0;
     struct moqae_cuda_attn_args aa = *a;
     aa.pf_keys_gen                 = keys_gen;
-    const int  n_qt = (a->n_tok + tpb - 1) / tpb;
-    const dim3 grid((unsigned) g->n_head_kv, (unsigned) n_qt, (unsigned) a->n_split);
-    attn_pf_kernel<D, W><<<grid, 32 * W, L::bytes, stream>>>(*g, aa, tpb);
-    MOQAE_CUDA_LAUNCH_CHECK();
-    if (a->n_split > 1) {
-        merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * PF_ROWS), D, 0, stream>>>(*g, *a, tpb, PF_ROWS, n_qt);
-        MOQAE_CUDA_LAUNCH_CHECK();
-    }
-    return quantize_unmerged(a, D, stream);
+    return launch_tiles(attn_pf_kernel<D, W>, PF_ROWS, 32 * W, L::bytes, g, a, aa, stream);
 }
 
 template <int D, int MM>
