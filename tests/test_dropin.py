@@ -77,7 +77,7 @@ def test_same_tokens(both):
 
 def test_same_signatures():
     """Positional parameters come in llama_cpp's order; every keyword we take exists there too."""
-    extras = {"__init__": {"router_path", "kv", "kv_budget", "kv_bits", "kv_overflow"}, "generate": {"seed"}}
+    extras = {"__init__": {"router_path", "kv", "kv_budget", "kv_bits", "kv_overflow", "kv_keys"}, "generate": {"seed"}}
     for name in ("__init__", "create_completion", "__call__", "create_chat_completion", "generate", "tokenize",
                  "detokenize", "eval", "reset", "n_ctx", "n_vocab", "token_bos", "token_eos", "close"):
         ours = inspect.signature(getattr(moqae_cpp.Llama, name)).parameters

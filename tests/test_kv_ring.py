@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_tool
@@ -105,6 +106,7 @@ def test_budget_error_is_clear(bin_dir, smollm2):
     (["--kv-overflow", "drop"], "expects error, shift or demote"),
     (["--kv-chunk", "48"], "must be 32 or 64"),
     (["--kv-budget", "-5"], "expects a positive size"),
+    (["--kv-keys", "middle"], "expects pre or post"),
 ])
 def test_bad_kv_options(bin_dir, smollm2, args, msg):
     r = cli(bin_dir, smollm2, "-n", 2, *args)
@@ -119,6 +121,26 @@ def test_python_kv_policy(smollm2):
         s = llm.kv_cache_stats()
     assert s["n_chunks"] == {"fp16": 1, "int8": 0, "int4": 2, "int2": 0}
     assert s["n_tokens"] == 100
+
+
+def test_python_kv_keys(smollm2):
+    """kv_keys="post" reaches the ring (other records, other logits) at a cost within INT4's own noise."""
+    moqae_cpp = pytest.importorskip("moqae_cpp", reason="the moqae_cpp package is not installed")
+    toks = None
+    logits = {}
+    for keys in ("pre", "post", None):
+        with moqae_cpp.Llama(smollm2, n_ctx=256, n_threads=2, kv="int4", kv_keys=keys, logits_all=True) as llm:
+            toks = toks or llm.tokenize(HEAD.read_bytes()[:3000])[:160]
+            llm.eval(toks)
+            logits[keys] = np.array(llm.scores[: len(toks)])
+    assert np.array_equal(logits[None], logits["pre"])  # the default
+    tail = slice(96, len(toks))  # rows that read quantized chunks (3 complete chunks of 32 before them)
+    d = logits["post"][tail] - logits["pre"][tail]
+    assert np.abs(d).max() > 0  # the option changed the records
+    nrmse = np.sqrt((d ** 2).mean()) / logits["pre"][tail].std()
+    assert nrmse < 0.1, nrmse
+    with pytest.raises(moqae_cpp.InvalidArgumentError, match="kv_keys must be one of"):
+        moqae_cpp.Llama(smollm2, n_ctx=64, kv_keys="middle")
 
 
 def test_budget_is_global_across_layers(bin_dir, smollm2):

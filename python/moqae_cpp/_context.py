@@ -48,6 +48,7 @@ def moqae_py_ppl_progress(chunk, n_chunks, ppl, user_data):
 
 
 _OVERFLOW = {"error": 0, "shift": 1, "demote": 2}  # enum moqae_kv_overflow_policy
+_KEYS = {"pre": 0, "post": 1}  # enum moqae_kv_keys
 
 
 class Context(Closable):
@@ -56,7 +57,7 @@ class Context(Closable):
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int | None = None,
                  n_threads: int | None = None, kv: str | None = None, router=None, kv_budget: int | None = None,
-                 kv_overflow: str | None = None, kv_bits: float | None = None):
+                 kv_overflow: str | None = None, kv_bits: float | None = None, kv_keys: str | None = None):
         self._h = None
         self.model = model  # keeps the model alive while we exist
         self.router = router  # and the router (a moqae_cpp.Router or None)
@@ -83,6 +84,10 @@ class Context(Closable):
             if kv_overflow not in _OVERFLOW:
                 raise InvalidArgumentError(f"kv_overflow must be one of {', '.join(_OVERFLOW)}, got {kv_overflow!r}")
             params.kv_overflow = _OVERFLOW[kv_overflow]
+        if kv_keys is not None:
+            if kv_keys not in _KEYS:
+                raise InvalidArgumentError(f"kv_keys must be one of {', '.join(_KEYS)}, got {kv_keys!r}")
+            params.kv_keys = _KEYS[kv_keys]
         out = ffi.new("struct moqae_context **")
         _check(lib.moqae_context_new(model.ptr, params, out))
         self._h = _ContextHandle(out[0])

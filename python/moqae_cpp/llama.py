@@ -83,6 +83,9 @@ class Llama(Closable):
         kv_overflow: what a full KV cache does: "error" (the C default), "shift" (drop the oldest
             chunks) or "demote" (re-encode the oldest chunks to fewer bits; a router file with
             demotion weights orders the records by age x weight of their layer).
+        kv_keys: where quantized chunks hold their keys: "pre" (before RoPE, the C default: the more
+            exact) or "post" (after RoPE: a faster decode attention on the GPU for a little more error;
+            the CLI's --kv-keys).
         n_gpu_layers: layers to offload to CUDA: the last n_gpu_layers and the output head (0 = CPU only,
             -1 (as llama-cpp-python) or >= the model's layers = all; ignored with a warning without CUDA).
         use_mlock: lock the weights in RAM; None = the C default (no).
@@ -99,7 +102,7 @@ class Llama(Closable):
                  n_gpu_layers: int = 0, use_mlock: bool | None = None, seed: int | None = None, n_ctx: int = 512,
                  n_batch: int | None = None, n_threads: int | None = None, kv: str | None = None,
                  kv_budget: int | None = None, kv_bits: float | None = None, kv_overflow: str | None = None,
-                 logits_all: bool = False, last_n_tokens_size: int | None = None, verbose: bool = False,
+                 kv_keys: str | None = None, logits_all: bool = False, last_n_tokens_size: int | None = None, verbose: bool = False,
                  **kwargs: Any):
         self._model: Model | None = None
         self._router: Router | None = None
@@ -121,7 +124,7 @@ class Llama(Closable):
                 self._router = Router(self._model, router_path)
             self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv=kv,
                                 router=self._router, kv_budget=kv_budget, kv_overflow=kv_overflow,
-                                kv_bits=kv_bits)
+                                kv_bits=kv_bits, kv_keys=kv_keys)
         except BaseException:
             if self._router is not None:
                 self._router.close()

@@ -218,6 +218,16 @@ struct moqae_context_params {
     double  kv_bits;   /* instead of kv_budget: a budget of kv_bits effective bits per KV element over
                           n_ctx tokens (n_ctx x 2 x n_layer x n_head_kv x head_dim x kv_bits / 8
                           bytes), in [1, 16]; 0 = unused. Pair it with kv_overflow DEMOTE.            */
+    int32_t kv_keys;   /* enum moqae_kv_keys: where quantized chunks hold their keys; 0 = before RoPE  */
+};
+
+/* Where the KV cache quantizes keys (moqae_context_params.kv_keys; docs/KV-CODECS.md). Before RoPE is
+ * the more exact (the attention contract the routers are trained under); after RoPE lets the GPU's
+ * decode attention move the keys' inverse Hadamard to the query: fewer instructions per chunk, a little
+ * more quantization error (the CLI's --kv-keys). */
+enum moqae_kv_keys {
+    MOQAE_KV_KEYS_PRE_ROPE  = 0,
+    MOQAE_KV_KEYS_POST_ROPE = 1,
 };
 
 /* What a full KV cache does (moqae_context_params.kv_overflow). */

@@ -107,11 +107,12 @@ static int alloc_scratch(struct moqae_context * c) {
     return MOQAE_OK;
 }
 
-/* Where the KV cache quantizes keys: before RoPE (docs/KV-CODECS.md measures why it is the default);
- * MOQAE_KV_KEYS=post stores them after RoPE, for that measurement. */
-static bool keys_pre_rope(void) {
+/* Where the KV cache quantizes keys: params.kv_keys, before RoPE by default (docs/KV-CODECS.md measures
+ * why); the environment's MOQAE_KV_KEYS=post stores them after RoPE whatever the parameters say (the
+ * measurements' switch for tools that have no option). */
+static bool keys_pre_rope(int32_t kv_keys) {
     const char * e = getenv("MOQAE_KV_KEYS");
-    return !(e && !strcmp(e, "post"));
+    return kv_keys == MOQAE_KV_KEYS_PRE_ROPE && !(e && !strcmp(e, "post"));
 }
 
 /* Test hook: MOQAE_KV_ALIGN=16 pads the CPU ring's records to 16 bytes as the GPU ring's are, so that
@@ -162,6 +163,10 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     if (p.kv_overflow < MOQAE_KV_OVERFLOW_POLICY_ERROR || p.kv_overflow > MOQAE_KV_OVERFLOW_POLICY_DEMOTE) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_overflow %d is not a moqae_kv_overflow_policy", p.kv_overflow);
     }
+    if (p.kv_keys != MOQAE_KV_KEYS_PRE_ROPE && p.kv_keys != MOQAE_KV_KEYS_POST_ROPE) {
+        return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_keys %d is not a moqae_kv_keys (0: before RoPE, 1: after)",
+                          p.kv_keys);
+    }
     if (p.kv_chunk != 0 && p.kv_chunk != 32 && p.kv_chunk != 64) {
         return moqae_fail(MOQAE_ERR_INVALID_ARG, "kv_chunk must be 32 or 64, got %d", p.kv_chunk);
     }
@@ -210,7 +215,7 @@ int moqae_context_new(struct moqae_model * model, const struct moqae_context_par
     struct moqae_kv_config kc = { hp->n_layer, hp->n_head_kv, hp->head_dim, n_ctx, c->n_batch,
                                   router ? router->chunk : p.kv_chunk ? p.kv_chunk : 32, policy, p.kv_budget,
                                   (enum moqae_kv_overflow) p.kv_overflow, 0, { 0 }, 1, hp->n_layer, 0.0,
-                                  keys_pre_rope(), hp->n_rot, hp->rope_base, NULL, kv_rec_align(), NULL, 0 };
+                                  keys_pre_rope(p.kv_keys), hp->n_rot, hp->rope_base, NULL, kv_rec_align(), NULL, 0 };
     if (router) {
         kc.n_expert = router->n_expert;
         for (int64_t e = 0; e < router->n_expert; e++) {

@@ -169,6 +169,8 @@ const char * const TOOL_KV_USAGE =
     "  --kv-bits B       KV budget of B effective bits per element over -c tokens (instead of --kv-budget)\n"
     "  --kv-overflow P   when the KV cache is full: error, shift (drop oldest chunks), demote (fewer bits)\n"
     "  --kv-chunk N      tokens per KV chunk: 32 (default) or 64\n"
+    "  --kv-keys WHERE   quantize keys before RoPE (pre, default: the more exact) or after it (post: a faster\n"
+    "                    decode attention on the GPU, a little more error; docs/KV-CODECS.md)\n"
     "  --router R.gguf   a MoQAE router picks each chunk's expert (instead of --kv)\n"
     "  -ngl N            layers to offload to CUDA: the last N and the output head (0 = CPU, default; 99 = all)\n";
 
@@ -205,6 +207,18 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
             } else {
                 *ok = false;
                 tool_error("--kv-overflow expects error, shift or demote, got '%s'", s);
+            }
+        }
+    } else if (!strcmp(a, "--kv-keys")) {
+        const char * s = NULL;
+        if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {
+            if (!strcmp(s, "pre")) {
+                cp->kv_keys = MOQAE_KV_KEYS_PRE_ROPE;
+            } else if (!strcmp(s, "post")) {
+                cp->kv_keys = MOQAE_KV_KEYS_POST_ROPE;
+            } else {
+                *ok = false;
+                tool_error("--kv-keys expects pre or post (keys quantized before or after RoPE), got '%s'", s);
             }
         }
     } else if (!strcmp(a, "--kv-bits")) {

@@ -649,6 +649,99 @@ static __device__ __forceinline__ void v3_whole_scores(float (&sc)[MM][2], int q
     }
 }
 
+/* Keys stored after RoPE (MOQAE_KV_KEYS=post): score_t = f_D q . H y_t = f_D (H q) . y_t, y_t = sb rel . code_t
+ * + zero, so the Hadamard moves to the query (qh = H q, once per kernel) and a record's keys are one product
+ * of its codes with w = qh rel (per channel; B columns 2n, 2n + 1: hi and lo f16 of query row n, in the
+ * warp's wq [2 MM][D + 8]) on tensor cores: 16 mma per record, no per-token transform. The A fragments are
+ * v3_key_product's (codes as 1024 + code), so mine[n] = sum_c w_c code_tc + sum_c qh_c zero_c / sb, the
+ * score of the lane's token (tq: the same token as v3_key_product's paths) over f_D sb. */
+template <int D, int MM>
+static __device__ __forceinline__ void v3_key_post(const uint8_t * rk, const kvl_geom & gk, const rec_bases & b,
+                                                   float isb, bool nib4, const float * qh, half * wq,
+                                                   const float * frac, uint32_t k6464, float (&mine)[MM]) {
+    constexpr int E = D / 32, NA = D / 16, LDW = D + 8;
+    const int     lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
+    const int     bits = gk.bits, RB = ATT_TILE * bits / 8;
+    float         part[MM];
+#pragma unroll
+    for (int n = 0; n < MM; n++) {
+        part[n] = 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        const int      d   = lane * E + e;
+        const unsigned sa  = rk[gk.off_sc + d];
+        const float    rel = b.sb > 0.0f ? xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) : 0.0f;
+        const float    z   = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb;
+#pragma unroll
+        for (int n = 0; n < MM; n++) {
+            const float h = qh[n * D + d], w = h * rel;
+            const half  wh = __float2half_rn(w), wl = __float2half_rn(w - __half2float(wh));
+            wq[2 * n * LDW + d]       = wh;
+            wq[(2 * n + 1) * LDW + d] = wl;
+            part[n] += h * z - 1024.0f * (__half2float(wh) + __half2float(wl));
+        }
+    }
+    __syncwarp();
+    auto bfrag = [&](int ab, uint32_t & b0, uint32_t & b1) { /* column g8 (B is zero past the 2 MM used columns) */
+        const half * col = wq + g8 * LDW + 16 * ab + 2 * q4;
+        b0               = g8 < 2 * MM ? *(const uint32_t *) col : 0u;
+        b1               = g8 < 2 * MM ? *(const uint32_t *) (col + 8) : 0u;
+    };
+    float acc[2][4] = {};
+#pragma unroll 2
+    for (int ab = 0; ab < NA; ab++) {
+        uint32_t b0, b1;
+        bfrag(ab, b0, b1);
+        if (nib4) { /* INT4: one ldmatrix.trans per two 16-channel blocks serves both products */
+            uint32_t r[4];
+            ldsm_x4_trans(r, rk + (16 * (ab & ~1) + lane) * 16);
+            const int k = ab & 1;
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const uint32_t x0 = r[2 * k] >> (8 * u), x1 = r[2 * k + 1] >> (8 * u);
+                mma16816(acc[u], h2_1024_nib(x0, k6464), h2_1024_nib(x0 >> 4, k6464), h2_1024_nib(x1, k6464),
+                         h2_1024_nib(x1 >> 4, k6464), b0, b1);
+            }
+            continue;
+        }
+        const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB; /* INT8 / INT2: v3_key_product's byte and word loads */
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            uint32_t A0, A1, A2, A3;
+            if (bits == 8) {
+                const int o0 = 16 * mt + g8, o1 = o0 + 8;
+                A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
+                A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
+                A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
+                A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
+            } else {
+                const uint32_t * w   = (const uint32_t *) r0 + mt;
+                const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
+                const int        sh  = 2 * (g8 >> 2);
+                const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
+                A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
+                A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
+            }
+            mma16816(acc[mt], A0, A1, A2, A3, b0, b1);
+        }
+    }
+    /* row g8 (+ 8) of product u, columns 2n, 2n + 1 sit in lane 4 g8 + n; this lane's token is row half
+     * q4 % 2 of product q4 / 2 */
+#pragma unroll
+    for (int n = 0; n < MM; n++) {
+        const float bias = warp_sum(part[n]);
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const float h0 = __shfl_sync(0xffffffffu, acc[u][0] + acc[u][1], 4 * g8 + n);
+            const float h1 = __shfl_sync(0xffffffffu, acc[u][2] + acc[u][3], 4 * g8 + n);
+            if ((q4 >> 1) == u) {
+                mine[n] = ((q4 & 1) ? h1 : h0) + bias;
+            }
+        }
+    }
+}
+
 /* The values' B operand for this lane's token tq: w = p rel 2^14 (p the softmax weight, rel the token's
  * relative scale: w <= 2^14) as hi + lo f16 in one word (products with codes exact in f32). */
 static __device__ __forceinline__ uint32_t v3_weight_hilo(const uint8_t * rv, const kvl_geom & gv, int tq, float p,
@@ -791,7 +884,7 @@ static __device__ __forceinline__ void v3_values_int2_tc(const uint8_t * rv, con
     __syncwarp();
 }
 
-template <int D, int MM>
+template <int D, int MM, bool POST>
 static __global__ void __launch_bounds__(V3_THREADS, 2)
 attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a) {
     using L = v3_layout<D, MM>;
@@ -808,10 +901,12 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     half *        shat = (half *) (wb + 2 * raw_stride);
     float *       corr = (float *) (wb + 2 * raw_stride + D * 2);
     float *       q0s  = (float *) (wb + 2 * raw_stride + D * 6);
+    half *        wq   = (half *) (sm + L::cst) + warp * 2 * MM * (D + 8); /* keys after RoPE: the R(t) table's place */
+    static_assert(V3_WARPS * 2 * MM * (D + 8) * 2 <= ATT_TILE * L::CSTLD * 8, "v3_key_post's B columns");
 
     const int       hk = blockIdx.x, split = blockIdx.z;
     const int       m_rows = a.n_head / g.n_head_kv; /* query heads of this KV head (<= MM) */
-    const bool      pre = a.cs_t != nullptr;
+    const bool      pre = !POST && a.cs_t != nullptr; /* keys before RoPE (POST: launch_v3 found cs_t null) */
     const long long n_past = a.dyn->n_past, own = n_past / C * C;
     const int       n_vis = visible_chunks(a.table, a.dyn->n_chunks, own);
     const int       total = n_vis + 1; /* + the own chunk's tile in the staging window */
@@ -834,6 +929,22 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         }
     }
     __syncthreads();
+
+    if constexpr (POST) { /* keys after RoPE: q0s = H q for the whole walk (v3_key_post) */
+#pragma unroll
+        for (int n = 0; n < MM; n++) {
+            float v[E];
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                v[e] = qs[n * D + lane * E + e];
+            }
+            warp_fwht<E>(v, D);
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                q0s[n * D + lane * E + e] = v[e];
+            }
+        }
+    }
 
     /* B-fragment signs of H_16[k][n] for k = 2q4 + {0, 1} (+8), n = 8 nt + g8 (half sign bits) */
     uint32_t sg01[2], sg89[2];
@@ -956,7 +1067,10 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             const rec_bases b    = read_bases(rk + gk.off_bases);
             const float     sbe  = b.sb > 0.0f ? b.sb : 1.0f, isb = 1.0f / sbe;
             const float2 *  csp  = (const float2 *) (cur + raw_stride - D * 4);
-            {
+            float           mine[MM]; /* this lane's token tq */
+            if constexpr (POST) {
+                v3_key_post<D, MM>(rk, gk, b, isb, nib4, q0s, wq, frac, k6464, mine);
+            } else {
                 /* kvl_scale_rel with the FRAC table in shared memory */
                 key_channel_setup<E>(rk, gk, b, isb, shat, corr,
                                      [&](unsigned sa) { return xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)); });
@@ -971,47 +1085,46 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                         q0s[n * D + 2 * i + 1] = qw * c0.x - qu * c0.y;
                     }
                 }
-            }
-            __syncwarp();
-            float mine[MM]; /* this lane's token tq */
-            if (nib4) {
-                /* INT4: the codes of 8 channel rows x 32 tokens are one 8x8 b16 matrix (16 bytes a row);
-                 * ldmatrix.trans hands lane (g8, q4) channels 2 q4, 2 q4 + 1 of bytes 2 g8 and 2 g8 + 1, i.e.
-                 * tokens tau, tau + 1 (low nibbles) and tau + 8, tau + 9 (high nibbles): byte u of the
-                 * pair is the u-th product's A fragment, one mask per register. */
+                __syncwarp();
+                if (nib4) {
+                    /* INT4: the codes of 8 channel rows x 32 tokens are one 8x8 b16 matrix (16 bytes a row);
+                     * ldmatrix.trans hands lane (g8, q4) channels 2 q4, 2 q4 + 1 of bytes 2 g8 and 2 g8 + 1, i.e.
+                     * tokens tau, tau + 1 (low nibbles) and tau + 8, tau + 9 (high nibbles): byte u of the
+                     * pair is the u-th product's A fragment, one mask per register. */
 #pragma unroll 1
-                for (int u = 0; u < 2; u++) {
-                    float sc[MM][2];
+                    for (int u = 0; u < 2; u++) {
+                        float sc[MM][2];
 #pragma unroll
-                    for (int n = 0; n < MM; n++) {
-                        sc[n][0] = sc[n][1] = 0.0f;
-                    }
+                        for (int n = 0; n < MM; n++) {
+                            sc[n][0] = sc[n][1] = 0.0f;
+                        }
 #pragma unroll 1
-                    for (int nt = 0; nt < 2; nt++) {
-                        const uint32_t s01 = nt ? sg01[1] : sg01[0], s89 = nt ? sg89[1] : sg89[0];
-                        float          acc[NA][4];
-                        v3_key_product<NA>(acc, rk, true, 4, RB, u, nt, shat, corr, s01, s89, k6464);
-                        v3_stage2(acc);
-                        v3_score_rows<D, MM>(acc, nt, q4, tau + u, pre, cst, q0s, sc);
+                        for (int nt = 0; nt < 2; nt++) {
+                            const uint32_t s01 = nt ? sg01[1] : sg01[0], s89 = nt ? sg89[1] : sg89[0];
+                            float          acc[NA][4];
+                            v3_key_product<NA>(acc, rk, true, 4, RB, u, nt, shat, corr, s01, s89, k6464);
+                            v3_stage2(acc);
+                            v3_score_rows<D, MM>(acc, nt, q4, tau + u, pre, cst, q0s, sc);
+                        }
+                        v3_whole_scores(sc, q4, u, mine);
                     }
-                    v3_whole_scores(sc, q4, u, mine);
-                }
-            } else { /* INT8 / INT2: byte loads, two channel rows per A register */
+                } else { /* INT8 / INT2: byte loads, two channel rows per A register */
 #pragma unroll 1
-                for (int mt = 0; mt < 2; mt++) {
-                    float sc[MM][2];
+                    for (int mt = 0; mt < 2; mt++) {
+                        float sc[MM][2];
 #pragma unroll
-                    for (int n = 0; n < MM; n++) {
-                        sc[n][0] = sc[n][1] = 0.0f;
-                    }
+                        for (int n = 0; n < MM; n++) {
+                            sc[n][0] = sc[n][1] = 0.0f;
+                        }
 #pragma unroll
-                    for (int nt = 0; nt < 2; nt++) {
-                        float acc[NA][4];
-                        v3_key_product<NA>(acc, rk, false, bits, RB, mt, nt, shat, corr, sg01[nt], sg89[nt], k6464);
-                        v3_stage2(acc);
-                        v3_score_rows<D, MM>(acc, nt, q4, 16 * mt + g8, pre, cst, q0s, sc);
+                        for (int nt = 0; nt < 2; nt++) {
+                            float acc[NA][4];
+                            v3_key_product<NA>(acc, rk, false, bits, RB, mt, nt, shat, corr, sg01[nt], sg89[nt], k6464);
+                            v3_stage2(acc);
+                            v3_score_rows<D, MM>(acc, nt, q4, 16 * mt + g8, pre, cst, q0s, sc);
+                        }
+                        v3_whole_scores(sc, q4, mt, mine);
                     }
-                    v3_whole_scores(sc, q4, mt, mine);
                 }
             }
             /* the outlier token, scored apart */
@@ -1024,12 +1137,18 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                 const unsigned lo = kvl_get_code_q(rk + d * RB, xi, bits), hi = kvl_get_code_q(rk + gk.off_xhi, d, bits);
                 yx[e] = xadd(xmul(xs, (float) ((hi << bits) | lo)), xz);
             }
-            warp_fwht<E>(yx, D);
+            if constexpr (!POST) {
+                warp_fwht<E>(yx, D);
+            }
 #pragma unroll
             for (int n = 0; n < MM; n++) {
                 float part = 0.0f;
 #pragma unroll
-                for (int pp = 0; pp < E / 2; pp++) {
+                for (int pp = 0; pp < E / 2 && POST; pp++) { /* keys after RoPE: q0s holds H q */
+                    part += q0s[n * D + lane * E + 2 * pp] * yx[2 * pp] + q0s[n * D + lane * E + 2 * pp + 1] * yx[2 * pp + 1];
+                }
+#pragma unroll
+                for (int pp = 0; pp < E / 2 && !POST; pp++) {
                     const int    i  = lane * (E / 2) + pp;
                     const float2 qq = *(const float2 *) (q0s + n * D + 2 * i);
                     const float2 cs = pre ? cst[xi * CSTLD + i] : make_float2(1.0f, 0.0f);
@@ -1748,10 +1867,12 @@ template <int D, int MM>
 static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_cuda_attn_args * a, cudaStream_t stream) {
     using L = v3_layout<D, MM>;
     const int bytes = L::warps + V3_WARPS * (2 * v3_raw_stride(a->raw_bytes, D) + L::warp_fixed);
-    static int attr = 0; /* the largest size set so far */
-    if (bytes > attr) {
-        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_v3_kernel<D, MM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-        attr = bytes;
+    const bool post = a->cs_t == nullptr; /* keys stored after RoPE */
+    const auto kernel = post ? attn_v3_kernel<D, MM, true> : attn_v3_kernel<D, MM, false>;
+    static int attr[2] = {}; /* the largest size set so far */
+    if (bytes > attr[post]) {
+        MOQAE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+        attr[post] = bytes;
     }
     const int group = a->n_head / g->n_head_kv;
     /* MOQAE_CUDA_PV=0: INT4 and INT2 values on CUDA cores; =2: tensor cores, INT4 codes as normal f16; =4:
@@ -1763,7 +1884,7 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
     struct moqae_cuda_attn_args aa = *a;
     aa.pv_cores                    = pv_cores;
     aa.walk_mixed                  = walk_mixed;
-    attn_v3_kernel<D, MM><<<dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream>>>(*g, aa);
+    kernel<<<dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream>>>(*g, aa);
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {
         merge_kernel<<<(unsigned) (g->n_head_kv * group), D, 0, stream>>>(*g, *a, 1, group, 1);
@@ -1775,8 +1896,9 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
 template <int D, int MM> static int v3_blocks_per_sm(int raw_bytes, int * out) {
     using L = v3_layout<D, MM>;
     const int bytes = L::warps + V3_WARPS * (2 * v3_raw_stride(raw_bytes, D) + L::warp_fixed);
-    MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_v3_kernel<D, MM>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    MOQAE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, attn_v3_kernel<D, MM>, V3_THREADS, (size_t) bytes));
+    /* both key placements: the same shared memory, both bounded to 2 blocks per SM */
+    MOQAE_CUDA_CHECK(cudaFuncSetAttribute(attn_v3_kernel<D, MM, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    MOQAE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, attn_v3_kernel<D, MM, false>, V3_THREADS, (size_t) bytes));
     return MOQAE_OK;
 }
 
