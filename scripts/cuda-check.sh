@@ -14,6 +14,8 @@
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
 #         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold fillb fill128kb (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
+#         7bpost32k 7bpost128k 7bpostd0 7brouterpost32k 7brouterpost128k pplpost smolpost ncupost (session 11: keys stored after
+#         RoPE, --kv-keys post, against before)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
 # (the device machine has no network, and one call carries at most 64 MiB; docs/RESULTS.md).
@@ -245,6 +247,33 @@ for st in $stages; do
         bench7b 7b-int2-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int2 ;;
     7b128k)
         bench7b 7b-int4-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 ;;
+    7bpost32k) # keys stored after RoPE (--kv-keys post: attn_v3_kernel's v3_key_post), pre then post in one call
+        for k in pre post; do bench7b 7b-int4-$k-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int4 --kv-keys $k; done ;;
+    7bpost128k)
+        for k in pre post; do bench7b 7b-int4-$k-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 --kv-keys $k; done ;;
+    7bpostd0) # depth 0 (the weights path alone) and the 32k router ring with keys after RoPE
+        bench7b 7b-d0 -p 0 -n 64 -r 5 --kv int4 --kv-keys post ;;
+    7brouterpost32k)
+        bench7b 7b-router-post-32k -c 131072 --depth 32768 -n 32 -r 3 --router $R7 --kv-keys post ;;
+    7brouterpost128k)
+        bench7b 7b-router-post-128k -c 131072 --depth 130944 -n 32 -r 3 --router $R7 --kv-keys post ;;
+    pplpost) # SmolLM2 perplexity with keys before and after RoPE, GPU and CPU
+        for kv in int4 int2 sink+int4 router; do
+            if [ $kv = router ]; then a="--router $SMOL_ROUTER"; else a="--kv $kv"; fi
+            for k in pre post; do
+                for ngl in 99 0; do
+                    echo -n "ppl $kv keys $k -ngl $ngl: " | tee -a "$S"
+                    $B/moqae-perplexity -m $SMOL -f tests/data/wikitext-2-excerpt.txt -c 512 --chunks 8 -t 16 -ngl $ngl $a \
+                        --kv-keys $k 2>&1 | grep -E "Final|kv mean|error" | tr '\n' ' ' | tee -a "$S"
+                    echo | tee -a "$S"
+                done
+            done
+        done ;;
+    smolpost) # SmolLM2 decode and prefill, keys before and after RoPE
+        for k in pre post pre post; do
+            $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 128 -r 5 --kv int4 --kv-keys $k 2>&1 | grep -E "pp|tg" |
+                sed "s/^/keys $k: /" | tee -a "$S"
+        done ;;
     7brouter32k)
         bench7b 7b-router-32k -c 131072 --depth 32768 -n 32 -r 3 --router $R7 ;;
     7brouter128k)
@@ -289,6 +318,15 @@ for st in $stages; do
         done
         grep -E "^  [a-zA-Z_0-9<>, ]+\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp|Block Limit" \
             "$OUT/ncu.txt" | head -80 | tee -a "$S" ;;
+    ncupost) # the decode attention at depth 16k, keys before and after RoPE: duration, DRAM, instructions
+        for k in pre post; do
+            echo "### keys $k" >> "$OUT/ncupost.txt"
+            timeout 150 ncu --kernel-name regex:attn_v3_kernel --launch-skip 64 --launch-count 1 --section SpeedOfLight \
+                --section WarpStateStats --section InstructionStats --section Occupancy \
+                $B/moqae-bench -m $L7 -ngl 99 -c 16896 --depth 16384 -n 4 -r 1 --kv int4 --kv-keys $k >> "$OUT/ncupost.txt" 2>&1
+        done
+        grep -E "^### |^  [a-zA-Z_0-9<>, ]+\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Executed Instructions  |Issued Warp" \
+            "$OUT/ncupost.txt" | head -60 | tee -a "$S" ;;
     ncumix) # attention at depth 16k under int4, int2 and the router's mix: duration, warp stalls, instructions
         for kv in "--kv int4" "--kv int2" "--router $R7"; do
             echo "### $kv" >> "$OUT/ncumix.txt"
