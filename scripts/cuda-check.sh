@@ -14,7 +14,7 @@
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
 #         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold fillb fill128kb (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
-#         7bpost32k 7bpost128k 7bpostd0 7brouterpost32k 7brouterpost128k pplpost smolpost ncupost (session 11: keys stored after
+#         7bpost32k 7bpost128k 7bpostd0 7brouterpost32k 7brouterpost128k pplpost smolpost ncupost ncusrc (session 11: keys stored after
 #         RoPE, --kv-keys post, against before)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
@@ -327,6 +327,13 @@ for st in $stages; do
         done
         grep -E "^### |^  [a-zA-Z_0-9<>, ]+\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Executed Instructions  |Issued Warp" \
             "$OUT/ncupost.txt" | head -60 | tee -a "$S" ;;
+    ncusrc) # per-SASS-instruction counts and stall samples of the decode attention (keys after RoPE, depth 16k)
+        timeout 240 ncu --kernel-name regex:attn_v3_kernel --launch-skip 64 --launch-count 1 --set full --import-source yes \
+            -o "$OUT/v3post" $B/moqae-bench -m $L7 -ngl 99 -c 16896 --depth 16384 -n 4 -r 1 --kv int4 --kv-keys post \
+            > "$OUT/ncusrc.log" 2>&1
+        ncu -i "$OUT/v3post.ncu-rep" --page source --csv --print-source sass > "$OUT/v3post-sass.csv" 2>&1
+        rm -f "$OUT/v3post.ncu-rep"
+        note "ncusrc: $(wc -l < "$OUT/v3post-sass.csv") SASS rows; $(head -c 300 "$OUT/v3post-sass.csv" | head -2 | tail -1 | cut -c1-200)" ;;
     ncumix) # attention at depth 16k under int4, int2 and the router's mix: duration, warp stalls, instructions
         for kv in "--kv int4" "--kv int2" "--router $R7"; do
             echo "### $kv" >> "$OUT/ncumix.txt"

@@ -649,96 +649,136 @@ static __device__ __forceinline__ void v3_whole_scores(float (&sc)[MM][2], int q
     }
 }
 
-/* Keys stored after RoPE (MOQAE_KV_KEYS=post): score_t = f_D q . H y_t = f_D (H q) . y_t, y_t = sb rel . code_t
- * + zero, so the Hadamard moves to the query (qh = H q, once per kernel) and a record's keys are one product
- * of its codes with w = qh rel (per channel; B columns 2n, 2n + 1: hi and lo f16 of query row n, in the
- * warp's wq [2 MM][D + 8]) on tensor cores: 16 mma per record, no per-token transform. The A fragments are
- * v3_key_product's (codes as 1024 + code), so mine[n] = sum_c w_c code_tc + sum_c qh_c zero_c / sb, the
- * score of the lane's token (tq: the same token as v3_key_product's paths) over f_D sb. */
-template <int D, int MM>
-static __device__ __forceinline__ void v3_key_post(const uint8_t * rk, const kvl_geom & gk, const rec_bases & b,
-                                                   float isb, bool nib4, const float * qh, half * wq,
-                                                   const float * frac, uint32_t k6464, float (&mine)[MM]) {
-    constexpr int E = D / 32, NA = D / 16, LDW = D + 8;
-    const int     lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
-    const int     bits = gk.bits, RB = ATT_TILE * bits / 8;
-    float         part[MM];
+/* nibbles 4 and 20 of x (bits 4-7 and 20-23) -> half2 (1024 + 16 n4, 1024 + 16 n20): h2_1024_nib's LOP3 for
+ * the high nibbles, with no shift (the code enters the product 16 times larger) */
+static __device__ __forceinline__ uint32_t h2_1024_nib_hi(uint32_t x, uint32_t k) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(0x00f000f0), "r"(k));
+    return d;
+}
+
+/* Keys stored after RoPE (--kv-keys post): score_t = f_D q . H y_t = f_D (H q) . y_t, y_t = sb rel . code_t + zero,
+ * so the Hadamard moves to the query (qh = H q, once per kernel) and a record's keys are one product of its
+ * BITS-bit codes with w = qh rel (per channel; B columns 2n, 2n + 1: hi and lo f16 of query row n, in the
+ * warp's wq [8][D + 8], columns past 2 MM zero) on tensor cores: 16 mma per record, no per-token transform.
+ * The codes enter as 1024 + code (v3_key_product's A fragments; INT4's high nibbles, the rows g8 + 8, as
+ * 1024 + 16 code), so a row's sum over f_D sb is its accumulator less 1024 W (W = sum of w), plus
+ * Z = sum_c qh_c zero_c / sb. The outlier token is scored apart. s[n]: the score of the lane's token tq. */
+template <int D, int MM, int BITS>
+static __device__ __forceinline__ void v3_key_post(const uint8_t * rk, const rec_bases & b, float isb, float sbe,
+                                                   float f_d, int tq, const float * qh, half * wq, const float * frac,
+                                                   uint32_t k6464, float (&s)[MM]) {
+    constexpr int  E = D / 32, NA = D / 16, LDW = D + 8, RB = ATT_TILE * BITS / 8;
+    const kvl_geom gk   = kvl_geom_k(BITS == 8 ? 1 : BITS == 4 ? 2 : 3, ATT_TILE, D);
+    const int      lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
+    static_assert(E == 4 || E == 2, "v3_key_post: D 64 or 128");
+    /* the lane's E channels: scale and zero codes in one load each (the offsets are multiples of 4) */
+    const uint32_t scw  = E == 4 ? *(const uint32_t *) (rk + gk.off_sc + lane * E) : *(const uint16_t *) (rk + gk.off_sc + lane * E);
+    const uint32_t zcw  = E == 4 ? *(const uint32_t *) (rk + gk.off_zc + lane * E) : *(const uint16_t *) (rk + gk.off_zc + lane * E);
+    const float    keep = b.sb > 0.0f ? 1.0f : 0.0f; /* an all-zero record has no scales */
+    float          wsum[MM], zsum[MM];
 #pragma unroll
     for (int n = 0; n < MM; n++) {
-        part[n] = 0.0f;
-    }
+        uint32_t whi[E / 2], wlo[E / 2];
+        float    ws = 0.0f, zs = 0.0f;
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-        const int      d   = lane * E + e;
-        const unsigned sa  = rk[gk.off_sc + d];
-        const float    rel = b.sb > 0.0f ? xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)) : 0.0f;
-        const float    z   = kvl_zero(b.zl, b.zs, rk[gk.off_zc + d]) * isb;
-#pragma unroll
-        for (int n = 0; n < MM; n++) {
-            const float h = qh[n * D + d], w = h * rel;
-            const half  wh = __float2half_rn(w), wl = __float2half_rn(w - __half2float(wh));
-            wq[2 * n * LDW + d]       = wh;
-            wq[(2 * n + 1) * LDW + d] = wl;
-            part[n] += h * z - 1024.0f * (__half2float(wh) + __half2float(wl));
+        for (int e = 0; e < E; e++) {
+            const unsigned sa  = (scw >> (8 * e)) & 255u;
+            /* kvl_scale_rel: FRAC[a % 16] 2^-(a / 16), the power of two by the exponent (exact, no subnormals) */
+            const float    rel = __int_as_float(__float_as_int(frac[sa & 15u]) - (int) ((sa >> 4) << 23)) * keep;
+            const float    h = qh[n * D + lane * E + e], w = h * rel;
+            const half     wh = __float2half_rn(w), wl = __float2half_rn(w - __half2float(wh));
+            const uint32_t sh = 16 * (e & 1);
+            whi[e / 2]        = (e & 1 ? whi[e / 2] : 0u) | ((uint32_t) __half_as_ushort(wh) << sh);
+            wlo[e / 2]        = (e & 1 ? wlo[e / 2] : 0u) | ((uint32_t) __half_as_ushort(wl) << sh);
+            ws += __half2float(wh) + __half2float(wl);
+            zs += h * (kvl_zero(b.zl, b.zs, (zcw >> (8 * e)) & 255u) * isb);
         }
+        if constexpr (E == 4) {
+            *(uint2 *) (wq + 2 * n * LDW + lane * E)       = make_uint2(whi[0], whi[1]);
+            *(uint2 *) (wq + (2 * n + 1) * LDW + lane * E) = make_uint2(wlo[0], wlo[1]);
+        } else {
+            *(uint32_t *) (wq + 2 * n * LDW + lane * E)       = whi[0];
+            *(uint32_t *) (wq + (2 * n + 1) * LDW + lane * E) = wlo[0];
+        }
+        wsum[n] = ws, zsum[n] = zs;
     }
     __syncwarp();
-    auto bfrag = [&](int ab, uint32_t & b0, uint32_t & b1) { /* column g8 (B is zero past the 2 MM used columns) */
-        const half * col = wq + g8 * LDW + 16 * ab + 2 * q4;
-        b0               = g8 < 2 * MM ? *(const uint32_t *) col : 0u;
-        b1               = g8 < 2 * MM ? *(const uint32_t *) (col + 8) : 0u;
-    };
-    float acc[2][4] = {};
-#pragma unroll 2
-    for (int ab = 0; ab < NA; ab++) {
-        uint32_t b0, b1;
-        bfrag(ab, b0, b1);
-        if (nib4) { /* INT4: one ldmatrix.trans per two 16-channel blocks serves both products */
+    const uint32_t * wb = (const uint32_t *) (wq + g8 * LDW + 2 * q4); /* B column g8, rows 2 q4 (+ 8) */
+    float            acc[2][4] = {};
+    if constexpr (BITS == 4) {
+#pragma unroll
+        for (int ab = 0; ab < NA; ab += 2) { /* one ldmatrix.trans per two 16-channel blocks */
             uint32_t r[4];
-            ldsm_x4_trans(r, rk + (16 * (ab & ~1) + lane) * 16);
-            const int k = ab & 1;
+            ldsm_x4_trans(r, rk + (16 * ab + lane) * 16);
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const uint32_t x0 = r[2 * k] >> (8 * u), x1 = r[2 * k + 1] >> (8 * u);
-                mma16816(acc[u], h2_1024_nib(x0, k6464), h2_1024_nib(x0 >> 4, k6464), h2_1024_nib(x1, k6464),
-                         h2_1024_nib(x1 >> 4, k6464), b0, b1);
+            for (int k = 0; k < 2; k++) { /* bytes 0 and 2 of r: product 0; bytes 1 and 3: product 1 */
+                const uint32_t b0 = wb[8 * (ab + k)], b1 = wb[8 * (ab + k) + 4];
+                const uint32_t x0 = r[2 * k], x1 = r[2 * k + 1], y0 = x0 >> 8, y1 = x1 >> 8;
+                mma16816(acc[0], h2_1024_nib(x0, k6464), h2_1024_nib_hi(x0, k6464), h2_1024_nib(x1, k6464),
+                         h2_1024_nib_hi(x1, k6464), b0, b1);
+                mma16816(acc[1], h2_1024_nib(y0, k6464), h2_1024_nib_hi(y0, k6464), h2_1024_nib(y1, k6464),
+                         h2_1024_nib_hi(y1, k6464), b0, b1);
             }
-            continue;
         }
-        const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB; /* INT8 / INT2: v3_key_product's byte and word loads */
+    } else {
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++) {
-            uint32_t A0, A1, A2, A3;
-            if (bits == 8) {
-                const int o0 = 16 * mt + g8, o1 = o0 + 8;
-                A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
-                A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
-                A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
-                A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
-            } else {
-                const uint32_t * w   = (const uint32_t *) r0 + mt;
-                const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
-                const int        sh  = 2 * (g8 >> 2);
-                const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
-                A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
-                A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
+        for (int ab = 0; ab < NA; ab++) { /* INT8 / INT2: v3_key_product's byte and word loads */
+            const uint32_t  b0 = wb[8 * ab], b1 = wb[8 * ab + 4];
+            const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                uint32_t A0, A1, A2, A3;
+                if constexpr (BITS == 8) {
+                    const int o0 = 16 * mt + g8, o1 = o0 + 8;
+                    A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
+                    A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
+                    A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
+                    A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
+                } else {
+                    const uint32_t * w   = (const uint32_t *) r0 + mt;
+                    const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
+                    const int        sh  = 2 * (g8 >> 2);
+                    const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
+                    A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
+                    A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
+                }
+                mma16816(acc[mt], A0, A1, A2, A3, b0, b1);
             }
-            mma16816(acc[mt], A0, A1, A2, A3, b0, b1);
         }
     }
-    /* row g8 (+ 8) of product u, columns 2n, 2n + 1 sit in lane 4 g8 + n; this lane's token is row half
-     * q4 % 2 of product q4 / 2 */
+    /* the outlier token: its row from its 2b-bit codes, dotted with H q directly */
+    const int   xi = rk[gk.off_x + 4];
+    const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
+    float       yx[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        const int      d  = lane * E + e;
+        const unsigned lo = kvl_get_code_q(rk + d * RB, xi, BITS), hi = kvl_get_code_q(rk + gk.off_xhi, d, BITS);
+        yx[e]             = xadd(xmul(xs, (float) ((hi << BITS) | lo)), xz);
+    }
+    /* row g8 (+ 8) of product u, columns 2n, 2n + 1 sit in lane 4 g8 + n; this lane's token tq is row half
+     * q4 % 2 of product q4 / 2 (both paths' token order, as v3_key_product's) */
+    constexpr float FHI = BITS == 4 ? 1.0f / 16.0f : 1.0f; /* INT4's rows g8 + 8 hold 1024 + 16 code */
 #pragma unroll
     for (int n = 0; n < MM; n++) {
-        const float bias = warp_sum(part[n]);
+        float part = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            part += qh[n * D + lane * E + e] * yx[e];
+        }
+        const float sx = warp_sum(part) * f_d;
+        const float W = warp_sum(wsum[n]), Z = warp_sum(zsum[n]);
+        float       mine = 0.0f;
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             const float h0 = __shfl_sync(0xffffffffu, acc[u][0] + acc[u][1], 4 * g8 + n);
             const float h1 = __shfl_sync(0xffffffffu, acc[u][2] + acc[u][3], 4 * g8 + n);
             if ((q4 >> 1) == u) {
-                mine[n] = ((q4 & 1) ? h1 : h0) + bias;
+                mine = (q4 & 1) ? h1 * FHI + (Z - 1024.0f * FHI * W) : h0 + (Z - 1024.0f * W);
             }
         }
+        s[n] = tq == xi ? sx : mine * (sbe * f_d);
     }
 }
 
@@ -901,8 +941,8 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     half *        shat = (half *) (wb + 2 * raw_stride);
     float *       corr = (float *) (wb + 2 * raw_stride + D * 2);
     float *       q0s  = (float *) (wb + 2 * raw_stride + D * 6);
-    half *        wq   = (half *) (sm + L::cst) + warp * 2 * MM * (D + 8); /* keys after RoPE: the R(t) table's place */
-    static_assert(V3_WARPS * 2 * MM * (D + 8) * 2 <= ATT_TILE * L::CSTLD * 8, "v3_key_post's B columns");
+    half *        wq   = (half *) (sm + L::cst) + warp * 8 * (D + 8); /* keys after RoPE: the R(t) table's place */
+    static_assert(V3_WARPS * 8 * (D + 8) * 2 <= ATT_TILE * L::CSTLD * 8, "v3_key_post's B columns");
 
     const int       hk = blockIdx.x, split = blockIdx.z;
     const int       m_rows = a.n_head / g.n_head_kv; /* query heads of this KV head (<= MM) */
@@ -930,7 +970,10 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
     }
     __syncthreads();
 
-    if constexpr (POST) { /* keys after RoPE: q0s = H q for the whole walk (v3_key_post) */
+    if constexpr (POST) { /* keys after RoPE: q0s = H q for the whole walk, wq's unused B columns zero (v3_key_post) */
+        for (int e = lane; e < (8 - 2 * MM) * (D + 8) / 2; e += 32) {
+            ((uint32_t *) (wq + 2 * MM * (D + 8)))[e] = 0u;
+        }
 #pragma unroll
         for (int n = 0; n < MM; n++) {
             float v[E];
@@ -969,14 +1012,15 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
      * mt-th product the tokens 16 mt + g8 (+ 8). */
     const int tau = g8 < 4 ? 2 * g8 : 2 * g8 + 8;
     /* value groups: G is a multiple of 16 (kv-codec.h), so a lane's E <= 4 channels lie in one group */
-    const int NG = D / g.v_group, lgrp = lane * E / g.v_group;
+    const int G = POST ? 64 : g.v_group; /* POST: launch_v3 checked that G is 64 (every D v3 takes: kv-codec.h) */
+    const int NG = D / G, lgrp = lane * E / G;
     const int tq4 = tau + (q4 >> 1) + 8 * (q4 & 1), tq28 = g8 + 8 * q4;
     const uint32_t k6464 = 0x64006400u | ((uint32_t) a.raw_bytes >> 31); /* raw_bytes >= 0: h2_1024_nib's k */
     /* INT4 values on tensor cores (D 128, MM 1; v3_values_int4_tc): this lane's value channels lie in
      * one 16-channel block, 32 q4 + 16 (g8 / 4); its group, and its ldmatrix row address in a record */
     constexpr bool PV_TC = D == 128 && MM == 1;
     const bool     pv_tc = PV_TC && a.pv_cores != 1;
-    const int      lgrp4 = (32 * q4 + 16 * (g8 >> 2)) / g.v_group;
+    const int      lgrp4 = (32 * q4 + 16 * (g8 >> 2)) / G;
     const int      vrow  = ((lane >> 4) * 8 + (lane & 7)) * (D / 2) + 16 * ((lane >> 3) & 1);
     float          orot4[E]; /* INT4 values' rotated sums in v3_values_int4_tc's channel order */
 #pragma unroll
@@ -1067,10 +1111,16 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
             const rec_bases b    = read_bases(rk + gk.off_bases);
             const float     sbe  = b.sb > 0.0f ? b.sb : 1.0f, isb = 1.0f / sbe;
             const float2 *  csp  = (const float2 *) (cur + raw_stride - D * 4);
-            float           mine[MM]; /* this lane's token tq */
             if constexpr (POST) {
-                v3_key_post<D, MM>(rk, gk, b, isb, nib4, q0s, wq, frac, k6464, mine);
+                if (nib4) {
+                    v3_key_post<D, MM, 4>(rk, b, isb, sbe, f_d, tq, q0s, wq, frac, k6464, s);
+                } else if (bits == 8) {
+                    v3_key_post<D, MM, 8>(rk, b, isb, sbe, f_d, tq, q0s, wq, frac, k6464, s);
+                } else {
+                    v3_key_post<D, MM, 2>(rk, b, isb, sbe, f_d, tq, q0s, wq, frac, k6464, s);
+                }
             } else {
+                float mine[MM]; /* this lane's token tq */
                 /* kvl_scale_rel with the FRAC table in shared memory */
                 key_channel_setup<E>(rk, gk, b, isb, shat, corr,
                                      [&](unsigned sa) { return xmul(frac[sa & 15u], kvl_pow2_neg(sa >> 4)); });
@@ -1126,37 +1176,31 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                         v3_whole_scores(sc, q4, mt, mine);
                     }
                 }
-            }
-            /* the outlier token, scored apart */
-            const int   xi = rk[gk.off_x + 4];
-            const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
-            float       yx[E];
+                /* the outlier token, scored apart */
+                const int   xi = rk[gk.off_x + 4];
+                const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
+                float       yx[E];
 #pragma unroll
-            for (int e = 0; e < E; e++) {
-                const int      d  = lane * E + e;
-                const unsigned lo = kvl_get_code_q(rk + d * RB, xi, bits), hi = kvl_get_code_q(rk + gk.off_xhi, d, bits);
-                yx[e] = xadd(xmul(xs, (float) ((hi << bits) | lo)), xz);
-            }
-            if constexpr (!POST) {
+                for (int e = 0; e < E; e++) {
+                    const int      d  = lane * E + e;
+                    const unsigned lo = kvl_get_code_q(rk + d * RB, xi, bits), hi = kvl_get_code_q(rk + gk.off_xhi, d, bits);
+                    yx[e] = xadd(xmul(xs, (float) ((hi << bits) | lo)), xz);
+                }
                 warp_fwht<E>(yx, D);
-            }
 #pragma unroll
-            for (int n = 0; n < MM; n++) {
-                float part = 0.0f;
+                for (int n = 0; n < MM; n++) {
+                    float part = 0.0f;
 #pragma unroll
-                for (int pp = 0; pp < E / 2 && POST; pp++) { /* keys after RoPE: q0s holds H q */
-                    part += q0s[n * D + lane * E + 2 * pp] * yx[2 * pp] + q0s[n * D + lane * E + 2 * pp + 1] * yx[2 * pp + 1];
+                    for (int pp = 0; pp < E / 2; pp++) {
+                        const int    i  = lane * (E / 2) + pp;
+                        const float2 qq = *(const float2 *) (q0s + n * D + 2 * i);
+                        const float2 cs = pre ? cst[xi * CSTLD + i] : make_float2(1.0f, 0.0f);
+                        const float  x = yx[2 * pp], y = yx[2 * pp + 1];
+                        part += cs.x * (x * qq.x + y * qq.y) + cs.y * (x * qq.y - y * qq.x);
+                    }
+                    const float sx = warp_sum(part) * f_d;
+                    s[n]           = tq == xi ? sx : mine[n] * (sbe * f_d);
                 }
-#pragma unroll
-                for (int pp = 0; pp < E / 2 && !POST; pp++) {
-                    const int    i  = lane * (E / 2) + pp;
-                    const float2 qq = *(const float2 *) (q0s + n * D + 2 * i);
-                    const float2 cs = pre ? cst[xi * CSTLD + i] : make_float2(1.0f, 0.0f);
-                    const float  x = yx[2 * pp], y = yx[2 * pp + 1];
-                    part += cs.x * (x * qq.x + y * qq.y) + cs.y * (x * qq.y - y * qq.x);
-                }
-                const float sx = warp_sum(part) * f_d;
-                s[n]           = tq == xi ? sx : mine[n] * (sbe * f_d);
             }
         } else {
             /* FP16 record (K^T [D][C], after RoPE) or the staging window (rows, after RoPE): lane = token */
@@ -1224,7 +1268,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         if constexpr (PV_TC) {
             if (quant && nib4 && pv_tc) {
                 const uint8_t * rv = cur + g.k_pad[ch.codec];
-                const kvl_geom  gv = kvl_geom_v(2, C, D, g.v_group);
+                const kvl_geom  gv = kvl_geom_v(2, C, D, G);
                 if (a.pv_cores == 2) {
                     v3_values_int4_tc<true>(rv, gv, NG, tq, lgrp4, vrow, p[0], frac, orot4);
                 } else {
@@ -1236,7 +1280,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
         if (pv_done) {
         } else if (quant) {
             const uint8_t * rv   = cur + g.k_pad[ch.codec];
-            const kvl_geom  gv   = kvl_geom_v(ch.codec, C, D, g.v_group);
+            const kvl_geom  gv   = kvl_geom_v(ch.codec, C, D, G);
             const int       bits = gv.bits, RBv = D * bits / 8, d0 = lane * E;
             const rec_bases b    = read_bases(rv + gv.off_bases);
             const unsigned  sa   = rv[gv.off_sc + tq]; /* kvl_scale, FRAC from shared memory */
@@ -1347,7 +1391,7 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 
     /* the warp's rotated value sums turned back, then the block's warps merged */
     {
-        const int   nb = kvl_rot_block(g.v_group);
+        const int   nb = kvl_rot_block(G);
         const float fg = kvl_rot_factor(nb, true);
 #pragma unroll
         for (int n = 0; n < MM; n++) {
@@ -1868,6 +1912,9 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
     using L = v3_layout<D, MM>;
     const int bytes = L::warps + V3_WARPS * (2 * v3_raw_stride(a->raw_bytes, D) + L::warp_fixed);
     const bool post = a->cs_t == nullptr; /* keys stored after RoPE */
+    if (post && g->v_group != 64) { /* attn_v3_kernel<D, MM, true> takes value groups of 64 (kv-codec.h's default) */
+        return moqae_fail(MOQAE_ERR_INTERNAL, "CUDA attention: value groups of %d with keys after RoPE", g->v_group);
+    }
     const auto kernel = post ? attn_v3_kernel<D, MM, true> : attn_v3_kernel<D, MM, false>;
     static int attr[2] = {}; /* the largest size set so far */
     if (bytes > attr[post]) {
