@@ -14,7 +14,7 @@
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
 #         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold fillb fill128kb (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
-#         7bpost32k 7bpost128k 7bpostd0 7brouterpost32k 7brouterpost128k pplpost smolpost ncupost ncusrc (session 11: keys stored after
+#         7bpost32k 7bpost128k post128k 7bpostd0 7brouterpost32k 7brouterpost128k paritypost pplpost smolpost ncupost ncusrc (session 11: keys stored after
 #         RoPE, --kv-keys post, against before)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
@@ -251,12 +251,18 @@ for st in $stages; do
         for k in pre post; do bench7b 7b-int4-$k-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int4 --kv-keys $k; done ;;
     7bpost128k)
         for k in pre post; do bench7b 7b-int4-$k-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 --kv-keys $k; done ;;
+    post128k) # keys after RoPE only (with ot-post128k: the old tree's kernel in the same call)
+        bench7b 7b-int4-post-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 --kv-keys post ;;
     7bpostd0) # depth 0 (the weights path alone) and the 32k router ring with keys after RoPE
         bench7b 7b-d0 -p 0 -n 64 -r 5 --kv int4 --kv-keys post ;;
     7brouterpost32k)
         bench7b 7b-router-post-32k -c 131072 --depth 32768 -n 32 -r 3 --router $R7 --kv-keys post ;;
     7brouterpost128k)
         bench7b 7b-router-post-128k -c 131072 --depth 130944 -n 32 -r 3 --router $R7 --kv-keys post ;;
+    paritypost) # cuda-parity with keys stored after RoPE on both paths (the CPU ring's and the GPU's records)
+        MOQAE_KV_KEYS=post $B/cuda-parity $SMOL --router $SMOL_ROUTER > "$OUT/parity-post.log" 2>&1
+        grep -E "^kv|^router|^greedy kv int4|v3 kernel" "$OUT/parity-post.log" | tee -a "$S"
+        note "parity SmolLM2, keys after RoPE: $(tail -1 "$OUT/parity-post.log")" ;;
     pplpost) # SmolLM2 perplexity with keys before and after RoPE, GPU and CPU
         for kv in int4 int2 sink+int4 router; do
             if [ $kv = router ]; then a="--router $SMOL_ROUTER"; else a="--kv $kv"; fi
