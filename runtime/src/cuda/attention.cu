@@ -277,6 +277,7 @@ template <int D, int ROWS> struct att_layout {
 template <int D, int ROWS>
 static __global__ void __launch_bounds__(ATT_THREADS)
 attn_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a, int tpb) {
+    MOQAE_PDL_ENTER();
     using namespace nvcuda;
     using L = att_layout<D, ROWS>;
     extern __shared__ __align__(128) uint8_t sm[];
@@ -927,6 +928,7 @@ static __device__ __forceinline__ void v3_values_int2_tc(const uint8_t * rv, con
 template <int D, int MM, bool POST>
 static __global__ void __launch_bounds__(V3_THREADS, 2)
 attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a) {
+    MOQAE_PDL_ENTER();
     using L = v3_layout<D, MM>;
     constexpr int C = ATT_TILE, E = D / 32, NA = D / 16, CSTLD = L::CSTLD;
     extern __shared__ __align__(128) uint8_t sm[];
@@ -1567,6 +1569,7 @@ static __device__ void pf_keys_tc(const uint8_t * rk, int codec, int unit, const
 template <int D, int W>
 static __global__ void __launch_bounds__(32 * W, 16 / W)
 attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a, int tpb) {
+    MOQAE_PDL_ENTER();
     using L = pf_layout<D, W>;
     constexpr int LDH = L::LDH, C = ATT_TILE, NO = D / 8, PF_ROWS = L::ROWS, PF_THREADS = 32 * W;
     extern __shared__ __align__(128) uint8_t sm[];
@@ -1784,6 +1787,7 @@ attn_pf_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
 
 static __global__ void merge_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn_args a, int tpb,
                                     int rows, int n_qt) {
+    MOQAE_PDL_ENTER();
     const int D = g.head_dim, group = a.n_head / g.n_head_kv;
     const int r = blockIdx.x % rows, qt = blockIdx.x / rows % n_qt, hk = blockIdx.x / rows / n_qt;
     const int t = qt * tpb + r / group;
@@ -1871,10 +1875,11 @@ static int launch_tiles(tile_kernel_fn kernel, int rows, int threads, int bytes,
     }
     const int  n_qt = (a->n_tok + tpb - 1) / tpb;
     const dim3 grid((unsigned) g->n_head_kv, (unsigned) n_qt, (unsigned) a->n_split);
-    kernel<<<grid, threads, bytes, stream>>>(*g, ka, tpb);
+    (void) moqae_cuda_launch(kernel, grid, threads, bytes, stream, *g, ka, tpb);
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {
-        merge_kernel<<<(unsigned) (g->n_head_kv * n_qt * rows), g->head_dim, 0, stream>>>(*g, *a, tpb, rows, n_qt);
+        (void) moqae_cuda_launch(merge_kernel, (unsigned) (g->n_head_kv * n_qt * rows), g->head_dim, 0, stream, *g, *a,
+                tpb, rows, n_qt);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return quantize_unmerged(a, g->head_dim, stream);
@@ -1931,10 +1936,11 @@ static int launch_v3(const struct moqae_cuda_ring_geom * g, const struct moqae_c
     struct moqae_cuda_attn_args aa = *a;
     aa.pv_cores                    = pv_cores;
     aa.walk_mixed                  = walk_mixed;
-    kernel<<<dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream>>>(*g, aa);
+    (void) moqae_cuda_launch(kernel, dim3((unsigned) g->n_head_kv, 1, (unsigned) a->n_split), V3_THREADS, bytes, stream,
+            *g, aa);
     MOQAE_CUDA_LAUNCH_CHECK();
     if (a->n_split > 1) {
-        merge_kernel<<<(unsigned) (g->n_head_kv * group), D, 0, stream>>>(*g, *a, 1, group, 1);
+        (void) moqae_cuda_launch(merge_kernel, (unsigned) (g->n_head_kv * group), D, 0, stream, *g, *a, 1, group, 1);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return quantize_unmerged(a, D, stream);

@@ -36,6 +36,49 @@ static inline const char * moqae_cuda_switch(const char * name) {
     return e ? e : "";
 }
 
+/* Programmatic dependent launch (sm_90): moqae_cuda_launch starts a kernel with it, so that the kernel may be
+ * scheduled while the one before it in the stream (or the decode graph) finishes, instead of after a drain
+ * and a launch. Every kernel begins with MOQAE_PDL_ENTER(): it waits until the kernel before it has completed
+ * and its writes are visible (so nothing is read or overwritten early), then lets the next one be scheduled
+ * (which happens once every block of this one has begun). Without the attribute, or before sm_90, both are
+ * no-ops. MOQAE_CUDA_PDL=0 launches without it, for comparison. */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOQAE_PDL_ENTER()                                                                                  \
+    asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define MOQAE_PDL_ENTER() ((void) 0)
+#endif
+
+static inline bool moqae_cuda_pdl_on() {
+    static const int on = [] {
+        int dev = 0, major = 0;
+        if (*moqae_cuda_switch("MOQAE_CUDA_PDL") == '0' || cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return 0;
+        }
+        return major >= 9 ? 1 : 0;
+    }();
+    return on != 0;
+}
+
+/* kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch where available. */
+template <typename... KArgs, typename... Args>
+static inline cudaError_t moqae_cuda_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                            cudaStream_t stream, Args &&... args) {
+    cudaLaunchAttribute attr;
+    attr.id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg                          = {};
+    cfg.gridDim                                     = grid;
+    cfg.blockDim                                    = block;
+    cfg.dynamicSmemBytes                            = smem;
+    cfg.stream                                      = stream;
+    cfg.attrs                                       = &attr;
+    cfg.numAttrs                                    = moqae_cuda_pdl_on() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
 /* Propagate a status. */
 #define MOQAE_TRY(expr)                                                                                    \
     do {                                                                                                   \

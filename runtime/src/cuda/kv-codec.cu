@@ -497,6 +497,7 @@ static __global__ void rope_store_kernel(float * __restrict__ q, float * __restr
                                          const float * __restrict__ cs, uint16_t * __restrict__ sk,
                                          uint16_t * __restrict__ sv, long long stage_rows,
                                          const struct moqae_cuda_dyn * __restrict__ dyn) {
+    MOQAE_PDL_ENTER();
     const int64_t per_tok = (int64_t) (n_head + n_head_kv) * (D / 2); /* pairs */
     const int64_t u       = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
     if (u >= n_tok * per_tok) {
@@ -527,9 +528,8 @@ int moqae_cuda_kv_rope_store(const struct moqae_cuda_ring_geom * g, float * q, f
     if (total <= 0) {
         return MOQAE_OK;
     }
-    rope_store_kernel<<<(unsigned) ((total + 255) / 256), 256, 0, stream>>>(
-        q, k, v, n_tok, (int) n_head, g->n_head_kv, g->head_dim, (int) (n_rot / 2), rope_cs, stage_k, stage_v,
-        g->stage_rows, dyn);
+    (void) moqae_cuda_launch(rope_store_kernel, (unsigned) ((total + 255) / 256), 256, 0, stream, q, k, v, n_tok,
+            (int) n_head, g->n_head_kv, g->head_dim, (int) (n_rot / 2), rope_cs, stage_k, stage_v, g->stage_rows, dyn);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }
@@ -556,6 +556,7 @@ encode_kernel(const struct moqae_cuda_ring_geom g, const uint16_t * __restrict__
               const uint16_t * __restrict__ stage_v, long long stage_stride, uint8_t * __restrict__ arena,
               const struct moqae_cuda_chunk * __restrict__ table, long long table_stride, const float * __restrict__ cs_t,
               const float * __restrict__ cs_p0, const struct moqae_cuda_dyn * __restrict__ dyn) {
+    MOQAE_PDL_ENTER();
     extern __shared__ __align__(16) uint8_t smem_raw[];
     enc_smem<MD> & s = *(enc_smem<MD> *) smem_raw;
     const int      ci = blockIdx.x, h = blockIdx.y >> 1, pass = blockIdx.y & 1;
@@ -597,9 +598,10 @@ static int encode_launch(const struct moqae_cuda_ring_geom * g, const uint16_t *
                                               (int) sizeof(enc_smem<MD>)));
         attr_set = true;
     }
-    encode_kernel<MD><<<dim3((unsigned) max_enc, 2u * (unsigned) g->n_head_kv, (unsigned) n_layers), ENC_THREADS,
-                        sizeof(enc_smem<MD>), stream>>>(*g, stage_k, stage_v, stage_stride, arena, table, table_stride,
-                                                        cs_t, cs_p0, dyn);
+    (void) moqae_cuda_launch(encode_kernel<MD>,
+            dim3((unsigned) max_enc, 2u * (unsigned) g->n_head_kv, (unsigned) n_layers), ENC_THREADS,
+            sizeof(enc_smem<MD>), stream, *g, stage_k, stage_v, stage_stride, arena, table, table_stride, cs_t, cs_p0,
+            dyn);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }
@@ -652,6 +654,7 @@ static __global__ void __launch_bounds__(ENC_THREADS, 5)
 demote_kernel(const struct moqae_cuda_ring_geom g, const uint8_t * __restrict__ arena,
               const struct moqae_cuda_demotion * __restrict__ jobs, uint8_t * __restrict__ out,
               const float * __restrict__ cs_t) {
+    MOQAE_PDL_ENTER();
     extern __shared__ __align__(16) uint8_t smem_raw[];
     enc_smem<MD> &                     s    = *(enc_smem<MD> *) smem_raw;
     const struct moqae_cuda_demotion & j    = jobs[blockIdx.x];
@@ -675,8 +678,8 @@ static int demote_launch(const struct moqae_cuda_ring_geom * g, const uint8_t * 
                                               (int) sizeof(enc_smem<MD>)));
         attr_set = true;
     }
-    demote_kernel<MD><<<dim3((unsigned) n_jobs, 2u * (unsigned) g->n_head_kv), ENC_THREADS, sizeof(enc_smem<MD>),
-                        stream>>>(*g, arena, jobs, out, cs_t);
+    (void) moqae_cuda_launch(demote_kernel<MD>, dim3((unsigned) n_jobs, 2u * (unsigned) g->n_head_kv), ENC_THREADS,
+            sizeof(enc_smem<MD>), stream, *g, arena, jobs, out, cs_t);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }

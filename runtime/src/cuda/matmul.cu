@@ -86,6 +86,7 @@ static __device__ __forceinline__ void deq16(const uint8_t * row, int64_t nb, in
 
 /* One warp per block of 32 (blocks of 4 warps). */
 static __global__ void quantize_kernel(const float * __restrict__ x, int64_t nb_total, q8x * __restrict__ xq) {
+    MOQAE_PDL_ENTER();
     const int64_t b = ((int64_t) blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (b >= nb_total) {
         return;
@@ -96,6 +97,7 @@ static __global__ void quantize_kernel(const float * __restrict__ x, int64_t nb_
 /* rms_norm_ref (ops.cu's rms_norm_kernel) fused with the quantization of its output row. */
 static __global__ void rms_norm_quant_kernel(const float * __restrict__ x, const float * __restrict__ w, float eps,
                                              int64_t n, float * __restrict__ y, q8x * __restrict__ xq) {
+    MOQAE_PDL_ENTER();
     __shared__ double part[32];
     const float *     xr  = x + (int64_t) blockIdx.x * n;
     float *           yr  = y + (int64_t) blockIdx.x * n;
@@ -139,6 +141,7 @@ static __global__ void rms_norm_quant_kernel(const float * __restrict__ x, const
 /* swiglu_ref (g = silu(g) * u) fused with the quantization of g, one warp per block of 32. */
 static __global__ void swiglu_quant_kernel(float * __restrict__ g, const float * __restrict__ u, int64_t nb_total,
                                            q8x * __restrict__ xq) {
+    MOQAE_PDL_ENTER();
     const int64_t b = ((int64_t) blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (b >= nb_total) {
         return;
@@ -158,6 +161,7 @@ template <int TYPE>
 static __global__ void __launch_bounds__(32 * MMV_ROWS_PER_BLOCK)
 mmv_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
            const float * __restrict__ x, int n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
+    MOQAE_PDL_ENTER();
     const int64_t row  = (int64_t) blockIdx.x * MMV_ROWS_PER_BLOCK + threadIdx.x / 32;
     const int     lane = threadIdx.x % 32;
     if (row >= n_rows) {
@@ -312,6 +316,7 @@ template <int TYPE, int NT>
 static __global__ void __launch_bounds__(128, NT == 1 ? 8 : 4)
 mmvq_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
             const q8x * __restrict__ xq, int n_tok, const mm_out o, int accumulate, int wpr) {
+    MOQAE_PDL_ENTER();
     constexpr int UNROLL = NT == 1 ? 2 : 1;
     __shared__ float red[4][MMVQ_R][NT];
     const int     warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -429,6 +434,7 @@ template <int TYPE, int KB>
 static __global__ void __launch_bounds__(128)
 imma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows, const q8x * __restrict__ xq,
             int64_t n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
+    MOQAE_PDL_ENTER();
     constexpr int LD = imma_ld<KB>::v;
     __shared__ __align__(16) uint8_t xs[IMMA_BT * LD];
     __shared__ __align__(16) uint8_t ws[IMMA_BR * LD];
@@ -609,6 +615,7 @@ template <int TYPE>
 static __global__ void __launch_bounds__(128)
 immp_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows, const q8x * __restrict__ xq,
             int64_t n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
+    MOQAE_PDL_ENTER();
     using S = immp_stage<TYPE>;
     __shared__ __align__(16) S st[2];
     const int     tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, q = lane & 3;
@@ -683,6 +690,7 @@ template <int TYPE>
 static __global__ void __launch_bounds__(128)
 mma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
            const float * __restrict__ x, int64_t n_tok, float * __restrict__ y, int64_t ldy, int accumulate) {
+    MOQAE_PDL_ENTER();
     using namespace nvcuda;
     __shared__ __align__(32) half  xs[MMA_BT * MMA_LDS];
     __shared__ __align__(32) half  ws[MMA_BR * MMA_LDS];
@@ -771,6 +779,7 @@ mma_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols, int
 template <int TYPE>
 static __global__ void get_rows_kernel(const uint8_t * __restrict__ w, size_t row_bytes, int64_t n_cols,
                                        const int32_t * __restrict__ ids, float * __restrict__ x) {
+    MOQAE_PDL_ENTER();
     const int64_t t = blockIdx.y;
     const int64_t nh = n_cols / 16; /* half-blocks */
     const uint8_t * row = w + (int64_t) ids[t] * row_bytes;
@@ -889,7 +898,7 @@ int moqae_cuda_quantize(const float * x, int64_t n_tok, int64_t n_cols, void * x
     }
     const int64_t nb = n_tok * (n_cols / 32);
     if (nb > 0) {
-        quantize_kernel<<<(unsigned) ((nb + 3) / 4), 128, 0, stream>>>(x, nb, (q8x *) xq);
+        (void) moqae_cuda_launch(quantize_kernel, (unsigned) ((nb + 3) / 4), 128, 0, stream, x, nb, (q8x *) xq);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return MOQAE_OK;
@@ -901,7 +910,8 @@ int moqae_cuda_rms_norm_quant(const float * x, const float * w, float eps, int64
         return moqae_fail(MOQAE_ERR_UNSUPPORTED, "CUDA: activations of %lld columns (not a multiple of 32)", (long long) n);
     }
     if (n_rows > 0) {
-        rms_norm_quant_kernel<<<(unsigned) n_rows, 1024, 0, stream>>>(x, w, eps, n, y, (q8x *) xq);
+        (void) moqae_cuda_launch(rms_norm_quant_kernel, (unsigned) n_rows, 1024, 0, stream, x, w, eps, n, y,
+                (q8x *) xq);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return MOQAE_OK;
@@ -913,7 +923,7 @@ int moqae_cuda_swiglu_quant(float * g, const float * u, int64_t n_tok, int64_t n
     }
     const int64_t nb = n_tok * (n / 32);
     if (nb > 0) {
-        swiglu_quant_kernel<<<(unsigned) ((nb + 3) / 4), 128, 0, stream>>>(g, u, nb, (q8x *) xq);
+        (void) moqae_cuda_launch(swiglu_quant_kernel, (unsigned) ((nb + 3) / 4), 128, 0, stream, g, u, nb, (q8x *) xq);
         MOQAE_CUDA_LAUNCH_CHECK();
     }
     return MOQAE_OK;
@@ -925,8 +935,8 @@ static void launch_mmvq(const type_ops * ops, const uint8_t * w, size_t row_byte
     const int      wpr    = nb >= 128 ? 4 : nb >= 64 ? 2 : 1; /* warps per row: 32 blocks each per pass */
     const int64_t  rpb    = (4 / wpr) * MMVQ_R;              /* rows per thread block                */
     const unsigned blocks = (unsigned) ((n_rows + rpb - 1) / rpb);
-    (n_tok == 1 ? ops->mmvq1 : ops->mmvq8)<<<blocks, 128, 0, stream>>>(w, row_bytes, n_cols, n_rows, (const q8x *) xq,
-                                                                         (int) n_tok, o, acc, wpr);
+    (void) moqae_cuda_launch((n_tok == 1 ? ops->mmvq1 : ops->mmvq8), blocks, 128, 0, stream, w, row_bytes, n_cols,
+            n_rows, (const q8x *) xq, (int) n_tok, o, acc, wpr);
 }
 
 int moqae_cuda_matmul_imma(const struct moqae_cuda_weight * w, const void * xq, int64_t n_tok, float * y, int64_t ldy,
@@ -938,8 +948,8 @@ int moqae_cuda_matmul_imma(const struct moqae_cuda_weight * w, const void * xq, 
     }
     const dim3    grid((unsigned) ((w->n_rows + IMMA_BR - 1) / IMMA_BR), (unsigned) ((n_tok + IMMA_BT - 1) / IMMA_BT));
     const imma_fn k = variant == 1 ? ops->imma1 : variant == 4 ? ops->imma : ops->immp;
-    k<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq, n_tok, y, ldy,
-                                accumulate ? 1 : 0);
+    (void) moqae_cuda_launch(k, grid, 128, 0, stream, w->data, w->row_bytes, w->n_cols, w->n_rows, (const q8x *) xq,
+            n_tok, y, ldy, accumulate ? 1 : 0);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }
@@ -951,8 +961,8 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
     switch (moqae_cuda_mm_pick(w->type, w->n_cols, n_tok)) {
         case MOQAE_CUDA_MM_MMV: {
             const unsigned blocks = (unsigned) ((w->n_rows + MMV_ROWS_PER_BLOCK - 1) / MMV_ROWS_PER_BLOCK);
-            ops->mmv<<<blocks, 32 * MMV_ROWS_PER_BLOCK, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, x,
-                                                                      (int) n_tok, y, ldy, acc);
+            (void) moqae_cuda_launch(ops->mmv, blocks, 32 * MMV_ROWS_PER_BLOCK, 0, stream, w->data, w->row_bytes,
+                    w->n_cols, w->n_rows, x, (int) n_tok, y, ldy, acc);
             break;
         }
         case MOQAE_CUDA_MM_MMVQ: {
@@ -967,7 +977,8 @@ int moqae_cuda_matmul(const struct moqae_cuda_weight * w, const float * x, const
         }
         case MOQAE_CUDA_MM_MMA: {
             const dim3 grid((unsigned) ((w->n_rows + MMA_BR - 1) / MMA_BR), (unsigned) ((n_tok + MMA_BT - 1) / MMA_BT));
-            ops->mma<<<grid, 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, w->n_rows, x, n_tok, y, ldy, acc);
+            (void) moqae_cuda_launch(ops->mma, grid, 128, 0, stream, w->data, w->row_bytes, w->n_cols, w->n_rows, x,
+                    n_tok, y, ldy, acc);
             break;
         }
         default:
@@ -1007,7 +1018,8 @@ int moqae_cuda_get_rows(const struct moqae_cuda_weight * w, const int32_t * ids,
     }
     const int64_t  nh     = w->n_cols / 16;
     const unsigned blocks = (unsigned) ((nh + 127) / 128);
-    ops->rows<<<dim3(blocks, (unsigned) n_tok), 128, 0, stream>>>(w->data, w->row_bytes, w->n_cols, ids, x);
+    (void) moqae_cuda_launch(ops->rows, dim3(blocks, (unsigned) n_tok), 128, 0, stream, w->data, w->row_bytes,
+            w->n_cols, ids, x);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }

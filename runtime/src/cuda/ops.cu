@@ -7,6 +7,7 @@
  * every f32 operation rounded on its own: the same values as the CPU (up to the double sum's order). */
 static __global__ void rms_norm_kernel(const float * __restrict__ x, const float * __restrict__ w, float eps,
                                        int64_t n, float * __restrict__ y) {
+    MOQAE_PDL_ENTER();
     __shared__ double part[32];
     const float *     xr  = x + (int64_t) blockIdx.x * n;
     float *           yr  = y + (int64_t) blockIdx.x * n;
@@ -45,12 +46,13 @@ int moqae_cuda_rms_norm(const float * x, const float * w, float eps, int64_t n, 
     if (n_rows <= 0) {
         return MOQAE_OK;
     }
-    rms_norm_kernel<<<(unsigned) n_rows, 256, 0, stream>>>(x, w, eps, n, y);
+    (void) moqae_cuda_launch(rms_norm_kernel, (unsigned) n_rows, 256, 0, stream, x, w, eps, n, y);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }
 
 static __global__ void swiglu_kernel(float * __restrict__ g, const float * __restrict__ u, int64_t n) {
+    MOQAE_PDL_ENTER();
     const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         const float x = g[i];
@@ -62,7 +64,7 @@ int moqae_cuda_swiglu(float * g, const float * u, int64_t n, cudaStream_t stream
     if (n <= 0) {
         return MOQAE_OK;
     }
-    swiglu_kernel<<<(unsigned) ((n + 255) / 256), 256, 0, stream>>>(g, u, n);
+    (void) moqae_cuda_launch(swiglu_kernel, (unsigned) ((n + 255) / 256), 256, 0, stream, g, u, n);
     MOQAE_CUDA_LAUNCH_CHECK();
     return MOQAE_OK;
 }
