@@ -14,7 +14,7 @@
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
 #         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold fillb fill128kb (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
-#         7bpost32k 7bpost128k post128k 7bpostd0 7brouterpost32k 7brouterpost128k paritypost pplpost smolpost ncupost ncusrc (session 11: keys stored after
+#         7bpost32k 7bpost128k post128k 7bpostd0 7brouterpost32k 7brouterpost128k paritypost pplpost smolpost ncupost ncusrc pdlcmp smolpdl llamapost (session 11: keys stored after
 #         RoPE, --kv-keys post, against before)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
@@ -133,6 +133,26 @@ for st in $stages; do
                 $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 128 -r 5 --kv $kv 2>&1 | grep -E "pp|tg" | tee -a "$S"
             done
         fi ;;
+    llamapost) # llama.cpp (q4_0 KV) and moqae (int4 ring, keys before and after RoPE) at depth 0, 32768, 131072
+        $LB -m $L7 -ngl 99 -fa 1 -ctk q4_0 -ctv q4_0 -p 0 -n 32 -d 0,32768 -r 3 2>"$OUT/llama-7b.err" | grep -E "^\|" | tee -a "$S"
+        $LB -m $L7 -ngl 99 -fa 1 -ctk q4_0 -ctv q4_0 -p 0 -n 32 -d 131072 -r 1 2>"$OUT/llama-128k.err" | grep -E "^\|" | tee -a "$S"
+        bench7b 7b-int4-d0 -p 0 -n 32 -r 3 --kv int4
+        for k in pre post; do bench7b 7b-int4-$k-32k -c 131072 --depth 32768 -n 32 -r 3 --kv int4 --kv-keys $k; done
+        bench7b 7b-int4-post-128k -c 131072 --depth 130944 -n 32 -r 3 --kv int4 --kv-keys post ;;
+    pdlcmp) # programmatic dependent launch (default) against plain launches (MOQAE_CUDA_PDL=0), alternating
+        for pdl in 0 1 0 1; do
+            ( export MOQAE_CUDA_PDL=$pdl; bench7b 7b-d0-pdl$pdl -p 0 -n 64 -r 5 --kv int4 )
+        done
+        for pdl in 0 1; do
+            ( export MOQAE_CUDA_PDL=$pdl; bench7b 7b-post-32k-pdl$pdl -c 131072 --depth 32768 -n 32 -r 3 --kv int4 --kv-keys post )
+        done ;;
+    smolpdl) # the same for SmolLM2 (launch-bound decode), fp16 and int4, with prefill
+        for pdl in 0 1 0 1; do
+            for kv in fp16 int4; do
+                MOQAE_CUDA_PDL=$pdl $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 128 -r 5 --kv $kv 2>&1 | grep -E "pp|tg" |
+                    sed "s/^/PDL=$pdl /" | tee -a "$S"
+            done
+        done ;;
     llamafill) # the fill itself, side by side: llama.cpp's pp32768 and pp131072 (a prompt from an empty context, its
                # defaults: n_batch 2048, n_ubatch 512) against moqae's fill to 32,768 and 130,944 tokens (n_batch 512)
         for n in 32768 131072; do
