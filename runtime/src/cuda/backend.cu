@@ -45,6 +45,18 @@ bool moqae_cuda_available(void) {
     return state == 1;
 }
 
+thread_local bool moqae_cuda_pdl_decode = false;
+
+/* moqae_cuda_pdl_decode for one step's launches, restored on every way out. */
+struct pdl_scope {
+    bool old;
+    explicit pdl_scope(bool on) : old(moqae_cuda_pdl_decode) {
+        moqae_cuda_pdl_decode = on;
+    }
+    ~pdl_scope() {
+        moqae_cuda_pdl_decode = old;
+    }
+};
 /* ================================================================================================
  * Model
  * ================================================================================================ */
@@ -894,7 +906,8 @@ int moqae_cuda_forward(struct moqae_cuda_context * cc, const struct moqae_cuda_j
                                   cudaMemcpyHostToDevice, s));
         }
     }
-    const bool graph = T == 1 && job->n_out == 1 && cc->graph_state >= 1 && !getenv("MOQAE_CUDA_NO_GRAPH");
+    const pdl_scope pdl(T == 1); /* decode steps launch with PDL (common.cuh) */
+    const bool      graph = T == 1 && job->n_out == 1 && cc->graph_state >= 1 && !getenv("MOQAE_CUDA_NO_GRAPH");
     if (graph) {
         STEP(decode_graph(cc));
         CSTEP(cudaMemcpyAsync(job->logits, cc->logits, (size_t) hp->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, s));

@@ -36,12 +36,15 @@ static inline const char * moqae_cuda_switch(const char * name) {
     return e ? e : "";
 }
 
-/* Programmatic dependent launch (sm_90): moqae_cuda_launch starts a kernel with it, so that the kernel may be
- * scheduled while the one before it in the stream (or the decode graph) finishes, instead of after a drain
- * and a launch. Every kernel begins with MOQAE_PDL_ENTER(): it waits until the kernel before it has completed
- * and its writes are visible (so nothing is read or overwritten early), then lets the next one be scheduled
- * (which happens once every block of this one has begun). Without the attribute, or before sm_90, both are
- * no-ops. MOQAE_CUDA_PDL=0 launches without it, for comparison. */
+/* Programmatic dependent launch (sm_90): during a decode step (moqae_cuda_pdl_decode, set by the backend)
+ * moqae_cuda_launch starts a kernel with it, so that the kernel may be scheduled while the one before it in
+ * the stream (or the decode graph) finishes, instead of after a drain and a launch. Every kernel begins with
+ * MOQAE_PDL_ENTER(): it waits until the kernel before it has completed and its writes are visible (so nothing
+ * is read or overwritten early), then lets the next one be scheduled (which happens once every block of this
+ * one has begun). Without the attribute, or before sm_90, both are no-ops. Prefill launches without it: its
+ * kernels have many blocks and long tails, and measured slower with it (docs/RESULTS.md, issue 7, session 11).
+ * MOQAE_CUDA_PDL=0 launches without it everywhere, for comparison. */
+extern thread_local bool moqae_cuda_pdl_decode;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define MOQAE_PDL_ENTER()                                                                                  \
     asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
@@ -75,7 +78,7 @@ static inline cudaError_t moqae_cuda_launch(void (*kernel)(KArgs...), dim3 grid,
     cfg.dynamicSmemBytes                            = smem;
     cfg.stream                                      = stream;
     cfg.attrs                                       = &attr;
-    cfg.numAttrs                                    = moqae_cuda_pdl_on() ? 1 : 0;
+    cfg.numAttrs                                    = moqae_cuda_pdl_decode && moqae_cuda_pdl_on() ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 
