@@ -76,6 +76,18 @@ bench7b() { # tag, then moqae-bench arguments
         grep -E "fill|tg|pp|kv cache|cuda:|error" | tee -a "$S"
 }
 
+smol_ab() { # VAR "VALUES" PATTERN, then moqae-bench arguments: SmolLM2 with VAR set to each value in turn, fp16 and
+            # int4 rings, the output lines matching PATTERN prefixed with VAR=value
+    local var=$1 vals=$2 pat=$3 val kv
+    shift 3
+    for val in $vals; do
+        for kv in fp16 int4; do
+            env "$var=$val" $B/moqae-bench -m $SMOL -ngl 99 "$@" --kv $kv 2>&1 | grep -E "$pat" |
+                sed "s/^/$var=$val /" | tee -a "$S"
+        done
+    done
+}
+
 stages=${*:-build emulate tiny}
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$S"
 for st in $stages; do
@@ -147,12 +159,7 @@ for st in $stages; do
             ( export MOQAE_CUDA_PDL=$pdl; bench7b 7b-post-32k-pdl$pdl -c 131072 --depth 32768 -n 32 -r 3 --kv int4 --kv-keys post )
         done ;;
     smolpdl) # the same for SmolLM2 (launch-bound decode), fp16 and int4, with prefill
-        for pdl in 0 1 0 1; do
-            for kv in fp16 int4; do
-                MOQAE_CUDA_PDL=$pdl $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 128 -r 5 --kv $kv 2>&1 | grep -E "pp|tg" |
-                    sed "s/^/PDL=$pdl /" | tee -a "$S"
-            done
-        done ;;
+        smol_ab MOQAE_CUDA_PDL "0 1 0 1" "pp|tg" -p 512 -n 128 -r 5 ;;
     llamafill) # the fill itself, side by side: llama.cpp's pp32768 and pp131072 (a prompt from an empty context, its
                # defaults: n_batch 2048, n_ubatch 512) against moqae's fill to 32,768 and 130,944 tokens (n_batch 512)
         for n in 32768 131072; do
@@ -316,12 +323,7 @@ for st in $stages; do
               bench7b 7b-fill32k-${k/=/} -c 32896 --depth 32768 -n 4 -r 1 --kv int4 )
         done ;;
     smolpf) # the same for SmolLM2 pp512 (fp16 and int4 rings)
-        for k in 1 0 1 0; do
-            for kv in fp16 int4; do
-                MOQAE_CUDA_ATTN=$k $B/moqae-bench -m $SMOL -ngl 99 -p 512 -n 0 -r 5 --kv $kv 2>&1 | grep -E "pp" |
-                    sed "s/^/ATTN=$k /" | tee -a "$S"
-            done
-        done ;;
+        smol_ab MOQAE_CUDA_ATTN "1 0 1 0" "pp" -p 512 -n 0 -r 5 ;;
     fill128k) # the fill to 130,944 tokens (int4) and decode there
         bench7b 7b-fill128k -c 131072 --depth 130944 -n 32 -r 1 --kv int4 ;;
     pfncu) # the prefill kernel during a fill to 16k: duration, warp stalls, instructions, occupancy

@@ -177,6 +177,23 @@ const char * const TOOL_KV_USAGE =
 static const char *          g_router_path; /* --router */
 static struct moqae_router * g_router;
 
+/* The value of option opt as the index of one of names[0..n) in *out; false, saying what it expects, if none. */
+static bool arg_choice(int argc, char ** argv, int * i, const char * opt, const char * const * names, int n,
+                       const char * expects, int32_t * out) {
+    const char * s = NULL;
+    if (!tool_arg_str(argc, argv, i, opt, &s)) {
+        return false;
+    }
+    for (int k = 0; k < n; k++) {
+        if (!strcmp(s, names[k])) {
+            *out = k;
+            return true;
+        }
+    }
+    tool_error("%s expects %s, got '%s'", opt, expects, s);
+    return false;
+}
+
 bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * cp, bool * ok) {
     const char * a = argv[*i];
     int64_t      v = 0;
@@ -195,32 +212,12 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
             tool_error("--kv-chunk must be 32 or 64, got %lld", (long long) v);
         }
         cp->kv_chunk = (int32_t) v;
-    } else if (!strcmp(a, "--kv-overflow")) {
-        const char * s = NULL;
-        if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {
-            if (!strcmp(s, "error")) {
-                cp->kv_overflow = MOQAE_KV_OVERFLOW_POLICY_ERROR;
-            } else if (!strcmp(s, "shift")) {
-                cp->kv_overflow = MOQAE_KV_OVERFLOW_POLICY_SHIFT;
-            } else if (!strcmp(s, "demote")) {
-                cp->kv_overflow = MOQAE_KV_OVERFLOW_POLICY_DEMOTE;
-            } else {
-                *ok = false;
-                tool_error("--kv-overflow expects error, shift or demote, got '%s'", s);
-            }
-        }
-    } else if (!strcmp(a, "--kv-keys")) {
-        const char * s = NULL;
-        if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {
-            if (!strcmp(s, "pre")) {
-                cp->kv_keys = MOQAE_KV_KEYS_PRE_ROPE;
-            } else if (!strcmp(s, "post")) {
-                cp->kv_keys = MOQAE_KV_KEYS_POST_ROPE;
-            } else {
-                *ok = false;
-                tool_error("--kv-keys expects pre or post (keys quantized before or after RoPE), got '%s'", s);
-            }
-        }
+    } else if (!strcmp(a, "--kv-overflow")) { /* the names in enum moqae_kv_overflow_policy's order */
+        static const char * const names[] = { "error", "shift", "demote" };
+        *ok = arg_choice(argc, argv, i, a, names, 3, "error, shift or demote", &cp->kv_overflow);
+    } else if (!strcmp(a, "--kv-keys")) { /* enum moqae_kv_keys's order */
+        static const char * const names[] = { "pre", "post" };
+        *ok = arg_choice(argc, argv, i, a, names, 2, "pre or post (keys quantized before or after RoPE)", &cp->kv_keys);
     } else if (!strcmp(a, "--kv-bits")) {
         const char * s = NULL;
         if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {

@@ -550,6 +550,44 @@ template <int NA> static __device__ __forceinline__ void v3_stage2(float (&acc)[
     }
 }
 
+/* A key product's A fragment for INT8 / INT2 records (v3_key_product, v3_key_post): codes of channel rows 2 q4,
+ * 2 q4 + 1 (A0, A1) and + 8, + 9 (A2, A3) of the 16-channel block at r0, tokens 16 mt + g8 (A0, A2) and + 8 (A1,
+ * A3), as f16 1024 + code. INT2: word mt of each channel row (8 bytes a row); byte g8 % 4 of two rows into bytes 0
+ * and 2 (one byte-permute), then the 2-bit code of the token by a shift and one LOP3. */
+static __device__ __forceinline__ void key_a_bytes(uint32_t & A0, uint32_t & A1, uint32_t & A2, uint32_t & A3,
+                                                   const uint8_t * r0, int bits, int RB, int mt, uint32_t k6464) {
+    const int g8 = (threadIdx.x & 31) >> 2;
+    if (bits == 8) {
+        const int o0 = 16 * mt + g8, o1 = o0 + 8;
+        A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
+        A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
+        A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
+        A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
+    } else {
+        const uint32_t * w   = (const uint32_t *) r0 + mt;
+        const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
+        const int        sh  = 2 * (g8 >> 2);
+        const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
+        A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
+        A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
+    }
+}
+
+/* A key record's outlier token: its index, and its row (rotated, E channels per lane) from its 2b-bit codes. */
+template <int E>
+static __device__ __forceinline__ int outlier_row(const uint8_t * rk, const kvl_geom & gk, int bits, int RB,
+                                                  float (&yx)[E]) {
+    const int   lane = threadIdx.x & 31, xi = rk[gk.off_x + 4];
+    const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        const int      d  = lane * E + e;
+        const unsigned lo = kvl_get_code_q(rk + d * RB, xi, bits), hi = kvl_get_code_q(rk + gk.off_xhi, d, bits);
+        yx[e]             = xadd(xmul(xs, (float) ((hi << bits) | lo)), xz);
+    }
+    return xi;
+}
+
 /* Stage 1 of the keys of a quantized record (attn_v3_kernel and the prefill's pf_keys_tc): for each
  * 16-channel block ab, the product of 16 tokens' codes (A: INT4 through ldmatrix.trans, product u = hi:
  * tokens tau + hi (+ 8); INT8 / INT2 by byte or word loads, product mt = hi: tokens 16 hi + g8 (+ 8)) with
@@ -560,7 +598,7 @@ template <int NA>
 static __device__ __forceinline__ void v3_key_product(float (&acc)[NA][4], const uint8_t * rk, bool nib4, int bits,
                                                       int RB, int hi, int nt, const half * shat, const float * corr,
                                                       uint32_t s01, uint32_t s89, uint32_t k6464) {
-    const int lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
+    const int lane = threadIdx.x & 31, q4 = lane & 3;
     if (nib4) { /* the codes of 8 channel rows x 32 tokens are one 8x8 b16 matrix (16 bytes a row) */
 #pragma unroll
         for (int ab = 0; ab < NA; ab += 2) {
@@ -585,22 +623,7 @@ static __device__ __forceinline__ void v3_key_product(float (&acc)[NA][4], const
         acc[ab][0] = cr.x, acc[ab][1] = cr.y, acc[ab][2] = cr.x, acc[ab][3] = cr.y;
         const uint8_t * r0 = rk + (16 * ab + 2 * q4) * RB;
         uint32_t        A0, A1, A2, A3;
-        if (bits == 8) {
-            const int o0 = 16 * hi + g8, o1 = o0 + 8;
-            A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
-            A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
-            A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
-            A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
-        } else {
-            /* INT2: word hi of channel rows 2 q4, + 1 (+ 8, + 9) (8 bytes each); byte g8 % 4 of the two into
-             * bytes 0 and 2 (one byte-permute), then the 2-bit code of the token by a shift and one LOP3 */
-            const uint32_t * w   = (const uint32_t *) r0 + hi;
-            const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
-            const int        sh  = 2 * (g8 >> 2);
-            const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
-            A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
-            A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
-        }
+        key_a_bytes(A0, A1, A2, A3, r0, bits, RB, hi, k6464);
         const uint32_t b01 = *(const uint32_t *) (shat + 16 * ab + 2 * q4) ^ s01;
         const uint32_t b89 = *(const uint32_t *) (shat + 16 * ab + 2 * q4 + 8) ^ s89;
         mma16816(acc[ab], A0, A1, A2, A3, b01, b89);
@@ -730,34 +753,13 @@ static __device__ __forceinline__ void v3_key_post(const uint8_t * rk, const rec
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
                 uint32_t A0, A1, A2, A3;
-                if constexpr (BITS == 8) {
-                    const int o0 = 16 * mt + g8, o1 = o0 + 8;
-                    A0 = h2_1024(r0[o0] | ((uint32_t) r0[RB + o0] << 8));
-                    A1 = h2_1024(r0[o1] | ((uint32_t) r0[RB + o1] << 8));
-                    A2 = h2_1024(r0[8 * RB + o0] | ((uint32_t) r0[9 * RB + o0] << 8));
-                    A3 = h2_1024(r0[8 * RB + o1] | ((uint32_t) r0[9 * RB + o1] << 8));
-                } else {
-                    const uint32_t * w   = (const uint32_t *) r0 + mt;
-                    const uint32_t   ps  = 0x4400u + 0x1111u * (uint32_t) (g8 & 3);
-                    const int        sh  = 2 * (g8 >> 2);
-                    const uint32_t   x01 = __byte_perm(w[0], w[2], ps), x89 = __byte_perm(w[16], w[18], ps);
-                    A0 = h2_1024_crumb(x01 >> sh, k6464), A1 = h2_1024_crumb(x01 >> (sh + 4), k6464);
-                    A2 = h2_1024_crumb(x89 >> sh, k6464), A3 = h2_1024_crumb(x89 >> (sh + 4), k6464);
-                }
+                key_a_bytes(A0, A1, A2, A3, r0, BITS, RB, mt, k6464);
                 mma16816(acc[mt], A0, A1, A2, A3, b0, b1);
             }
         }
     }
-    /* the outlier token: its row from its 2b-bit codes, dotted with H q directly */
-    const int   xi = rk[gk.off_x + 4];
-    const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
-    float       yx[E];
-#pragma unroll
-    for (int e = 0; e < E; e++) {
-        const int      d  = lane * E + e;
-        const unsigned lo = kvl_get_code_q(rk + d * RB, xi, BITS), hi = kvl_get_code_q(rk + gk.off_xhi, d, BITS);
-        yx[e]             = xadd(xmul(xs, (float) ((hi << BITS) | lo)), xz);
-    }
+    float     yx[E]; /* the outlier token's row, dotted with H q directly */
+    const int xi = outlier_row<E>(rk, gk, BITS, RB, yx);
     /* row g8 (+ 8) of product u, columns 2n, 2n + 1 sit in lane 4 g8 + n; this lane's token tq is row half
      * q4 % 2 of product q4 / 2 (both paths' token order, as v3_key_product's) */
     constexpr float FHI = BITS == 4 ? 1.0f / 16.0f : 1.0f; /* INT4's rows g8 + 8 hold 1024 + 16 code */
@@ -1178,16 +1180,8 @@ attn_v3_kernel(const struct moqae_cuda_ring_geom g, const struct moqae_cuda_attn
                         v3_whole_scores(sc, q4, mt, mine);
                     }
                 }
-                /* the outlier token, scored apart */
-                const int   xi = rk[gk.off_x + 4];
-                const float xz = xf16_to_f32(kvl_rd16(rk + gk.off_x)), xs = xf16_to_f32(kvl_rd16(rk + gk.off_x + 2));
-                float       yx[E];
-#pragma unroll
-                for (int e = 0; e < E; e++) {
-                    const int      d  = lane * E + e;
-                    const unsigned lo = kvl_get_code_q(rk + d * RB, xi, bits), hi = kvl_get_code_q(rk + gk.off_xhi, d, bits);
-                    yx[e] = xadd(xmul(xs, (float) ((hi << bits) | lo)), xz);
-                }
+                float     yx[E]; /* the outlier token, scored apart */
+                const int xi = outlier_row<E>(rk, gk, bits, RB, yx);
                 warp_fwht<E>(yx, D);
 #pragma unroll
                 for (int n = 0; n < MM; n++) {
