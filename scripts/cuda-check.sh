@@ -14,7 +14,7 @@
 #         records padded as the GPU's, MOQAE_KV_ALIGN=16) 7bdemote32k 7bdemote128k (7B router, 3-bit budget, demote)
 #         partial (-ngl below n_layer: SmolLM2 perplexity against -ngl 0 and 99, the 7B shape's speed)
 #         prefill smolpf fill128k pfncu attnpf llamafill profpp imma immacmp immancu pfk encncu cmpold fillb fill128kb (session 9: the prefill kernel against the generic one; the 128k fill; its profile)
-#         7bpost32k 7bpost128k post128k 7bpostd0 7brouterpost32k 7brouterpost128k paritypost pplpost smolpost ncupost ncusrc pdlcmp smolpdl llamapost (session 11: keys stored after
+#         7bpost32k 7bpost128k post128k 7bpostd0 7brouterpost32k 7brouterpost128k paritypost pplpost smolpost ncupost ncusrc pdlcmp smolpdl wprcmp llamapost (session 11: keys stored after
 #         RoPE, --kv-keys post, against before)
 # Logs go to $OUT (default /tmp/cuda-out); the summary is printed last. SmolLM2 comes from
 # $HOME/stash/smol.part0 (stage stash, an earlier call that carried split/smol.part0) + split/smol.part1
@@ -157,6 +157,10 @@ for st in $stages; do
         done
         for pdl in 0 1; do
             ( export MOQAE_CUDA_PDL=$pdl; bench7b 7b-post-32k-pdl$pdl -c 131072 --depth 32768 -n 32 -r 3 --kv int4 --kv-keys post )
+        done ;;
+    wprcmp) # the decode mat-vec's warps per row (MOQAE_CUDA_WPR: 4 = the default for rows of >= 128 blocks), alternating
+        for w in 4 2 1 4 2 1; do
+            ( export MOQAE_CUDA_WPR=$w; bench7b 7b-d0-wpr$w -p 0 -n 64 -r 5 --kv int4 | sed "s/^/WPR=$w /" )
         done ;;
     smolpdl) # the same for SmolLM2 (launch-bound decode), fp16 and int4, with prefill
         smol_ab MOQAE_CUDA_PDL "0 1 0 1" "pp|tg" -p 512 -n 128 -r 5 ;;
