@@ -158,7 +158,8 @@ for st in $stages; do
         for pdl in 0 1; do
             ( export MOQAE_CUDA_PDL=$pdl; bench7b 7b-post-32k-pdl$pdl -c 131072 --depth 32768 -n 32 -r 3 --kv int4 --kv-keys post )
         done ;;
-    wprcmp) # the decode mat-vec's warps per row (MOQAE_CUDA_WPR: 4 = the default for rows of >= 128 blocks), alternating
+    wprcmp) # the decode mat-vec's warps per row for rows of >= 128 blocks (MOQAE_CUDA_WPR: 2 the default since session 11,
+            # 4 before), alternating
         for w in 4 2 1 4 2 1; do
             ( export MOQAE_CUDA_WPR=$w; bench7b 7b-d0-wpr$w -p 0 -n 64 -r 5 --kv int4 | sed "s/^/WPR=$w /" )
         done ;;

@@ -95,7 +95,8 @@ int moqae_cuda_codec_demote_emulated(enum moqae_kv_codec old_codec, enum moqae_k
 
 /* The int8 tensor-core product y = W . x of n_rows GGUF rows (type Q4_0, Q4_1 or Q8_0) with x [n_tok][n_cols]
  * (quantized on the device as the runtime does) by each of its kernels: y gets 3 x [n_tok][n_rows] floats,
- * the default kernel (stages copied ahead), then the earlier one with 4 and with 1 quant block per stage. */
+ * the default kernel (stages copied ahead), then the earlier one with 4 and with 1 quant block per stage; then
+ * the decode mat-vec's for the first min(n_tok, 8) tokens (a fourth [n_tok][n_rows], the rest left as is). */
 int moqae_cuda_imma_check(enum moqae_type type, int64_t n_rows, int64_t n_cols, int64_t n_tok, const uint8_t * rows,
                           const float * x, float * y);
 

@@ -1043,6 +1043,13 @@ int moqae_cuda_imma_check(enum moqae_type type, int64_t n_rows, int64_t n_cols, 
                     err = cudaMemcpy(y + (size_t) v * (size_t) (n_tok * n_rows), dy, ybytes, cudaMemcpyDeviceToHost);
                 }
             }
+            const int64_t tv = std::min<int64_t>(n_tok, MOQAE_CUDA_MMV_MAX_T); /* the decode mat-vec's tokens */
+            if (!st && err == cudaSuccess && (err = cudaMemset(dy, 0xff, ybytes)) == cudaSuccess &&
+                !(st = moqae_cuda_matmul(&w, dx, dq, tv, dy, n_rows, false, 0)) &&
+                (err = cudaDeviceSynchronize()) == cudaSuccess) {
+                err = cudaMemcpy(y + (size_t) 3 * (size_t) (n_tok * n_rows), dy, (size_t) (tv * n_rows) * 4,
+                                 cudaMemcpyDeviceToHost);
+            }
         }
         cudaFree(d);
     }

@@ -932,12 +932,14 @@ int moqae_cuda_swiglu_quant(float * g, const float * u, int64_t n_tok, int64_t n
 static void launch_mmvq(const type_ops * ops, const uint8_t * w, size_t row_bytes, int64_t n_cols, int64_t n_rows,
                         const void * xq, int64_t n_tok, const mm_out & o, int acc, cudaStream_t stream) {
     const int64_t  nb     = n_cols / 32;
-    /* warps per row: 32 blocks each per pass; MOQAE_CUDA_WPR=1|2|4 caps it (for comparison) */
-    static const int cap = [] {
+    /* warps per row, 32 blocks each per pass: two for rows of >= 64 blocks (four for rows of >= 128, session 7's
+     * choice, measured 5% slower on the 7B shape: docs/RESULTS.md, issue 7, session 11); MOQAE_CUDA_WPR=4 / =1
+     * for comparison */
+    static const int wmax = [] {
         const int v = atoi(moqae_cuda_switch("MOQAE_CUDA_WPR"));
-        return v == 1 || v == 2 ? v : 4;
+        return v == 1 || v == 4 ? v : 2;
     }();
-    const int      wpr    = std::min(cap, nb >= 128 ? 4 : nb >= 64 ? 2 : 1);
+    const int      wpr    = nb >= 64 ? std::min(wmax, nb >= 128 ? 4 : 2) : 1;
     const int64_t  rpb    = (4 / wpr) * MMVQ_R;              /* rows per thread block                */
     const unsigned blocks = (unsigned) ((n_rows + rpb - 1) / rpb);
     (void) moqae_cuda_launch((n_tok == 1 ? ops->mmvq1 : ops->mmvq8), blocks, 128, 0, stream, w, row_bytes, n_cols,
