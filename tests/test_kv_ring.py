@@ -143,6 +143,23 @@ def test_python_kv_keys(smollm2):
         moqae_cpp.Llama(smollm2, n_ctx=64, kv_keys="middle")
 
 
+def test_c_kv_keys_out_of_range(smollm2):
+    """The C API refuses a kv_keys that is not a moqae_kv_keys, naming it (no context is made)."""
+    moqae_cpp = pytest.importorskip("moqae_cpp", reason="the moqae_cpp package is not installed")
+    from moqae_cpp._native import ffi, lib
+
+    model = moqae_cpp.Model(smollm2)
+    try:
+        params = ffi.new("struct moqae_context_params *", lib.moqae_context_default_params())
+        params.n_ctx, params.kv_keys = 64, 5
+        out = ffi.new("struct moqae_context **")
+        assert lib.moqae_context_new(model.ptr, params, out) == lib.MOQAE_ERR_INVALID_ARG
+        assert out[0] == ffi.NULL
+        assert "kv_keys 5 is not a moqae_kv_keys" in ffi.string(lib.moqae_last_error()).decode()
+    finally:
+        model.close()
+
+
 def test_budget_is_global_across_layers(bin_dir, smollm2):
     # The compact router decides per layer (most layers INT2, a few INT4). The arena is shared by the
     # layers, so the bytes the INT2 layers leave unused go to the INT4 layers: the ring fills the whole
