@@ -697,8 +697,9 @@ static __device__ __forceinline__ void v3_key_post(const uint8_t * rk, const rec
     const int      lane = threadIdx.x & 31, g8 = lane >> 2, q4 = lane & 3;
     static_assert(E == 4 || E == 2, "v3_key_post: D 64 or 128");
     /* the lane's E channels: scale and zero codes in one load each (the offsets are multiples of 4) */
-    const uint32_t scw  = E == 4 ? *(const uint32_t *) (rk + gk.off_sc + lane * E) : *(const uint16_t *) (rk + gk.off_sc + lane * E);
-    const uint32_t zcw  = E == 4 ? *(const uint32_t *) (rk + gk.off_zc + lane * E) : *(const uint16_t *) (rk + gk.off_zc + lane * E);
+    const uint8_t * scp = rk + gk.off_sc + lane * E, *zcp = rk + gk.off_zc + lane * E;
+    const uint32_t  scw = E == 4 ? *(const uint32_t *) scp : *(const uint16_t *) scp;
+    const uint32_t  zcw = E == 4 ? *(const uint32_t *) zcp : *(const uint16_t *) zcp;
     const float    keep = b.sb > 0.0f ? 1.0f : 0.0f; /* an all-zero record has no scales */
     float          wsum[MM], zsum[MM];
 #pragma unroll
