@@ -97,7 +97,7 @@ for st in $stages; do
         st=${st#ot-} B=/tmp/ot/build-gpu TS=-ot
     fi
     case $st in
-    otbuild) # the tree to compare with: old-tree.tar.gz (git archive of a commit, untracked) built in /tmp/ot
+    otbuild) # the tree to compare with: old-tree.tar.gz (git archive of a commit; ignored by git, so name it in the call's carry) built in /tmp/ot
         rm -rf /tmp/ot && mkdir -p /tmp/ot && tar xzf old-tree.tar.gz -C /tmp/ot &&
             { cmake -S /tmp/ot -B /tmp/ot/build-gpu -DMOQAE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DMOQAE_BUILD_TESTS=ON &&
               cmake --build /tmp/ot/build-gpu -j16; } > "$OUT/otbuild.log" 2>&1 || tail -20 "$OUT/otbuild.log"
