@@ -217,7 +217,8 @@ bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * 
         *ok = arg_choice(argc, argv, i, a, names, 3, "error, shift or demote", &cp->kv_overflow);
     } else if (!strcmp(a, "--kv-keys")) { /* enum moqae_kv_keys's order */
         static const char * const names[] = { "pre", "post" };
-        *ok = arg_choice(argc, argv, i, a, names, 2, "pre or post (keys quantized before or after RoPE)", &cp->kv_keys);
+        *ok = arg_choice(argc, argv, i, a, names, 2, "pre or post (keys quantized before or after RoPE)",
+                         &cp->kv_keys);
     } else if (!strcmp(a, "--kv-bits")) {
         const char * s = NULL;
         if ((*ok = tool_arg_str(argc, argv, i, a, &s))) {

@@ -22,8 +22,8 @@ bool tool_arg_f32(int argc, char ** argv, int * i, const char * opt, float lo, f
 bool tool_arg_str(int argc, char ** argv, int * i, const char * opt, const char ** out);
 
 /* If argv[*i] is a KV option (--kv POLICY, --kv-budget BYTES, --kv-overflow error|shift|demote,
- * --kv-chunk 32|64, --kv-keys pre|post, --router R.gguf) or -ngl N (into tool_n_gpu_layers), parse it into cp and return true
- * (*ok = false after printing an error on a bad value); false if it is not a KV option. */
+ * --kv-chunk 32|64, --kv-keys pre|post, --router R.gguf) or -ngl N (into tool_n_gpu_layers), parse it into
+ * cp and return true (*ok = false after printing an error on a bad value); false if it is not a KV option. */
 bool tool_arg_kv(int argc, char ** argv, int * i, struct moqae_context_params * cp, bool * ok);
 
 /* Create the context, loading the --router file first if one was given (sets cp->router). false

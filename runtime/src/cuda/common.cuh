@@ -65,7 +65,8 @@ static inline bool moqae_cuda_pdl_on() {
     return on != 0;
 }
 
-/* kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch where available. */
+/* kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch where available. A bad
+ * launch's error is returned and, as for <<<>>>, left for cudaGetLastError (the callers' MOQAE_CUDA_LAUNCH_CHECK). */
 template <typename... KArgs, typename... Args>
 static inline cudaError_t moqae_cuda_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                                             cudaStream_t stream, Args &&... args) {
@@ -185,8 +186,6 @@ static __host__ __device__ __forceinline__ uint16_t xf32_to_f16(float f) {
 #endif
 }
 
-/* graph.c rope_head's rotation of one pair (x0, x1) by (cos c, sin sn), without fused multiply-adds:
- * the CPU's values. */
 /* cp.async (sm_80+): global -> shared memory without registers; a group completes in order. 16 bytes
  * bypass L1 (.cg), 4 and 8 bytes go through it (.ca: the only form of those sizes). */
 static __device__ __forceinline__ void cp_async16(void * smem, const void * gmem) {
@@ -211,6 +210,8 @@ static __device__ __forceinline__ void cp_async_wait0() {
     asm volatile("cp.async.wait_group 0;\n" ::);
 }
 
+/* graph.c rope_head's rotation of one pair (x0, x1) by (cos c, sin sn), without fused multiply-adds:
+ * the CPU's values. */
 static __device__ __forceinline__ float2 moqae_dev_rope_pair(float x0, float x1, float c, float sn) {
     return make_float2(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn)), __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, c)));
 }
